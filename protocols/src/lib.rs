@@ -1,0 +1,3 @@
+//! Pure protocol code: bytes in, typed frames and records out. No I/O, no runtime, no clock.
+pub mod mqtt;
+pub mod payload;

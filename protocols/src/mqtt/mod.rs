@@ -1,0 +1,1 @@
+//! MQTT packets and the server-side session state machine.

@@ -1,0 +1,1 @@
+//! Device payload decoders (JSON, Protobuf) into canonical records.
