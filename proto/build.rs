@@ -3,8 +3,6 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=schemas");
     let descriptors = protox::compile(["weir.proto"], ["schemas"])?;
-    prost_build::Config::new()
-        .btree_map(["."])
-        .compile_fds(descriptors)?;
+    prost_build::Config::new().btree_map(["."]).compile_fds(descriptors)?;
     Ok(())
 }

@@ -1,1 +1,201 @@
-//! weir gateway runtime.
+//! weir: an IoT telemetry ingestion gateway. [`start`] (or [`run`]) embeds a whole gateway:
+//! listeners → fabric → batchers → sink driver, plus the ops HTTP listener.
+
+pub mod ack;
+pub mod config;
+pub mod fabric;
+pub mod listener;
+pub mod metrics;
+pub mod ops;
+pub mod shutdown;
+pub mod sink;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::{Config, ListenerConfig, SinkConfig};
+use crate::fabric::{run_batcher, BatchLimits, Fabric};
+use crate::listener::mqtt::MqttContext;
+use crate::metrics::Metrics;
+use crate::sink::{run_sink_driver, BlackholeSink, SqliteSink};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind { addr: SocketAddr, what: &'static str, source: std::io::Error },
+    #[error("sink: {0}")]
+    Sink(String),
+}
+
+/// A running gateway. Dropping it does not stop it; call [`Gateway::shutdown`].
+pub struct Gateway {
+    listener_addrs: Vec<SocketAddr>,
+    ops_addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    grace: Duration,
+    shutdown_tx: watch::Sender<bool>,
+    abort_tx: watch::Sender<bool>,
+    listeners: JoinSet<()>,
+    pipeline: JoinSet<()>,
+}
+
+/// Starts a gateway: binds every listener (port 0 picks a free port), opens the sink, and
+/// spawns the tasks. Returns once it is accepting.
+pub async fn start(config: Config) -> Result<Gateway, StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (abort_tx, abort_rx) = watch::channel(false);
+
+    let mut bound = Vec::new();
+    for listener in &config.listeners {
+        let addr = listener.listen();
+        let socket = TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+            addr,
+            what: "device listener",
+            source,
+        })?;
+        bound.push(socket);
+    }
+    let ops_socket = TcpListener::bind(config.ops.listen).await.map_err(|source| StartError::Bind {
+        addr: config.ops.listen,
+        what: "ops",
+        source,
+    })?;
+
+    let f = &config.fabric;
+    let shard_count = f.shard_count();
+    let (fabric, shards) =
+        Fabric::new(shard_count, f.max_records, f.max_bytes, f.when_full, Arc::clone(&metrics));
+    // Room for each shard to have one batch ready while the sink writes another.
+    let (batches_tx, batches_rx) = flume::bounded(shard_count);
+    let mut pipeline = JoinSet::new();
+    match &config.sink {
+        SinkConfig::Sqlite(sqlite) => {
+            let sink = SqliteSink::open(&config.data_dir, sqlite).map_err(StartError::Sink)?;
+            pipeline.spawn(run_sink_driver(sink, batches_rx, Arc::clone(&metrics), abort_rx));
+        }
+        SinkConfig::Blackhole {} => {
+            pipeline.spawn(run_sink_driver(BlackholeSink, batches_rx, Arc::clone(&metrics), abort_rx));
+        }
+    }
+    let limits = BatchLimits {
+        max_records: f.batch_max_records,
+        max_bytes: f.batch_max_bytes,
+        linger: Duration::from_millis(f.linger_ms),
+    };
+    for shard in shards {
+        pipeline.spawn(run_batcher(shard, limits, batches_tx.clone()));
+    }
+    drop(batches_tx);
+
+    let mut listener_addrs = Vec::new();
+    let mut listeners = JoinSet::new();
+    for (listener, socket) in config.listeners.iter().zip(bound) {
+        listener_addrs.push(socket.local_addr().map_err(|source| StartError::Bind {
+            addr: listener.listen(),
+            what: "device listener",
+            source,
+        })?);
+        match listener {
+            ListenerConfig::Mqtt(mqtt) => {
+                let ctx = Arc::new(MqttContext {
+                    config: mqtt.clone(),
+                    fabric: fabric.clone(),
+                    metrics: Arc::clone(&metrics),
+                });
+                let shutdown = shutdown_rx.clone();
+                let max_connections = mqtt.max_connections;
+                listeners.spawn(listener::accept_loop(
+                    socket,
+                    "mqtt",
+                    max_connections,
+                    shutdown_rx.clone(),
+                    move |accepted| listener::mqtt::serve(accepted, Arc::clone(&ctx), shutdown.clone()),
+                ));
+            }
+        }
+    }
+    // Only the listeners hold the fabric now: when they end, the batchers see their input end.
+    drop(fabric);
+    let ops_addr = ops_socket.local_addr().map_err(|source| StartError::Bind {
+        addr: config.ops.listen,
+        what: "ops",
+        source,
+    })?;
+    pipeline.spawn(ops::serve(ops_socket, Arc::clone(&metrics), shutdown_rx));
+    tracing::info!(listeners = ?listener_addrs, ops = %ops_addr, shards = shard_count, "weir started");
+    Ok(Gateway {
+        listener_addrs,
+        ops_addr,
+        metrics,
+        grace: Duration::from_millis(config.shutdown.grace_ms),
+        shutdown_tx,
+        abort_tx,
+        listeners,
+        pipeline,
+    })
+}
+
+/// Runs a gateway until `shutdown` completes, then shuts it down within the grace period.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<ShutdownReport, StartError> {
+    let gateway = start(config).await?;
+    shutdown.await;
+    Ok(gateway.shutdown().await)
+}
+
+/// How shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// False when the grace period ran out and remaining work was abandoned (unacked).
+    pub clean: bool,
+}
+
+impl Gateway {
+    /// Bound addresses of the device listeners, in config order.
+    pub fn listener_addrs(&self) -> &[SocketAddr] {
+        &self.listener_addrs
+    }
+
+    pub fn ops_addr(&self) -> SocketAddr {
+        self.ops_addr
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Stops in three bounded phases: stop accepting and reading; flush batches, wait for the
+    /// sink's commits and send the last acks; when the grace period ends, abandon the rest
+    /// (unacked, so devices resend) and return.
+    pub async fn shutdown(mut self) -> ShutdownReport {
+        tracing::info!(grace_ms = self.grace.as_millis() as u64, "shutting down");
+        let _ = self.shutdown_tx.send(true);
+        let deadline = tokio::time::Instant::now() + self.grace;
+        let drained = tokio::time::timeout_at(deadline, async {
+            while self.listeners.join_next().await.is_some() {}
+            while self.pipeline.join_next().await.is_some() {}
+        })
+        .await
+        .is_ok();
+        if !drained {
+            tracing::warn!("grace period over; abandoning unfinished work (it was not acked)");
+            let _ = self.abort_tx.send(true);
+            self.listeners.shutdown().await;
+            // Give the sink driver a moment to fail its batch cleanly, then stop everything.
+            let _ = tokio::time::timeout(Duration::from_millis(200), async {
+                while self.pipeline.join_next().await.is_some() {}
+            })
+            .await;
+            self.pipeline.shutdown().await;
+        }
+        tracing::info!(clean = drained, "weir stopped");
+        ShutdownReport { clean: drained }
+    }
+}

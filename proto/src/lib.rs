@@ -6,6 +6,5 @@ pub mod v1 {
 }
 
 pub use v1::{
-    metric_value, Ack, AckStatus, DevicePayload, MetricValue, Reading, ReadingBatch, Record,
-    SourceProtocol,
+    metric_value, Ack, AckStatus, DevicePayload, MetricValue, Reading, ReadingBatch, Record, SourceProtocol,
 };

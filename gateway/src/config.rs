@@ -1,0 +1,482 @@
+//! The one typed configuration tree, parsed from TOML and validated before any socket binds.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use weir_protocols::payload::PayloadFormat;
+
+/// The documented default configuration, printed by `weir default-config`.
+pub const DEFAULT_CONFIG: &str = include_str!("../weir.default.toml");
+
+/// A configuration error with the place it came from. `weir check` prints it and exits 64.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: String, source: std::io::Error },
+    /// TOML syntax or type error; the message carries the line and column.
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    /// A value that parses but cannot work, named by its key path.
+    #[error("{path}: {key}: {reason}")]
+    Invalid { path: String, key: String, reason: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the SQLite file, disk buffers and the session table live.
+    #[serde(default = "defaults::data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub ops: OpsConfig,
+    /// Device-facing listeners. Omitted: one MQTT listener on 127.0.0.1:1883.
+    #[serde(default = "defaults::listeners")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub fabric: FabricConfig,
+    #[serde(default)]
+    pub sink: SinkConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpsConfig {
+    /// `/metrics`, `/healthz`, `/readyz`. Port 0 picks a free port.
+    #[serde(default = "defaults::ops_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for OpsConfig {
+    fn default() -> Self {
+        Self { listen: defaults::ops_listen() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "protocol", rename_all = "snake_case")]
+pub enum ListenerConfig {
+    Mqtt(MqttListenerConfig),
+}
+
+impl ListenerConfig {
+    pub fn listen(&self) -> SocketAddr {
+        match self {
+            ListenerConfig::Mqtt(m) => m.listen,
+        }
+    }
+}
+
+/// When a device's message counts as acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckPoint {
+    /// After the sink committed every record of the message (the default).
+    Committed,
+    /// After the disk buffer synced the message (needs `[buffer] kind = "disk"`).
+    Buffered,
+    /// As soon as the message is in the fabric: fastest, lost if weir dies before the commit.
+    Received,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadConfig {
+    Json,
+    Protobuf,
+    Auto,
+}
+
+impl From<PayloadConfig> for PayloadFormat {
+    fn from(p: PayloadConfig) -> Self {
+        match p {
+            PayloadConfig::Json => PayloadFormat::Json,
+            PayloadConfig::Protobuf => PayloadFormat::Protobuf,
+            PayloadConfig::Auto => PayloadFormat::Auto,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttListenerConfig {
+    #[serde(default = "defaults::mqtt_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "defaults::payload")]
+    pub payload: PayloadConfig,
+    #[serde(default = "defaults::ack")]
+    pub ack: AckPoint,
+    /// Largest MQTT packet accepted; a bigger one closes the connection before it is buffered.
+    #[serde(default = "defaults::max_packet_bytes")]
+    pub max_packet_bytes: usize,
+    /// QoS 1/2 messages per connection awaiting their ack; at the bound weir stops reading.
+    #[serde(default = "defaults::max_inflight")]
+    pub max_inflight: usize,
+    /// Open connections on this listener; at the bound weir stops accepting.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// Time a new connection has to send CONNECT before it is closed.
+    #[serde(default = "defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Keep each message's raw payload in the record.
+    #[serde(default)]
+    pub keep_raw: bool,
+    /// Accept devices without authentication on a non-loopback address.
+    #[serde(default)]
+    pub allow_anonymous: bool,
+}
+
+impl Default for MqttListenerConfig {
+    fn default() -> Self {
+        Self {
+            listen: defaults::mqtt_listen(),
+            payload: defaults::payload(),
+            ack: defaults::ack(),
+            max_packet_bytes: defaults::max_packet_bytes(),
+            max_inflight: defaults::max_inflight(),
+            max_connections: defaults::max_connections(),
+            connect_timeout_ms: defaults::connect_timeout_ms(),
+            keep_raw: false,
+            allow_anonymous: false,
+        }
+    }
+}
+
+/// What a sender meets when its shard is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Wait: the connection stops reading and the device's writes block.
+    Block,
+    /// Drop the new record, count it by reason, and answer the device.
+    DropNewest,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FabricConfig {
+    /// Number of shards; 0 = one per core. A device always maps to the same shard.
+    #[serde(default)]
+    pub shards: usize,
+    /// Records per shard between enqueue and commit (queued, batching or being written).
+    #[serde(default = "defaults::max_records")]
+    pub max_records: usize,
+    /// Record bytes per shard between enqueue and commit.
+    #[serde(default = "defaults::max_bytes")]
+    pub max_bytes: usize,
+    /// A batch closes this long after its first record, if not full before.
+    #[serde(default = "defaults::linger_ms")]
+    pub linger_ms: u64,
+    #[serde(default = "defaults::when_full")]
+    pub when_full: WhenFull,
+    /// A batch closes at this many records.
+    #[serde(default = "defaults::batch_max_records")]
+    pub batch_max_records: usize,
+    /// A batch closes at this many bytes.
+    #[serde(default = "defaults::batch_max_bytes")]
+    pub batch_max_bytes: usize,
+}
+
+impl Default for FabricConfig {
+    fn default() -> Self {
+        Self {
+            shards: 0,
+            max_records: defaults::max_records(),
+            max_bytes: defaults::max_bytes(),
+            linger_ms: defaults::linger_ms(),
+            when_full: defaults::when_full(),
+            batch_max_records: defaults::batch_max_records(),
+            batch_max_bytes: defaults::batch_max_bytes(),
+        }
+    }
+}
+
+impl FabricConfig {
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SinkConfig {
+    Sqlite(SqliteSinkConfig),
+    /// Discards records after counting them: measures the ingest path alone.
+    Blackhole {},
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig::Sqlite(SqliteSinkConfig::default())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SqliteSync {
+    /// fsync on every commit: an acked record survives power loss.
+    Full,
+    /// fsync at checkpoints only: an acked record survives a crash of weir, not of the machine.
+    Normal,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqliteSinkConfig {
+    /// Database file, relative to `data_dir`.
+    #[serde(default = "defaults::sqlite_path")]
+    pub path: PathBuf,
+    #[serde(default = "defaults::sqlite_sync")]
+    pub synchronous: SqliteSync,
+}
+
+impl Default for SqliteSinkConfig {
+    fn default() -> Self {
+        Self { path: defaults::sqlite_path(), synchronous: defaults::sqlite_sync() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// After SIGTERM, time to flush batches and send the last acks before weir exits anyway.
+    #[serde(default = "defaults::grace_ms")]
+    pub grace_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { grace_ms: defaults::grace_ms() }
+    }
+}
+
+mod defaults {
+    use super::*;
+
+    pub fn data_dir() -> PathBuf {
+        "./weir-data".into()
+    }
+    pub fn ops_listen() -> SocketAddr {
+        ([127, 0, 0, 1], 9100).into()
+    }
+    pub fn mqtt_listen() -> SocketAddr {
+        ([127, 0, 0, 1], 1883).into()
+    }
+    pub fn listeners() -> Vec<ListenerConfig> {
+        vec![ListenerConfig::Mqtt(MqttListenerConfig::default())]
+    }
+    pub fn payload() -> PayloadConfig {
+        PayloadConfig::Auto
+    }
+    pub fn ack() -> AckPoint {
+        AckPoint::Committed
+    }
+    pub fn max_packet_bytes() -> usize {
+        1 << 20
+    }
+    pub fn max_inflight() -> usize {
+        1024
+    }
+    pub fn max_connections() -> usize {
+        10_000
+    }
+    pub fn connect_timeout_ms() -> u64 {
+        10_000
+    }
+    pub fn max_records() -> usize {
+        65_536
+    }
+    pub fn max_bytes() -> usize {
+        64 << 20
+    }
+    pub fn linger_ms() -> u64 {
+        5
+    }
+    pub fn when_full() -> WhenFull {
+        WhenFull::Block
+    }
+    pub fn batch_max_records() -> usize {
+        4096
+    }
+    pub fn batch_max_bytes() -> usize {
+        4 << 20
+    }
+    pub fn sqlite_path() -> PathBuf {
+        "telemetry.db".into()
+    }
+    pub fn sqlite_sync() -> SqliteSync {
+        SqliteSync::Full
+    }
+    pub fn grace_ms() -> u64 {
+        10_000
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: defaults::data_dir(),
+            ops: OpsConfig::default(),
+            listeners: defaults::listeners(),
+            fabric: FabricConfig::default(),
+            sink: SinkConfig::default(),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+        Self::parse(&text, &shown)
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    /// Checks what types cannot: bounds that fit together, unique addresses, safe exposure.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid =
+            |key: String, reason: String| ConfigError::Invalid { path: origin.to_owned(), key, reason };
+        if self.listeners.is_empty() {
+            return Err(invalid("listeners".into(), "at least one listener is needed".into()));
+        }
+        let f = &self.fabric;
+        for (key, value) in [
+            ("fabric.max_records", f.max_records),
+            ("fabric.max_bytes", f.max_bytes),
+            ("fabric.batch_max_records", f.batch_max_records),
+            ("fabric.batch_max_bytes", f.batch_max_bytes),
+        ] {
+            if value == 0 {
+                return Err(invalid(key.into(), "must be greater than 0".into()));
+            }
+        }
+        if f.batch_max_records > f.max_records {
+            return Err(invalid(
+                "fabric.batch_max_records".into(),
+                format!("{} is more than fabric.max_records ({})", f.batch_max_records, f.max_records),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, listener) in self.listeners.iter().enumerate() {
+            let key = |field: &str| format!("listeners[{i}].{field}");
+            let addr = listener.listen();
+            if addr.port() != 0 && !seen.insert(addr) {
+                return Err(invalid(key("listen"), format!("{addr} is used by another listener")));
+            }
+            match listener {
+                ListenerConfig::Mqtt(m) => {
+                    if m.ack == AckPoint::Buffered {
+                        return Err(invalid(
+                            key("ack"),
+                            "\"buffered\" needs a disk buffer, which this build does not have yet; \
+                             use \"committed\" or \"received\""
+                                .into(),
+                        ));
+                    }
+                    if !addr.ip().is_loopback() && !m.allow_anonymous {
+                        return Err(invalid(
+                            key("listen"),
+                            format!(
+                                "{addr} is not a loopback address and no authentication is configured; \
+                                 set allow_anonymous = true on this listener to accept anonymous devices"
+                            ),
+                        ));
+                    }
+                    if m.max_packet_bytes < 64 || m.max_packet_bytes > 256 << 20 {
+                        return Err(invalid(
+                            key("max_packet_bytes"),
+                            "must be between 64 and 268435456".into(),
+                        ));
+                    }
+                    if m.max_packet_bytes > f.max_bytes {
+                        return Err(invalid(
+                            key("max_packet_bytes"),
+                            format!("{} is more than fabric.max_bytes ({}): such a message could never be enqueued", m.max_packet_bytes, f.max_bytes),
+                        ));
+                    }
+                    if m.max_inflight == 0 || m.max_inflight > 65_535 {
+                        return Err(invalid(key("max_inflight"), "must be between 1 and 65535".into()));
+                    }
+                    if m.max_connections == 0 {
+                        return Err(invalid(key("max_connections"), "must be greater than 0".into()));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_default_config_parses_and_equals_the_built_in_defaults() {
+        let parsed = Config::parse(DEFAULT_CONFIG, "weir.default.toml").unwrap();
+        let built_in = Config::default();
+        assert_eq!(format!("{parsed:?}"), format!("{built_in:?}"));
+    }
+
+    #[test]
+    fn empty_file_is_the_embedded_default() {
+        let c = Config::parse("", "empty.toml").unwrap();
+        assert!(matches!(c.sink, SinkConfig::Sqlite(_)));
+        assert_eq!(c.listeners[0].listen(), "127.0.0.1:1883".parse().unwrap());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_line() {
+        let err = Config::parse("data_dir = \"x\"\n[fabric]\nlinger = 5\n", "w.toml").unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("w.toml: "), "{text}");
+        assert!(text.contains("line 3"), "{text}");
+        assert!(text.contains("linger"), "{text}");
+    }
+
+    #[test]
+    fn public_address_without_auth_is_refused() {
+        let text = "[[listeners]]\nprotocol = \"mqtt\"\nlisten = \"0.0.0.0:1883\"\n";
+        let err = Config::parse(text, "w.toml").unwrap_err().to_string();
+        assert!(err.contains("listeners[0].listen") && err.contains("allow_anonymous"), "{err}");
+        let ok = format!("{text}allow_anonymous = true\n");
+        Config::parse(&ok, "w.toml").unwrap();
+    }
+
+    #[test]
+    fn inconsistent_bounds_are_refused() {
+        let err = Config::parse("[fabric]\nmax_records = 10\nbatch_max_records = 20\n", "w.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fabric.batch_max_records"), "{err}");
+        let err = Config::parse("[fabric]\nmax_bytes = 1000\n", "w.toml").unwrap_err().to_string();
+        assert!(err.contains("max_packet_bytes"), "{err}");
+    }
+
+    #[test]
+    fn unknown_protocol_and_sink_kinds_are_rejected() {
+        let err = Config::parse("[[listeners]]\nprotocol = \"carrier-pigeon\"\n", "w.toml").unwrap_err();
+        assert!(err.to_string().contains("carrier-pigeon"), "{err}");
+        let err = Config::parse("[sink]\nkind = \"s3\"\n", "w.toml").unwrap_err();
+        assert!(err.to_string().contains("s3"), "{err}");
+    }
+}

@@ -1,0 +1,178 @@
+//! The per-shard batcher: closes a batch at a record count, a byte size, or `linger` after its
+//! first item, and flushes the partial batch when its input ends (shutdown loses nothing).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use weir_protocols::mqtt::session::Outcome;
+
+use super::{Budget, Item, ShardReceiver};
+
+/// When a batch closes.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    pub max_records: usize,
+    pub max_bytes: usize,
+    pub linger: Duration,
+}
+
+/// Items from one shard, written by the sink as one unit. Dropping it returns the items'
+/// room to the shard, so the shard bound covers everything up to the commit.
+#[derive(Debug)]
+pub struct Batch {
+    pub items: Vec<Item>,
+    bytes: usize,
+    /// Items pushed (settling drains `items`; the room to return stays counted here).
+    records: usize,
+    charged: usize,
+    budget: Arc<Budget>,
+}
+
+impl Batch {
+    fn new(budget: Arc<Budget>, capacity: usize) -> Self {
+        Self { items: Vec::with_capacity(capacity), bytes: 0, records: 0, charged: 0, budget }
+    }
+
+    fn push(&mut self, item: Item) {
+        self.bytes += item.bytes;
+        self.records += 1;
+        self.charged += self.budget.charge(item.bytes);
+        self.items.push(item);
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Reports one outcome for every item (acks flow back to the devices), then frees the room.
+    pub fn settle(mut self, outcome: Outcome) {
+        for item in self.items.drain(..) {
+            item.settle(outcome);
+        }
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // Items still here were not settled: their ack tokens report `Failed` as they drop.
+        self.items.clear();
+        self.budget.release(self.records, self.charged);
+    }
+}
+
+/// Drains one shard into batches sent to the sink driver, until the shard's senders are gone.
+pub async fn run_batcher(shard: ShardReceiver, limits: BatchLimits, batches_tx: flume::Sender<Batch>) {
+    let ShardReceiver { items_rx, budget } = shard;
+    loop {
+        let Ok(first) = items_rx.recv_async().await else { return };
+        let mut batch = Batch::new(Arc::clone(&budget), limits.max_records.min(1024));
+        batch.push(first);
+        let deadline = Instant::now() + limits.linger;
+        let mut input_ended = false;
+        while batch.len() < limits.max_records && batch.bytes < limits.max_bytes {
+            // Take what is already queued without waiting; wait only when the queue is empty.
+            match items_rx.try_recv() {
+                Ok(item) => {
+                    batch.push(item);
+                    continue;
+                }
+                Err(flume::TryRecvError::Disconnected) => {
+                    input_ended = true;
+                    break;
+                }
+                Err(flume::TryRecvError::Empty) => {}
+            }
+            tokio::select! {
+                received = items_rx.recv_async() => match received {
+                    Ok(item) => batch.push(item),
+                    Err(_) => { input_ended = true; break; }
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        // A failed send means the sink driver is gone: the batch drops and fails its acks.
+        if batches_tx.send_async(batch).await.is_err() || input_ended {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Fabric;
+    use super::*;
+    use crate::config::WhenFull;
+    use crate::metrics::Metrics;
+    use weir_proto::Record;
+
+    fn item(seq: u64) -> Item {
+        Item::record(Record { device_id: "d".into(), seq: Some(seq), ..Record::default() }, None)
+    }
+
+    fn setup(
+        max_records: usize,
+        linger_ms: u64,
+    ) -> (Fabric, flume::Receiver<Batch>, tokio::task::JoinHandle<()>) {
+        let (fabric, mut shards) = Fabric::new(1, 1000, 1 << 30, WhenFull::Block, Arc::new(Metrics::new()));
+        let (batches_tx, batches_rx) = flume::bounded(4);
+        let limits =
+            BatchLimits { max_records, max_bytes: 1 << 30, linger: Duration::from_millis(linger_ms) };
+        let task = tokio::spawn(run_batcher(shards.pop().unwrap(), limits, batches_tx));
+        (fabric, batches_rx, task)
+    }
+
+    fn seqs(batch: &Batch) -> Vec<u64> {
+        batch
+            .items
+            .iter()
+            .map(|i| match &i.payload {
+                super::super::Payload::Record(r) => r.seq.unwrap(),
+                _ => unreachable!(),
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closes_at_max_records_in_order() {
+        let (fabric, batches, _task) = setup(3, 1000);
+        for seq in 0..7 {
+            fabric.send(item(seq)).await.unwrap();
+        }
+        assert_eq!(seqs(&batches.recv_async().await.unwrap()), [0, 1, 2]);
+        assert_eq!(seqs(&batches.recv_async().await.unwrap()), [3, 4, 5]);
+        // The 7th waits for the linger deadline, then goes alone.
+        let started = Instant::now();
+        assert_eq!(seqs(&batches.recv_async().await.unwrap()), [6]);
+        assert!(started.elapsed() >= Duration::from_millis(999), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn linger_counts_from_the_first_item() {
+        let (fabric, batches, _task) = setup(100, 10);
+        fabric.send(item(1)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(6)).await;
+        fabric.send(item(2)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(6)).await;
+        fabric.send(item(3)).await.unwrap();
+        assert_eq!(seqs(&batches.recv_async().await.unwrap()), [1, 2]);
+        assert_eq!(seqs(&batches.recv_async().await.unwrap()), [3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flushes_the_partial_batch_when_input_ends() {
+        let (fabric, batches, task) = setup(100, 60_000);
+        fabric.send(item(1)).await.unwrap();
+        fabric.send(item(2)).await.unwrap();
+        drop(fabric);
+        let started = Instant::now();
+        assert_eq!(seqs(&batches.recv_async().await.unwrap()), [1, 2]);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        task.await.unwrap();
+        assert!(batches.recv_async().await.is_err(), "batcher ended and dropped its sender");
+    }
+}

@@ -1,0 +1,268 @@
+//! The bounded channel fabric: records are routed to a shard by device id (so one device's
+//! records stay in order), each shard bounded by records AND bytes from enqueue to commit.
+
+mod batcher;
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+use weir_proto::{Record, SourceProtocol};
+use weir_protocols::mqtt::session::Outcome;
+
+pub use batcher::{run_batcher, Batch, BatchLimits};
+
+use crate::ack::AckToken;
+use crate::config::WhenFull;
+use crate::metrics::{Metrics, ShardLabel};
+
+/// A message that could not be decoded, kept with its raw bytes and the reason.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub device_id: String,
+    pub protocol: SourceProtocol,
+    pub source: String,
+    pub error: String,
+    pub raw: Bytes,
+    pub received_ts_ms: i64,
+}
+
+#[derive(Debug)]
+pub enum Payload {
+    Record(Record),
+    DeadLetter(DeadLetter),
+}
+
+/// What travels through the fabric: a record or a dead letter, and its share of the ack.
+#[derive(Debug)]
+pub struct Item {
+    pub payload: Payload,
+    pub ack: Option<AckToken>,
+    /// Approximate memory held, counted against the shard's byte bound.
+    pub bytes: usize,
+}
+
+impl Item {
+    pub fn record(record: Record, ack: Option<AckToken>) -> Self {
+        let bytes = record_bytes(&record);
+        Self { payload: Payload::Record(record), ack, bytes }
+    }
+
+    pub fn dead_letter(letter: DeadLetter, ack: Option<AckToken>) -> Self {
+        let bytes =
+            128 + letter.device_id.len() + letter.source.len() + letter.error.len() + letter.raw.len();
+        Self { payload: Payload::DeadLetter(letter), ack, bytes }
+    }
+
+    pub fn device_id(&self) -> &str {
+        match &self.payload {
+            Payload::Record(r) => &r.device_id,
+            Payload::DeadLetter(d) => &d.device_id,
+        }
+    }
+
+    /// Reports this item's outcome to its device connection, if it has one.
+    pub fn settle(self, outcome: Outcome) {
+        if let Some(ack) = self.ack {
+            ack.settle(outcome);
+        }
+    }
+}
+
+fn record_bytes(r: &Record) -> usize {
+    let metrics: usize = r.metrics.keys().map(|k| k.len() + 48).sum();
+    let tags: usize = r.tags.iter().map(|(k, v)| k.len() + v.len() + 48).sum();
+    128 + r.device_id.len() + r.source.len() + r.raw.len() + metrics + tags
+}
+
+/// Why [`Fabric::send`] gave the item back.
+#[derive(Debug)]
+pub enum SendError {
+    /// The shard was full and its policy is `drop_newest`. The caller counts and answers.
+    Full(Item),
+    /// The fabric is shutting down.
+    Closed(Item),
+}
+
+/// The per-shard bound, held from enqueue until the batch holding the record is dropped
+/// (after the sink committed it or gave up on it).
+#[derive(Debug)]
+pub struct Budget {
+    shard: u32,
+    records: Semaphore,
+    bytes: Semaphore,
+    max_bytes: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Budget {
+    fn charge(&self, bytes: usize) -> usize {
+        bytes.min(self.max_bytes)
+    }
+
+    /// Returns the room `records` records of `bytes` charged bytes held.
+    pub fn release(&self, records: usize, bytes: usize) {
+        self.records.add_permits(records);
+        self.bytes.add_permits(bytes);
+        let label = ShardLabel { shard: self.shard };
+        self.metrics.shard_records.get_or_create(&label).dec_by(records as i64);
+        self.metrics.shard_bytes.get_or_create(&label).dec_by(bytes as i64);
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Shard {
+    items_tx: flume::Sender<Item>,
+    budget: Arc<Budget>,
+}
+
+/// The sending side of the fabric, cloned into every connection.
+#[derive(Debug, Clone)]
+pub struct Fabric {
+    shards: Arc<[Shard]>,
+    when_full: WhenFull,
+    metrics: Arc<Metrics>,
+}
+
+/// The receiving side of one shard, consumed by its batcher.
+pub struct ShardReceiver {
+    pub items_rx: flume::Receiver<Item>,
+    pub budget: Arc<Budget>,
+}
+
+impl Fabric {
+    /// Builds `shards` shards of `max_records` records and `max_bytes` bytes each.
+    pub fn new(
+        shards: usize,
+        max_records: usize,
+        max_bytes: usize,
+        when_full: WhenFull,
+        metrics: Arc<Metrics>,
+    ) -> (Self, Vec<ShardReceiver>) {
+        let mut senders = Vec::with_capacity(shards);
+        let mut receivers = Vec::with_capacity(shards);
+        let max_records = max_records.min(Semaphore::MAX_PERMITS);
+        let max_bytes = max_bytes.min(Semaphore::MAX_PERMITS);
+        for shard in 0..shards {
+            let budget = Arc::new(Budget {
+                shard: shard as u32,
+                records: Semaphore::new(max_records),
+                bytes: Semaphore::new(max_bytes),
+                max_bytes,
+                metrics: Arc::clone(&metrics),
+            });
+            // The budget bounds the items in the fabric; the channel never holds more than it.
+            let (items_tx, items_rx) = flume::bounded(max_records);
+            senders.push(Shard { items_tx, budget: Arc::clone(&budget) });
+            receivers.push(ShardReceiver { items_rx, budget });
+        }
+        (Self { shards: senders.into(), when_full, metrics }, receivers)
+    }
+
+    /// The shard a device's records go to.
+    pub fn shard_of(&self, device_id: &str) -> usize {
+        let mut hasher = DefaultHasher::new();
+        device_id.hash(&mut hasher);
+        (hasher.finish() % self.shards.len() as u64) as usize
+    }
+
+    /// Enqueues an item on its device's shard. Under `block` this waits for room (the caller
+    /// stops reading its connection meanwhile); under `drop_newest` a full shard gives the item
+    /// back as [`SendError::Full`].
+    pub async fn send(&self, item: Item) -> Result<(), SendError> {
+        let shard = &self.shards[self.shard_of(item.device_id())];
+        let budget = &shard.budget;
+        let charged = budget.charge(item.bytes);
+        match self.when_full {
+            WhenFull::Block => {
+                let Ok(records) = budget.records.acquire_many(1).await else {
+                    return Err(SendError::Closed(item));
+                };
+                let Ok(bytes) = budget.bytes.acquire_many(charged as u32).await else {
+                    return Err(SendError::Closed(item));
+                };
+                records.forget();
+                bytes.forget();
+            }
+            WhenFull::DropNewest => {
+                let Ok(records) = budget.records.try_acquire_many(1) else {
+                    return Err(SendError::Full(item));
+                };
+                let Ok(bytes) = budget.bytes.try_acquire_many(charged as u32) else {
+                    return Err(SendError::Full(item));
+                };
+                records.forget();
+                bytes.forget();
+            }
+        }
+        let label = ShardLabel { shard: budget.shard };
+        self.metrics.shard_records.get_or_create(&label).inc();
+        self.metrics.shard_bytes.get_or_create(&label).inc_by(charged as i64);
+        match shard.items_tx.send_async(item).await {
+            Ok(()) => {
+                self.metrics.records_enqueued.inc();
+                Ok(())
+            }
+            Err(flume::SendError(item)) => {
+                budget.release(1, charged);
+                Err(SendError::Closed(item))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(device: &str) -> Item {
+        Item::record(Record { device_id: device.into(), ..Record::default() }, None)
+    }
+
+    #[tokio::test]
+    async fn drop_newest_gives_the_item_back_at_the_record_bound() {
+        let (fabric, rx) = Fabric::new(1, 2, 1 << 20, WhenFull::DropNewest, Arc::new(Metrics::new()));
+        fabric.send(item("a")).await.unwrap();
+        fabric.send(item("a")).await.unwrap();
+        assert!(matches!(fabric.send(item("a")).await, Err(SendError::Full(_))));
+        // Room returns only when the records' budget is released (after the commit).
+        let _ = rx[0].items_rx.try_recv().unwrap();
+        assert!(matches!(fabric.send(item("a")).await, Err(SendError::Full(_))));
+        rx[0].budget.release(1, rx[0].budget.charge(item("a").bytes));
+        fabric.send(item("a")).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn byte_bound_applies_as_well() {
+        let bytes = item("a").bytes;
+        let (fabric, _rx) = Fabric::new(1, 100, bytes * 2, WhenFull::DropNewest, Arc::new(Metrics::new()));
+        fabric.send(item("a")).await.unwrap();
+        fabric.send(item("a")).await.unwrap();
+        assert!(matches!(fabric.send(item("a")).await, Err(SendError::Full(_))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn block_waits_for_room() {
+        let (fabric, rx) = Fabric::new(1, 1, 1 << 20, WhenFull::Block, Arc::new(Metrics::new()));
+        fabric.send(item("a")).await.unwrap();
+        let blocked = tokio::spawn({
+            let fabric = fabric.clone();
+            async move { fabric.send(item("a")).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        assert!(!blocked.is_finished());
+        let _ = rx[0].items_rx.try_recv().unwrap();
+        rx[0].budget.release(1, rx[0].budget.charge(item("a").bytes));
+        blocked.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_device_always_maps_to_the_same_shard() {
+        let (fabric, _rx) = Fabric::new(8, 10, 1 << 20, WhenFull::Block, Arc::new(Metrics::new()));
+        let shards: std::collections::HashSet<_> =
+            (0..100).map(|i| fabric.shard_of(&format!("d{i}"))).collect();
+        assert!(shards.len() > 1, "devices spread over shards");
+        assert_eq!(fabric.shard_of("device-42"), fabric.shard_of("device-42"));
+    }
+}

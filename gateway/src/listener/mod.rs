@@ -1,0 +1,77 @@
+//! Device listeners: one accept-loop shape for every protocol. A connection permit is taken
+//! before `accept`, accept errors back off, each connection runs in its own task and span, and
+//! one connection's failure never stops the loop.
+
+pub mod mqtt;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A new connection, as handed to a protocol's connection task.
+pub struct Accepted {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    /// Unique within this process; names the connection in logs and assigned client ids.
+    pub id: u64,
+    /// Held for the connection's lifetime; returned to the listener's limit when it ends.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Accepts connections until `shutdown` turns true, then waits for the connection tasks (which
+/// see the same signal and drain) to end. `serve` runs one connection.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    protocol: &'static str,
+    max_connections: usize,
+    mut shutdown: watch::Receiver<bool>,
+    serve: F,
+) where
+    F: Fn(Accepted) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(max_connections));
+    let mut connections = JoinSet::new();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        while connections.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            permit = Arc::clone(&limit).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = crate::shutdown::signalled(&mut shutdown) => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = crate::shutdown::signalled(&mut shutdown) => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                let id = NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed);
+                let span =
+                    tracing::debug_span!("connection", protocol, %peer, id, device = tracing::field::Empty);
+                connections.spawn(serve(Accepted { stream, peer, id, permit }).instrument(span));
+            }
+            Err(error) => {
+                // Out of file descriptors or a transient kernel error: wait, then go on.
+                tracing::warn!(protocol, %error, ?backoff, "accept failed; backing off");
+                drop(permit);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}

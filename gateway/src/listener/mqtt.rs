@@ -1,0 +1,349 @@
+//! The MQTT connection task: reads packets, drives the pure [`Session`], decodes payloads into
+//! records, enqueues them (awaiting room: backpressure), and writes acks as commits complete.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use weir_proto::{Record, SourceProtocol};
+use weir_protocols::mqtt::session::{Event, InflightId, Outcome, Session, SessionLimits, Violation};
+use weir_protocols::mqtt::{decode, DecodeError};
+use weir_protocols::payload::{self, DecodeContext, PayloadFormat, PayloadLimits};
+
+use super::Accepted;
+use crate::ack::{AckEvent, AckToken};
+use crate::config::{AckPoint, MqttListenerConfig};
+use crate::fabric::{DeadLetter, Fabric, Item, SendError};
+use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel, ReasonLabel};
+
+const PROTOCOL: &str = "mqtt";
+/// Bytes asked of the socket per read; many small packets arrive in one read.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// What every connection of one MQTT listener shares.
+pub struct MqttContext {
+    pub config: MqttListenerConfig,
+    pub fabric: Fabric,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Why a connection ended; the label of `weir_connections_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CloseReason {
+    PeerClosed,
+    Disconnect,
+    ConnectTimeout,
+    KeepaliveTimeout,
+    ProtocolError,
+    StoreFailed,
+    Shutdown,
+    Io,
+}
+
+impl CloseReason {
+    fn label(self) -> &'static str {
+        match self {
+            CloseReason::PeerClosed => "peer_closed",
+            CloseReason::Disconnect => "disconnect",
+            CloseReason::ConnectTimeout => "connect_timeout",
+            CloseReason::KeepaliveTimeout => "keepalive_timeout",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::StoreFailed => "store_failed",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Io => "io_error",
+        }
+    }
+}
+
+/// Serves one MQTT connection until it closes or shutdown drains it.
+pub async fn serve(accepted: Accepted, ctx: Arc<MqttContext>, shutdown: watch::Receiver<bool>) {
+    let label = ProtocolLabel { protocol: PROTOCOL };
+    ctx.metrics.connections_opened.get_or_create(&label).inc();
+    ctx.metrics.connections_active.get_or_create(&label).inc();
+    let _ = accepted.stream.set_nodelay(true);
+    let (reader, writer) = accepted.stream.into_split();
+    let (acks_tx, acks_rx) = flume::bounded(ctx.config.max_inflight);
+    let mut connection = Connection {
+        session: Session::new(SessionLimits {
+            max_inflight: ctx.config.max_inflight,
+            ..SessionLimits::default()
+        }),
+        ctx: Arc::clone(&ctx),
+        id: accepted.id,
+        writer,
+        acks_tx,
+        acks_rx,
+        client_id: String::new(),
+        records: Vec::new(),
+    };
+    let closed = connection.run(reader, shutdown).await;
+    tracing::debug!(reason = closed.label(), "connection closed");
+    ctx.metrics.connections_active.get_or_create(&label).dec();
+    ctx.metrics
+        .connections_closed
+        .get_or_create(&ProtocolReasonLabel { protocol: PROTOCOL, reason: closed.label() })
+        .inc();
+    drop(accepted.permit);
+}
+
+struct Connection {
+    ctx: Arc<MqttContext>,
+    id: u64,
+    session: Session,
+    writer: OwnedWriteHalf,
+    acks_tx: flume::Sender<AckEvent>,
+    acks_rx: flume::Receiver<AckEvent>,
+    client_id: String,
+    /// Scratch space for one message's records, reused.
+    records: Vec<Record>,
+}
+
+impl Connection {
+    async fn run(
+        &mut self,
+        mut reader: tokio::net::tcp::OwnedReadHalf,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> CloseReason {
+        let max_packet = self.ctx.config.max_packet_bytes;
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut deadline = Instant::now() + Duration::from_millis(self.ctx.config.connect_timeout_ms);
+        let mut keepalive: Option<Duration> = None;
+        // `None` while reading; the reason once reading stopped and only acks remain to send.
+        let mut stopped: Option<CloseReason> = None;
+        loop {
+            while stopped.is_none() && self.session.can_read() {
+                let packet = match decode(&mut buf, max_packet) {
+                    Ok(Some(packet)) => packet,
+                    Ok(None) => break,
+                    Err(error) => {
+                        let violation = self.session.on_decode_error(error);
+                        return self.close_for(violation).await;
+                    }
+                };
+                match self.session.on_packet(packet, self.id) {
+                    Ok(Event::None) => {}
+                    Ok(Event::Connected { client_id, keep_alive_secs, .. }) => {
+                        tracing::Span::current().record("device", client_id.as_str());
+                        self.client_id = client_id;
+                        keepalive = (keep_alive_secs > 0)
+                            .then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500));
+                    }
+                    Ok(Event::Publish { topic, payload, ack, .. }) => {
+                        if let Err(closed) = self.publish(topic, payload, ack).await {
+                            return closed;
+                        }
+                    }
+                    Ok(Event::Disconnect) => stopped = Some(CloseReason::Disconnect),
+                    Err(violation) => return self.close_for(violation).await,
+                }
+            }
+            if let Err(closed) = self.flush().await {
+                return closed;
+            }
+            if let Some(reason) = stopped {
+                // Reading is over; leave once every in-flight message has its answer.
+                if self.session.pending() == 0 || reason == CloseReason::Disconnect {
+                    return reason;
+                }
+            }
+            let reading = stopped.is_none() && self.session.can_read();
+            if reading {
+                buf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                read = reader.read_buf(&mut buf), if reading => match read {
+                    Ok(0) => return CloseReason::PeerClosed,
+                    Ok(_) => {
+                        if let Some(k) = keepalive {
+                            deadline = Instant::now() + k;
+                        }
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "read failed");
+                        return CloseReason::Io;
+                    }
+                },
+                event = self.acks_rx.recv_async() => {
+                    // The connection holds a sender itself, so the channel never disconnects.
+                    if let Ok(event) = event {
+                        if let Err(closed) = self.apply_ack(event) {
+                            return closed;
+                        }
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline), if reading && (keepalive.is_some() || !self.session.is_connected()) => {
+                    let (reason, what) = if self.session.is_connected() {
+                        (CloseReason::KeepaliveTimeout, "keepalive_timeout")
+                    } else {
+                        (CloseReason::ConnectTimeout, "connect_timeout")
+                    };
+                    self.count_error(what);
+                    return reason;
+                },
+                _ = crate::shutdown::signalled(&mut shutdown), if stopped.is_none() => {
+                    stopped = Some(CloseReason::Shutdown);
+                },
+            }
+        }
+    }
+
+    /// Decodes one message and enqueues its records (or its dead letter), awaiting room in the
+    /// fabric while still writing acks for earlier messages.
+    async fn publish(
+        &mut self,
+        topic: String,
+        payload: Bytes,
+        ack: Option<InflightId>,
+    ) -> Result<(), CloseReason> {
+        let metrics = Arc::clone(&self.ctx.metrics);
+        metrics.messages_received.get_or_create(&ProtocolLabel { protocol: PROTOCOL }).inc();
+        let committed = self.ctx.config.ack == AckPoint::Committed;
+        let token = ack.filter(|_| committed).map(|id| AckToken::new(id.get(), self.acks_tx.clone()));
+        let decoded = {
+            let ctx = DecodeContext {
+                fallback_device_id: &self.client_id,
+                protocol: SourceProtocol::Mqtt,
+                source: &topic,
+                received_ts_ms: now_ms(),
+                keep_raw: self.ctx.config.keep_raw,
+                limits: PayloadLimits::default(),
+            };
+            payload::decode(PayloadFormat::from(self.ctx.config.payload), &payload, &ctx, &mut self.records)
+        };
+        let mut items = Vec::new();
+        match decoded {
+            Ok(()) => {
+                metrics.records_decoded.inc_by(self.records.len() as u64);
+                let mut shares = token.map(|t| t.split(self.records.len()));
+                items.reserve(self.records.len());
+                for record in self.records.drain(..) {
+                    let share = shares.as_mut().and_then(Vec::pop);
+                    items.push(Item::record(record, share));
+                }
+            }
+            Err(error) => {
+                metrics.records_dead_lettered.get_or_create(&ReasonLabel { reason: "undecodable" }).inc();
+                tracing::debug!(%error, topic, "payload not decodable; dead-lettered");
+                let letter = DeadLetter {
+                    device_id: self.client_id.clone(),
+                    protocol: SourceProtocol::Mqtt,
+                    source: topic,
+                    error: error.to_string(),
+                    raw: payload,
+                    received_ts_ms: now_ms(),
+                };
+                items.push(Item::dead_letter(letter, token));
+            }
+        }
+        let mut outcome = Outcome::Stored;
+        for item in items {
+            match self.enqueue(item).await? {
+                Outcome::Stored => {}
+                other => outcome = other,
+            }
+        }
+        if let (Some(id), false) = (ack, committed) {
+            // `ack = "received"`: the message is acknowledged once it is in the fabric.
+            self.session.complete(id, outcome).map_err(|v| self.violation_reason(v))?;
+        }
+        Ok(())
+    }
+
+    /// Sends one item into the fabric, writing acks that complete while it waits for room.
+    async fn enqueue(&mut self, item: Item) -> Result<Outcome, CloseReason> {
+        let fabric: Fabric = self.ctx.fabric.clone();
+        let send = fabric.send(item);
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                sent = &mut send => return match sent {
+                    Ok(()) => Ok(Outcome::Stored),
+                    Err(SendError::Full(item)) => {
+                        self.ctx.metrics.records_dropped.get_or_create(&ReasonLabel { reason: "fabric_full" }).inc();
+                        item.settle(Outcome::Dropped);
+                        Ok(Outcome::Dropped)
+                    }
+                    Err(SendError::Closed(item)) => {
+                        item.settle(Outcome::Failed);
+                        Err(CloseReason::Shutdown)
+                    }
+                },
+                Ok(event) = self.acks_rx.recv_async() => {
+                    self.apply_ack(event)?;
+                    self.flush().await?;
+                }
+            }
+        }
+    }
+
+    fn apply_ack(&mut self, (id, outcome): AckEvent) -> Result<(), CloseReason> {
+        self.session.complete(InflightId::from_raw(id), outcome).map_err(|v| self.violation_reason(v))?;
+        // Take every ack already waiting, so they leave in one write.
+        while let Ok((id, outcome)) = self.acks_rx.try_recv() {
+            self.session.complete(InflightId::from_raw(id), outcome).map_err(|v| self.violation_reason(v))?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), CloseReason> {
+        let out = self.session.outgoing();
+        if out.is_empty() {
+            return Ok(());
+        }
+        let result = self.writer.write_all(out).await;
+        out.clear();
+        result.map_err(|error| {
+            tracing::debug!(%error, "write failed");
+            CloseReason::Io
+        })
+    }
+
+    /// Counts a violation, sends whatever the session queued for it (e.g. a CONNACK with a
+    /// return code), and closes.
+    async fn close_for(&mut self, violation: Violation) -> CloseReason {
+        let reason = self.violation_reason(violation);
+        let _ = self.flush().await;
+        let _ = self.writer.shutdown().await;
+        reason
+    }
+
+    fn violation_reason(&self, violation: Violation) -> CloseReason {
+        let (reason, what) = match &violation {
+            Violation::StoreFailed(_) => (CloseReason::StoreFailed, "store_failed"),
+            Violation::Malformed(DecodeError::PacketTooLarge { .. }) => {
+                (CloseReason::ProtocolError, "packet_too_large")
+            }
+            Violation::Malformed(_) => (CloseReason::ProtocolError, "malformed_packet"),
+            Violation::NotConnected => (CloseReason::ProtocolError, "not_connected"),
+            Violation::DuplicateConnect => (CloseReason::ProtocolError, "duplicate_connect"),
+            Violation::ClientIdRejected(_) => (CloseReason::ProtocolError, "client_id_rejected"),
+            Violation::UnsupportedProtocolLevel(_) => {
+                (CloseReason::ProtocolError, "unsupported_protocol_level")
+            }
+            Violation::UnexpectedPacket(_) => (CloseReason::ProtocolError, "unexpected_packet"),
+        };
+        if reason == CloseReason::StoreFailed {
+            tracing::warn!(%violation, "closing without ack so the device resends");
+        } else {
+            tracing::debug!(%violation, "closing connection");
+        }
+        self.count_error(what);
+        reason
+    }
+
+    fn count_error(&self, what: &'static str) {
+        self.ctx
+            .metrics
+            .protocol_errors
+            .get_or_create(&ProtocolReasonLabel { protocol: PROTOCOL, reason: what })
+            .inc();
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}

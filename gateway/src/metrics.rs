@@ -1,0 +1,173 @@
+//! Every counter and gauge weir exposes on `/metrics`, in one registry.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabel {
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolReasonLabel {
+    pub protocol: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabel {
+    pub shard: u32,
+}
+
+/// All of weir's metrics. Cheap to update from any task (atomics behind `Arc`s).
+pub struct Metrics {
+    pub registry: Registry,
+    pub connections_active: Family<ProtocolLabel, Gauge>,
+    pub connections_opened: Family<ProtocolLabel, Counter>,
+    pub connections_closed: Family<ProtocolReasonLabel, Counter>,
+    pub protocol_errors: Family<ProtocolReasonLabel, Counter>,
+    pub messages_received: Family<ProtocolLabel, Counter>,
+    pub records_decoded: Counter,
+    pub records_dead_lettered: Family<ReasonLabel, Counter>,
+    pub records_enqueued: Counter,
+    pub records_dropped: Family<ReasonLabel, Counter>,
+    pub records_committed: Counter,
+    pub records_duplicate: Counter,
+    pub dead_letters_committed: Counter,
+    pub records_failed: Counter,
+    pub shard_records: Family<ShardLabel, Gauge>,
+    pub shard_bytes: Family<ShardLabel, Gauge>,
+    pub sink_batch_seconds: Histogram,
+    pub sink_batch_records: Histogram,
+    pub sink_errors: Family<ReasonLabel, Counter>,
+    pub sink_ready: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut m = Self {
+            registry: Registry::with_prefix("weir"),
+            connections_active: Family::default(),
+            connections_opened: Family::default(),
+            connections_closed: Family::default(),
+            protocol_errors: Family::default(),
+            messages_received: Family::default(),
+            records_decoded: Counter::default(),
+            records_dead_lettered: Family::default(),
+            records_enqueued: Counter::default(),
+            records_dropped: Family::default(),
+            records_committed: Counter::default(),
+            records_duplicate: Counter::default(),
+            dead_letters_committed: Counter::default(),
+            records_failed: Counter::default(),
+            shard_records: Family::default(),
+            shard_bytes: Family::default(),
+            sink_batch_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            sink_batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 17)),
+            sink_errors: Family::default(),
+            sink_ready: Gauge::default(),
+        };
+        let r = &mut m.registry;
+        r.register("connections_active", "Open device connections", m.connections_active.clone());
+        r.register("connections_opened", "Device connections accepted", m.connections_opened.clone());
+        r.register(
+            "connections_closed",
+            "Device connections closed, by reason",
+            m.connections_closed.clone(),
+        );
+        r.register(
+            "protocol_errors",
+            "Malformed or forbidden input from devices, by reason",
+            m.protocol_errors.clone(),
+        );
+        r.register(
+            "messages_received",
+            "Device messages received (before decoding)",
+            m.messages_received.clone(),
+        );
+        r.register("records_decoded", "Records decoded from device messages", m.records_decoded.clone());
+        r.register(
+            "records_dead_lettered",
+            "Messages routed to the dead-letter table, by reason",
+            m.records_dead_lettered.clone(),
+        );
+        r.register(
+            "records_enqueued",
+            "Records and dead letters that entered the fabric",
+            m.records_enqueued.clone(),
+        );
+        r.register("records_dropped", "Records dropped, by reason", m.records_dropped.clone());
+        r.register(
+            "records_committed",
+            "Records the sink committed (duplicates included)",
+            m.records_committed.clone(),
+        );
+        r.register(
+            "records_duplicate",
+            "Committed records the sink already had (same device_id and seq)",
+            m.records_duplicate.clone(),
+        );
+        r.register(
+            "dead_letters_committed",
+            "Dead letters the sink committed",
+            m.dead_letters_committed.clone(),
+        );
+        r.register(
+            "records_failed",
+            "Records the sink could not store; their devices were not acked",
+            m.records_failed.clone(),
+        );
+        r.register(
+            "fabric_shard_records",
+            "Records in a shard between enqueue and commit",
+            m.shard_records.clone(),
+        );
+        r.register(
+            "fabric_shard_bytes",
+            "Record bytes in a shard between enqueue and commit",
+            m.shard_bytes.clone(),
+        );
+        r.register(
+            "sink_batch_duration_seconds",
+            "Time to write and commit one batch, retries included",
+            m.sink_batch_seconds.clone(),
+        );
+        r.register("sink_batch_records", "Records per committed batch", m.sink_batch_records.clone());
+        r.register("sink_errors", "Sink write errors, by kind", m.sink_errors.clone());
+        r.register(
+            "sink_ready",
+            "1 while the sink accepts batches, 0 while it is failing",
+            m.sink_ready.clone(),
+        );
+        m
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,372 @@
+//! One simulated device: an MQTT 3.1.1 connection that publishes telemetry and times its PUBACKs.
+//!
+//! rumqttc's `EventLoop::poll` is not cancel safe (a publish taken from the request channel is
+//! lost if the future is dropped while the socket is full), so it is only ever raced against the
+//! hard deadline, after which the connection is abandoned anyway. Two ways of feeding it:
+//! - flat out (`rate_per_conn = 0`): the device task itself tops the bounded request channel up
+//!   with `try_publish` before every poll, so one task per connection does everything and no
+//!   wake-up crosses tasks per message;
+//! - paced: a pacer task publishes on a schedule and, once the device reports everything
+//!   acknowledged, asks for the disconnect (a device idle in `poll` needs a request to wake up).
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::{timeout_at, Instant};
+
+use crate::payload::TelemetryPayload;
+
+/// Requests queued between the device and its rumqttc event loop. Small on purpose: what is
+/// queued at the deadline is still sent, and one queued request is enough to keep the loop busy.
+const REQUEST_CHANNEL_CAPACITY: usize = 16;
+
+/// Latency samples a device buffers before taking the shared histogram's lock.
+const LATENCY_FLUSH_EVERY: usize = 256;
+
+/// Largest latency the histogram can hold (60 s, in microseconds); larger samples saturate.
+const LATENCY_MAX_MICROS: u64 = 60_000_000;
+
+/// What every device of one run shares.
+#[derive(Debug)]
+pub struct DevicePlan {
+    pub host: String,
+    pub port: u16,
+    pub qos: QoS,
+    pub payload_bytes: usize,
+    /// Messages per second per connection; 0 = as fast as the window allows.
+    pub rate_per_conn: u32,
+    /// QoS 1 publishes awaiting PUBACK per connection (rumqttc stops taking requests above it).
+    pub max_inflight: u16,
+    pub client_prefix: String,
+    pub duration: Duration,
+    pub connect_timeout: Duration,
+    /// How long after the deadline outstanding publishes may take before the device gives up.
+    pub drain_timeout: Duration,
+    /// TCP_NODELAY on the device socket (see `--tcp-nodelay`).
+    pub tcp_nodelay: bool,
+}
+
+impl DevicePlan {
+    pub fn client_id(&self, index: usize) -> String {
+        format!("{}-{index}", self.client_prefix)
+    }
+
+    pub fn is_qos1(&self) -> bool {
+        self.qos != QoS::AtMostOnce
+    }
+}
+
+/// The instant every device starts publishing, taken once all connections are settled.
+#[derive(Debug, Clone, Copy)]
+pub struct RunStart {
+    pub at: Instant,
+    pub unix_ms: u64,
+}
+
+impl RunStart {
+    fn unix_ms_at(&self, now: Instant) -> u64 {
+        self.unix_ms + now.saturating_duration_since(self.at).as_millis() as u64
+    }
+}
+
+/// Counters one device writes and the progress reporter and pacer read.
+#[derive(Debug)]
+pub struct DeviceProgress {
+    pub sent: AtomicU64,
+    pub acked: AtomicU64,
+    /// Total publishes the pacer enqueued, once it has stopped (`u64::MAX` until then).
+    pacer_enqueued: AtomicU64,
+    /// Signalled when everything the pacer enqueued is sent (QoS 0) or acknowledged (QoS 1).
+    drained: Notify,
+}
+
+impl Default for DeviceProgress {
+    fn default() -> Self {
+        Self {
+            sent: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            pacer_enqueued: AtomicU64::new(u64::MAX),
+            drained: Notify::new(),
+        }
+    }
+}
+
+impl DeviceProgress {
+    fn completed(&self, qos1: bool) -> u64 {
+        if qos1 {
+            self.acked.load(Ordering::SeqCst)
+        } else {
+            self.sent.load(Ordering::SeqCst)
+        }
+    }
+}
+
+/// Ack latencies of all devices, in microseconds.
+pub type SharedLatency = Arc<Mutex<Histogram<u64>>>;
+
+pub fn new_latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_MAX_MICROS, 3).expect("constant histogram bounds are valid")
+}
+
+/// Why a device stopped early or ended with publishes unaccounted for.
+#[derive(Debug, Clone)]
+pub enum DeviceError {
+    Connect(String),
+    Connection(String),
+    DrainTimeout { unfinished: u64 },
+    Cancelled,
+}
+
+impl DeviceError {
+    /// The error without per-device numbers, to group identical failures in the report.
+    pub fn class(&self) -> String {
+        match self {
+            Self::Connect(reason) => format!("connect failed: {reason}"),
+            Self::Connection(reason) => format!("connection broke mid-run: {reason}"),
+            Self::DrainTimeout { .. } => "drain timeout: publishes still unacknowledged/unsent".to_owned(),
+            Self::Cancelled => "run cancelled before start".to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for DeviceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::DrainTimeout { unfinished } => {
+                write!(f, "drain timeout with {unfinished} publishes outstanding")
+            }
+            other => f.write_str(&other.class()),
+        }
+    }
+}
+
+/// How one device's run ended.
+#[derive(Debug)]
+pub struct DeviceOutcome {
+    pub sent: u64,
+    pub acked: u64,
+    /// Last seq written; seqs start at 1 and the event loop writes in order, so this is `sent`.
+    pub last_seq: u64,
+    pub error: Option<DeviceError>,
+    /// Last ack (QoS 1) or write (QoS 0); the run's elapsed time ends at the latest of these.
+    pub last_progress_at: Option<Instant>,
+}
+
+/// Everything a device task needs besides the shared plan.
+pub struct DeviceWiring {
+    pub progress: Arc<DeviceProgress>,
+    pub latency: SharedLatency,
+    /// Tells the coordinator whether this device connected.
+    pub connected_tx: mpsc::Sender<bool>,
+    /// Carries the common start once every device has connected or failed.
+    pub start_rx: watch::Receiver<Option<RunStart>>,
+}
+
+/// Connects device `index`, waits for the common start, publishes until the deadline, waits
+/// (bounded) for outstanding acks, then disconnects cleanly.
+pub async fn run_device(plan: Arc<DevicePlan>, index: usize, wiring: DeviceWiring) -> DeviceOutcome {
+    let DeviceWiring { progress, latency, connected_tx, mut start_rx } = wiring;
+    let client_id = plan.client_id(index);
+    let topic = format!("devices/{client_id}/telemetry");
+    let payload = TelemetryPayload::new(client_id.clone(), plan.payload_bytes);
+
+    let mut options = MqttOptions::new(client_id, plan.host.clone(), plan.port);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(true)
+        .set_inflight(plan.max_inflight)
+        .set_max_packet_size(64 * 1024, (plan.payload_bytes + topic.len() + 64).max(10 * 1024));
+    let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CHANNEL_CAPACITY);
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(plan.tcp_nodelay);
+    network.set_connection_timeout(plan.connect_timeout.as_secs().max(1));
+    eventloop.set_network_options(network);
+
+    let mut outcome = DeviceOutcome { sent: 0, acked: 0, last_seq: 0, error: None, last_progress_at: None };
+
+    let connected = match eventloop.poll().await {
+        Ok(Event::Incoming(Incoming::ConnAck(_))) => Ok(()),
+        Ok(other) => Err(DeviceError::Connect(format!("expected CONNACK, got {other:?}"))),
+        Err(error) => Err(DeviceError::Connect(error.to_string())),
+    };
+    // The coordinator counts every device exactly once; if it is gone the run is over anyway.
+    let _ = connected_tx.send(connected.is_ok()).await;
+    drop(connected_tx);
+    if let Err(error) = connected {
+        outcome.error = Some(error);
+        return outcome;
+    }
+
+    let start = match start_rx.wait_for(Option::is_some).await {
+        Ok(start) => *start,
+        Err(_) => None,
+    };
+    let Some(start) = start else {
+        outcome.error = Some(DeviceError::Cancelled);
+        return outcome;
+    };
+    let deadline = start.at + plan.duration;
+    let hard_deadline = deadline + plan.drain_timeout;
+    let qos1 = plan.is_qos1();
+
+    let pacer = (plan.rate_per_conn > 0).then(|| {
+        tokio::spawn(pace(
+            Arc::clone(&plan),
+            client.clone(),
+            topic.clone(),
+            payload.clone(),
+            start,
+            Arc::clone(&progress),
+        ))
+    });
+    // Flat-out feeding state; `None` when a pacer feeds the channel.
+    let mut enqueued: Option<u64> = pacer.is_none().then_some(0);
+    let mut publishing = true;
+    let mut disconnect_requested = false;
+    let mut sent_at: Vec<Option<Instant>> = vec![None; usize::from(plan.max_inflight) + 1];
+    let mut latency_buffer: Vec<u64> = Vec::with_capacity(LATENCY_FLUSH_EVERY);
+    let mut now = Instant::now();
+
+    loop {
+        if let Some(enqueued) = enqueued.as_mut() {
+            if publishing && now >= deadline {
+                publishing = false;
+            }
+            if publishing {
+                while *enqueued - outcome.sent < REQUEST_CHANNEL_CAPACITY as u64 {
+                    let seq = *enqueued + 1;
+                    let message = payload.build(seq, start.unix_ms_at(now));
+                    if client.try_publish(topic.as_str(), plan.qos, false, message).is_err() {
+                        break;
+                    }
+                    *enqueued = seq;
+                }
+            } else if !disconnect_requested {
+                let completed = if qos1 { outcome.acked } else { outcome.sent };
+                if completed >= *enqueued {
+                    // The channel is empty (everything enqueued was sent), so this cannot fail
+                    // for lack of room; if the event loop is gone the poll below reports it.
+                    let _ = client.try_disconnect();
+                    disconnect_requested = true;
+                }
+            }
+        }
+
+        let event = match timeout_at(hard_deadline, eventloop.poll()).await {
+            Ok(Ok(event)) => event,
+            Ok(Err(error)) => {
+                outcome.error = Some(DeviceError::Connection(error.to_string()));
+                break;
+            }
+            Err(_elapsed) => {
+                let enqueued = enqueued
+                    .unwrap_or_else(|| progress.pacer_enqueued.load(Ordering::SeqCst))
+                    .max(outcome.sent);
+                let completed = if qos1 { outcome.acked } else { outcome.sent };
+                outcome.error =
+                    Some(DeviceError::DrainTimeout { unfinished: enqueued.saturating_sub(completed) });
+                break;
+            }
+        };
+        now = Instant::now();
+        match event {
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                outcome.sent += 1;
+                progress.sent.store(outcome.sent, Ordering::SeqCst);
+                if qos1 {
+                    if let Some(slot) = sent_at.get_mut(usize::from(pkid)) {
+                        *slot = Some(now);
+                    }
+                } else {
+                    outcome.last_progress_at = Some(now);
+                    notify_if_drained(&progress, outcome.sent);
+                }
+            }
+            Event::Incoming(Incoming::PubAck(puback)) => {
+                outcome.acked += 1;
+                progress.acked.store(outcome.acked, Ordering::SeqCst);
+                outcome.last_progress_at = Some(now);
+                if let Some(published) = sent_at.get_mut(usize::from(puback.pkid)).and_then(Option::take) {
+                    latency_buffer.push(now.duration_since(published).as_micros() as u64);
+                    if latency_buffer.len() >= LATENCY_FLUSH_EVERY {
+                        flush_latency(&latency, &mut latency_buffer);
+                    }
+                }
+                notify_if_drained(&progress, outcome.acked);
+            }
+            Event::Outgoing(Outgoing::Disconnect) => break,
+            _ => {}
+        }
+    }
+
+    if let Some(pacer) = pacer {
+        pacer.abort();
+    }
+    flush_latency(&latency, &mut latency_buffer);
+    outcome.last_seq = outcome.sent;
+    outcome
+}
+
+/// Wakes the pacer once it has stopped and everything it enqueued is done.
+fn notify_if_drained(progress: &DeviceProgress, completed: u64) {
+    if completed >= progress.pacer_enqueued.load(Ordering::SeqCst) {
+        progress.drained.notify_one();
+    }
+}
+
+fn flush_latency(latency: &SharedLatency, buffer: &mut Vec<u64>) {
+    if buffer.is_empty() {
+        return;
+    }
+    // A poisoned lock only means another device panicked mid-record; the counts are still usable.
+    let mut histogram = latency.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for micros in buffer.drain(..) {
+        histogram.saturating_record(micros.clamp(1, LATENCY_MAX_MICROS));
+    }
+}
+
+/// Publishes at `rate_per_conn` until the deadline, waits until the device has everything sent
+/// (QoS 0) or acknowledged (QoS 1), or the drain timeout passes, then requests the disconnect.
+async fn pace(
+    plan: Arc<DevicePlan>,
+    client: AsyncClient,
+    topic: String,
+    payload: TelemetryPayload,
+    start: RunStart,
+    progress: Arc<DeviceProgress>,
+) {
+    let deadline = start.at + plan.duration;
+    let hard_deadline = deadline + plan.drain_timeout;
+    let period = Duration::from_secs_f64(1.0 / f64::from(plan.rate_per_conn));
+    let mut enqueued = 0u64;
+    loop {
+        // Scheduled from the start rather than from the last send, so a slow send is caught up.
+        let due = start.at + period.mul_f64(enqueued as f64);
+        if due >= deadline {
+            break;
+        }
+        tokio::time::sleep_until(due).await;
+        let seq = enqueued + 1;
+        let message = payload.build(seq, start.unix_ms_at(Instant::now()));
+        let publish = client.publish(topic.as_str(), plan.qos, false, message);
+        match timeout_at(hard_deadline, publish).await {
+            Ok(Ok(())) => enqueued = seq,
+            // The event loop is gone (the device task records why) or is wedged past the drain.
+            Ok(Err(_)) | Err(_) => return,
+        }
+    }
+
+    progress.pacer_enqueued.store(enqueued, Ordering::SeqCst);
+    while progress.completed(plan.is_qos1()) < enqueued {
+        if timeout_at(hard_deadline, progress.drained.notified()).await.is_err() {
+            // The device task's own hard deadline ends the connection.
+            return;
+        }
+    }
+    let _ = timeout_at(hard_deadline, client.disconnect()).await;
+}

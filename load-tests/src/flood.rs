@@ -1,0 +1,277 @@
+//! `weir-load flood`: N simulated devices publish telemetry as fast as allowed for a fixed time.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use rumqttc::QoS;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::device::{
+    new_latency_histogram, run_device, DeviceError, DeviceOutcome, DevicePlan, DeviceProgress, DeviceWiring,
+    RunStart,
+};
+use crate::payload::TelemetryPayload;
+use crate::report::{FloodReport, LatencySummary, Scenario};
+
+/// Command-line options of `weir-load flood`.
+#[derive(Debug, clap::Args)]
+pub struct FloodArgs {
+    /// MQTT server to load.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 1883)]
+    pub port: u16,
+    /// Simulated devices, one MQTT connection each.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub connections: u32,
+    /// 0: fire and forget, throughput counts writes; 1: throughput counts PUBACKs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub qos: u8,
+    /// Size of each JSON payload (padded with a `pad` metric).
+    #[arg(long, default_value_t = 128)]
+    pub payload_bytes: usize,
+    /// Publishing time; outstanding acks are awaited after it.
+    #[arg(long, default_value_t = 10)]
+    pub duration_secs: u64,
+    /// Messages per second per connection; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    pub rate_per_conn: u32,
+    /// QoS 1 publishes awaiting PUBACK per connection; publishing waits when it is reached.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_inflight: u16,
+    /// Client ids are `{prefix}-{i}`; default `load-{unix time}` so reruns against a persistent
+    /// sink are not deduplicated away. Letters, digits, `-`, `_` and `.` only.
+    #[arg(long)]
+    pub client_prefix: Option<String>,
+    /// Name of the target in the report.
+    #[arg(long, default_value = "weir")]
+    pub label: String,
+    /// Deadline for TCP connect plus CONNACK, per connection.
+    #[arg(long, default_value_t = 10)]
+    pub connect_timeout_secs: u64,
+    /// How long to wait after the deadline for outstanding PUBACKs before giving up on them.
+    #[arg(long, default_value_t = 10)]
+    pub drain_timeout_secs: u64,
+    /// TCP_NODELAY on each device socket. On (default): every publish is its own TCP segment,
+    /// as from a real fleet where each device sends one reading at a time, and both weir and the
+    /// Mosquitto baseline set it on their side too. Off lets the kernel coalesce back-to-back
+    /// publishes (rumqttc's own default): the generator needs ~40% less CPU per message,
+    /// but servers see artificial batches (it speeds weir up and slows Mosquitto down), and
+    /// paced QoS 1 latencies include Nagle's wait for the previous ack.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub tcp_nodelay: bool,
+}
+
+/// Runs the flood and returns its report; only setup mistakes are errors, connection failures
+/// are counted in the report.
+pub async fn run(args: FloodArgs) -> anyhow::Result<FloodReport> {
+    let unix_now = SystemTime::now().duration_since(UNIX_EPOCH).context("system clock is before 1970")?;
+    let client_prefix = args.client_prefix.clone().unwrap_or_else(|| format!("load-{}", unix_now.as_secs()));
+    if client_prefix.is_empty()
+        || !client_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        bail!("--client-prefix {client_prefix:?}: use letters, digits, '-', '_' and '.' only");
+    }
+    let connections = args.connections as usize;
+    let plan = Arc::new(DevicePlan {
+        host: args.host.clone(),
+        port: args.port,
+        qos: if args.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce },
+        payload_bytes: args.payload_bytes,
+        rate_per_conn: args.rate_per_conn,
+        max_inflight: args.max_inflight,
+        client_prefix,
+        duration: Duration::from_secs(args.duration_secs),
+        connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+        drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        tcp_nodelay: args.tcp_nodelay,
+    });
+
+    let last_client_id = plan.client_id(connections - 1);
+    let min_len = TelemetryPayload::new(last_client_id, args.payload_bytes).min_len();
+    if args.payload_bytes < min_len {
+        eprintln!(
+            "flood: --payload-bytes {} is below the unpadded message size (~{min_len} bytes); \
+             payloads will be larger than requested",
+            args.payload_bytes
+        );
+    }
+    eprintln!(
+        "flood: {connections} connections to {}:{} qos={} payload={}B duration={}s rate/conn={} \
+         max_inflight={} tcp_nodelay={} prefix={} label={}",
+        plan.host,
+        plan.port,
+        args.qos,
+        args.payload_bytes,
+        args.duration_secs,
+        if args.rate_per_conn == 0 { "max".to_owned() } else { args.rate_per_conn.to_string() },
+        args.max_inflight,
+        args.tcp_nodelay,
+        plan.client_prefix,
+        args.label
+    );
+
+    let latency = Arc::new(Mutex::new(new_latency_histogram()));
+    let (connected_tx, mut connected_rx) = mpsc::channel(connections);
+    let (start_tx, start_rx) = watch::channel(None);
+    let mut progress = Vec::with_capacity(connections);
+    let mut devices = Vec::with_capacity(connections);
+    for index in 0..connections {
+        let device_progress = Arc::new(DeviceProgress::default());
+        progress.push(Arc::clone(&device_progress));
+        let wiring = DeviceWiring {
+            progress: device_progress,
+            latency: Arc::clone(&latency),
+            connected_tx: connected_tx.clone(),
+            start_rx: start_rx.clone(),
+        };
+        devices.push(tokio::spawn(run_device(Arc::clone(&plan), index, wiring)));
+    }
+    drop(connected_tx);
+    drop(start_rx);
+
+    // Every device reports once (connected or not) within its connect timeout.
+    let connect_began = Instant::now();
+    let (mut connected, mut failed) = (0usize, 0usize);
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.tick().await;
+    while connected + failed < connections {
+        tokio::select! {
+            report = connected_rx.recv() => match report {
+                Some(true) => connected += 1,
+                Some(false) => failed += 1,
+                None => break,
+            },
+            _ = ticker.tick() => eprintln!(
+                "flood: connecting {connected}/{connections} up, {failed} failed"
+            ),
+        }
+    }
+    eprintln!(
+        "flood: {connected}/{connections} connected in {:.2}s, {failed} failed; publishing",
+        connect_began.elapsed().as_secs_f64()
+    );
+
+    let start = RunStart {
+        at: Instant::now(),
+        unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default(),
+    };
+    // Devices that already returned dropped their receivers; the rest are waiting for this.
+    let _ = start_tx.send(Some(start));
+
+    let reporter = tokio::spawn(report_progress(progress, start.at, plan.is_qos1()));
+    let mut outcomes = Vec::with_capacity(connections);
+    let mut panicked = 0u64;
+    for device in devices {
+        match device.await {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(_) => panicked += 1,
+        }
+    }
+    reporter.abort();
+    let finished_at = Instant::now();
+
+    let histogram = latency.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    Ok(summarise(&args, &outcomes, panicked, &histogram, start.at, finished_at))
+}
+
+fn summarise(
+    args: &FloodArgs,
+    outcomes: &[DeviceOutcome],
+    panicked: u64,
+    histogram: &hdrhistogram::Histogram<u64>,
+    start: Instant,
+    finished_at: Instant,
+) -> FloodReport {
+    let sent: u64 = outcomes.iter().map(|o| o.sent).sum();
+    let acked: u64 = outcomes.iter().map(|o| o.acked).sum();
+    let errors = outcomes.iter().filter(|o| o.error.is_some()).count() as u64 + panicked;
+    // Until the last ack (QoS 1) or write (QoS 0), but never shorter than the publishing time:
+    // a paced run's last message goes out one period before the deadline.
+    let elapsed_secs = match outcomes.iter().filter_map(|o| o.last_progress_at).max() {
+        Some(last_progress) => last_progress
+            .saturating_duration_since(start)
+            .max(Duration::from_secs(args.duration_secs))
+            .as_secs_f64(),
+        None => finished_at.saturating_duration_since(start).as_secs_f64(),
+    };
+    let completed = if args.qos == 1 { acked } else { sent };
+    let msgs_per_sec = if elapsed_secs > 0.0 { completed as f64 / elapsed_secs } else { 0.0 };
+
+    report_errors(outcomes, panicked);
+    eprintln!(
+        "flood: done: sent={sent} acked={acked} errors={errors} elapsed={elapsed_secs:.3}s \
+         rate={msgs_per_sec:.0}/s"
+    );
+
+    FloodReport {
+        label: args.label.clone(),
+        host_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        scenario: Scenario {
+            connections: args.connections as usize,
+            qos: args.qos,
+            payload_bytes: args.payload_bytes,
+            duration_secs: args.duration_secs,
+        },
+        sent,
+        acked,
+        errors,
+        elapsed_secs: (elapsed_secs * 1000.0).round() / 1000.0,
+        msgs_per_sec: msgs_per_sec.round(),
+        ack_latency_ms: if args.qos == 1 { LatencySummary::from_micros(histogram) } else { None },
+        first_seq: 1,
+        last_seq_per_device_max: outcomes.iter().map(|o| o.last_seq).max().unwrap_or(0),
+    }
+}
+
+/// Prints each kind of failure once, with how many devices hit it and one full message.
+fn report_errors(outcomes: &[DeviceOutcome], panicked: u64) {
+    let mut by_class: BTreeMap<String, (u64, &DeviceError)> = BTreeMap::new();
+    let mut unfinished = 0u64;
+    for error in outcomes.iter().filter_map(|o| o.error.as_ref()) {
+        if let DeviceError::DrainTimeout { unfinished: n } = error {
+            unfinished += n;
+        }
+        by_class.entry(error.class()).or_insert((0, error)).0 += 1;
+    }
+    for (class, (count, example)) in &by_class {
+        let example = example.to_string();
+        if example == *class {
+            eprintln!("flood: error x{count}: {class}");
+        } else {
+            eprintln!("flood: error x{count}: {class} (e.g. {example})");
+        }
+    }
+    if unfinished > 0 {
+        eprintln!("flood: {unfinished} publishes were still outstanding at the drain timeout");
+    }
+    if panicked > 0 {
+        eprintln!("flood: error x{panicked}: device task panicked");
+    }
+}
+
+/// Prints totals and the rate of the last second to stderr once a second.
+async fn report_progress(progress: Vec<Arc<DeviceProgress>>, start: Instant, qos1: bool) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.tick().await;
+    let (mut last_sent, mut last_acked) = (0u64, 0u64);
+    loop {
+        ticker.tick().await;
+        let sent: u64 = progress.iter().map(|p| p.sent.load(Ordering::Relaxed)).sum();
+        let acked: u64 = progress.iter().map(|p| p.acked.load(Ordering::Relaxed)).sum();
+        let rate = if qos1 { acked.saturating_sub(last_acked) } else { sent.saturating_sub(last_sent) };
+        eprintln!(
+            "flood: t={:.0}s sent={sent} acked={acked} in_flight={} rate={rate}/s",
+            start.elapsed().as_secs_f64(),
+            if qos1 { sent.saturating_sub(acked) } else { 0 },
+        );
+        (last_sent, last_acked) = (sent, acked);
+    }
+}
