@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs the system packages weir's tests and demos use, if they are missing:
+#   mosquitto-clients (mosquitto_pub: the stock-client compatibility tests), mosquitto (benchmark
+#   baseline), sqlite3 (reading the embedded sink back in the README demo).
+# Idempotent: does nothing when everything is present. Debian/Ubuntu (apt-get); root or sudo.
+set -euo pipefail
+
+missing=()
+command -v mosquitto_pub >/dev/null || missing+=(mosquitto-clients)
+command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || missing+=(mosquitto)
+command -v sqlite3 >/dev/null || missing+=(sqlite3)
+
+if ((${#missing[@]} == 0)); then
+    exit 0
+fi
+
+sudo=()
+if ((EUID != 0)); then
+    command -v sudo >/dev/null || { echo "install-deps.sh: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
+    sudo=(sudo)
+fi
+echo "install-deps.sh: installing ${missing[*]}" >&2
+"${sudo[@]}" apt-get update -qq
+DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# The Debian package starts a system broker on 1883, weir's default port: stop it.
+if [[ " ${missing[*]} " == *" mosquitto "* ]]; then
+    "${sudo[@]}" systemctl stop mosquitto 2>/dev/null || "${sudo[@]}" service mosquitto stop 2>/dev/null || true
+    "${sudo[@]}" pkill -x mosquitto 2>/dev/null || true
+fi

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs what the tests need, starts the real
+# services they use, runs lints and every test, and stops what it started.
+#
+#   deploy/local/test-all.sh            (what .ci/run and the README call)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+deploy/local/install-deps.sh
+
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+jobs=${CARGO_BUILD_JOBS:-2}
+
+echo "== format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -j"$jobs" --locked -- -D warnings
+
+echo "== tests"
+cargo test --workspace -j"$jobs" --locked
