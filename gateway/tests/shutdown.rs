@@ -84,7 +84,10 @@ async fn sigterm_during_qos1_stream_loses_no_acked_record() {
                 window.acquire().await.unwrap().forget();
                 let pkid = (seq % 65_535) as u16 + 1;
                 let mut out = BytesMut::new();
-                encode(&publish(QoS::AtLeastOnce, pkid, "devices/term-dev/t", reading("term-dev", seq)), &mut out);
+                encode(
+                    &publish(QoS::AtLeastOnce, pkid, "devices/term-dev/t", reading("term-dev", seq)),
+                    &mut out,
+                );
                 published.lock().await.push_back((pkid, seq));
                 if wr.write_all(&out).await.is_err() {
                     return;
@@ -117,7 +120,10 @@ async fn sigterm_during_qos1_stream_loses_no_acked_record() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let pid = weir.0.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let acked = tokio::time::timeout(Duration::from_secs(30), reader).await.expect("weir closes the connection").unwrap();
+    let acked = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("weir closes the connection")
+        .unwrap();
     writer.abort();
     let mut weir = weir;
     let status = tokio::task::spawn_blocking(move || weir.0.wait()).await.unwrap().unwrap();
@@ -127,5 +133,10 @@ async fn sigterm_during_qos1_stream_loses_no_acked_record() {
     let stored: std::collections::HashSet<i64> =
         rows(&dir.path().join("telemetry.db")).into_iter().map(|(_, seq)| seq).collect();
     let missing: Vec<_> = acked.iter().filter(|s| !stored.contains(s)).collect();
-    assert!(missing.is_empty(), "{} acked records missing, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    assert!(
+        missing.is_empty(),
+        "{} acked records missing, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
 }

@@ -145,6 +145,10 @@ impl Fabric {
         let max_records = max_records.min(Semaphore::MAX_PERMITS);
         let max_bytes = max_bytes.min(Semaphore::MAX_PERMITS);
         for shard in 0..shards {
+            // Every shard shows on /metrics from the start, empty.
+            let label = ShardLabel { shard: shard as u32 };
+            metrics.shard_records.get_or_create(&label).set(0);
+            metrics.shard_bytes.get_or_create(&label).set(0);
             let budget = Arc::new(Budget {
                 shard: shard as u32,
                 records: Semaphore::new(max_records),

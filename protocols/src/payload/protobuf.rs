@@ -83,3 +83,66 @@ mod tests {
         assert_eq!(decode(&[], &ctx(), &mut out), Err(PayloadError::EmptyPayload));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::super::tests::ctx;
+    use super::*;
+    use proptest::prelude::*;
+    use weir_proto::{metric_value::Kind, MetricValue, ReadingBatch};
+
+    fn metric() -> impl Strategy<Value = MetricValue> {
+        prop_oneof![
+            any::<f64>().prop_map(Kind::Number),
+            any::<bool>().prop_map(Kind::Flag),
+            ".{0,8}".prop_map(Kind::Text),
+        ]
+        .prop_map(|k| MetricValue { kind: Some(k) })
+    }
+
+    fn reading() -> impl Strategy<Value = Reading> {
+        (
+            "[a-z0-9-]{0,12}",
+            proptest::option::of(0..=i64::MAX as u64),
+            proptest::option::of(any::<i64>()),
+            proptest::collection::btree_map("[a-z.]{1,6}", metric(), 0..5),
+            proptest::collection::btree_map("[a-z]{1,6}", ".{0,6}", 0..3),
+        )
+            .prop_map(|(device_id, seq, ts_ms, metrics, tags)| Reading {
+                device_id,
+                seq,
+                ts_ms,
+                metrics,
+                tags,
+            })
+    }
+
+    proptest! {
+        /// Every reading a device encodes comes out as a record with the same fields.
+        #[test]
+        fn encoded_readings_decode_to_the_same_fields(readings in proptest::collection::vec(reading(), 1..6)) {
+            let batch = ReadingBatch { device_id: "batch-dev".into(), readings: readings.clone() };
+            let bytes = DevicePayload { body: Some(Body::Batch(batch)) }.encode_to_vec();
+            let mut out = Vec::new();
+            decode(&bytes, &ctx(), &mut out).unwrap();
+            prop_assert_eq!(out.len(), readings.len());
+            for (record, reading) in out.iter().zip(&readings) {
+                let want_id = if reading.device_id.is_empty() { "batch-dev" } else { reading.device_id.as_str() };
+                prop_assert_eq!(&record.device_id, want_id);
+                prop_assert_eq!(record.seq, reading.seq);
+                prop_assert_eq!(record.device_ts_ms, reading.ts_ms);
+                prop_assert_eq!(format!("{:?}", record.metrics), format!("{:?}", reading.metrics));
+                prop_assert_eq!(&record.tags, &reading.tags);
+            }
+        }
+
+        /// Arbitrary bytes never panic either decoder; they decode or give an error.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut out = Vec::new();
+            let _ = crate::payload::decode(crate::payload::PayloadFormat::Auto, &bytes, &ctx(), &mut out);
+            let _ = crate::payload::decode(crate::payload::PayloadFormat::Json, &bytes, &ctx(), &mut out);
+            let _ = crate::payload::decode(crate::payload::PayloadFormat::Protobuf, &bytes, &ctx(), &mut out);
+        }
+    }
+}

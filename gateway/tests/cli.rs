@@ -1,0 +1,77 @@
+//! The `weir` command line: config checking with exit 64, the shipped default, and the ops
+//! endpoints of a running process.
+
+use std::process::Command;
+
+fn weir(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_weir")).args(args).output().unwrap()
+}
+
+#[test]
+fn default_config_round_trips_through_check() {
+    let out = weir(&["default-config"]);
+    assert!(out.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("default.toml");
+    std::fs::write(&path, &out.stdout).unwrap();
+    let check = weir(&["check", "--config", path.to_str().unwrap()]);
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+}
+
+#[test]
+fn check_exits_64_with_file_line_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "data_dir = \"d\"\n\n[fabric]\nlinger_ms = \"soon\"\n").unwrap();
+    let out = weir(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml") && err.contains("line 4") && err.contains("linger_ms"), "{err}");
+
+    std::fs::write(&path, "[[listeners]]\nprotocol = \"mqtt\"\nlisten = \"0.0.0.0:1883\"\n").unwrap();
+    let out = weir(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("listeners[0].listen") && err.contains("allow_anonymous"), "{err}");
+
+    let out = weir(&["run", "--config", dir.path().join("missing.toml").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml: cannot read"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_endpoints_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "data_dir = {:?}\n[ops]\nlisten = \"127.0.0.1:0\"\n[[listeners]]\nprotocol = \"mqtt\"\nlisten = \"127.0.0.1:0\"\n",
+        dir.path().display().to_string()
+    );
+    let gateway = weir::start(weir::config::Config::parse(&text, "t.toml").unwrap()).await.unwrap();
+    let get = |path: &'static str| {
+        let addr = gateway.ops_addr();
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut response = String::new();
+            s.read_to_string(&mut response).await.unwrap();
+            response
+        }
+    };
+    assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+    assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+    assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+    let metrics = get("/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    for name in [
+        "weir_sink_ready 1",
+        "# TYPE weir_records_committed counter",
+        "# TYPE weir_sink_batch_duration_seconds histogram",
+        "# TYPE weir_fabric_shard_records gauge",
+    ] {
+        assert!(metrics.contains(name), "missing {name:?} in\n{metrics}");
+    }
+    gateway.shutdown().await;
+}
