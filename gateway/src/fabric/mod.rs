@@ -7,6 +7,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Semaphore;
 use weir_proto::{Record, SourceProtocol};
 use weir_protocols::mqtt::session::Outcome;
@@ -89,11 +90,12 @@ pub enum SendError {
 /// (after the sink committed it or gave up on it).
 #[derive(Debug)]
 pub struct Budget {
-    shard: u32,
     records: Semaphore,
     bytes: Semaphore,
     max_bytes: usize,
-    metrics: Arc<Metrics>,
+    /// This shard's fill gauges, looked up once (a family lookup per record would cost a lock).
+    records_gauge: Gauge,
+    bytes_gauge: Gauge,
 }
 
 impl Budget {
@@ -105,9 +107,8 @@ impl Budget {
     pub fn release(&self, records: usize, bytes: usize) {
         self.records.add_permits(records);
         self.bytes.add_permits(bytes);
-        let label = ShardLabel { shard: self.shard };
-        self.metrics.shard_records.get_or_create(&label).dec_by(records as i64);
-        self.metrics.shard_bytes.get_or_create(&label).dec_by(bytes as i64);
+        self.records_gauge.dec_by(records as i64);
+        self.bytes_gauge.dec_by(bytes as i64);
     }
 }
 
@@ -147,14 +148,12 @@ impl Fabric {
         for shard in 0..shards {
             // Every shard shows on /metrics from the start, empty.
             let label = ShardLabel { shard: shard as u32 };
-            metrics.shard_records.get_or_create(&label).set(0);
-            metrics.shard_bytes.get_or_create(&label).set(0);
             let budget = Arc::new(Budget {
-                shard: shard as u32,
                 records: Semaphore::new(max_records),
                 bytes: Semaphore::new(max_bytes),
                 max_bytes,
-                metrics: Arc::clone(&metrics),
+                records_gauge: metrics.shard_records.get_or_create(&label).clone(),
+                bytes_gauge: metrics.shard_bytes.get_or_create(&label).clone(),
             });
             // The budget bounds the items in the fabric; the channel never holds more than it.
             let (items_tx, items_rx) = flume::bounded(max_records);
@@ -200,9 +199,8 @@ impl Fabric {
                 bytes.forget();
             }
         }
-        let label = ShardLabel { shard: budget.shard };
-        self.metrics.shard_records.get_or_create(&label).inc();
-        self.metrics.shard_bytes.get_or_create(&label).inc_by(charged as i64);
+        budget.records_gauge.inc();
+        budget.bytes_gauge.inc_by(charged as i64);
         match shard.items_tx.send_async(item).await {
             Ok(()) => {
                 self.metrics.records_enqueued.inc();
