@@ -131,6 +131,11 @@ impl Connection {
                         self.client_id = client_id;
                         keepalive = (keep_alive_secs > 0)
                             .then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500));
+                        // The connect deadline is over; the keepalive runs from the CONNECT
+                        // (the read that brought it could not reset a keepalive not yet known).
+                        if let Some(k) = keepalive {
+                            deadline = Instant::now() + k;
+                        }
                     }
                     Ok(Event::Publish { topic, payload, ack, .. }) => {
                         if let Err(closed) = self.publish(topic, payload, ack).await {
