@@ -16,4 +16,8 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -j"$jobs" --locked -- -D warnings
 
 echo "== tests"
-cargo test --workspace -j"$jobs" --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace -j"$jobs" --locked 2>&1 | tee "$log"
+# One closing line for the whole suite (cargo prints one per test binary).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
