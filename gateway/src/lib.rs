@@ -105,11 +105,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         })?);
         match listener {
             ListenerConfig::Mqtt(mqtt) => {
-                let ctx = Arc::new(MqttContext {
-                    config: mqtt.clone(),
-                    fabric: fabric.clone(),
-                    metrics: Arc::clone(&metrics),
-                });
+                let ctx = Arc::new(MqttContext::new(mqtt.clone(), fabric.clone(), Arc::clone(&metrics)));
                 let shutdown = shutdown_rx.clone();
                 let max_connections = mqtt.max_connections;
                 listeners.spawn(listener::accept_loop(

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::watch;
@@ -26,9 +27,19 @@ const READ_CHUNK: usize = 16 * 1024;
 
 /// What every connection of one MQTT listener shares.
 pub struct MqttContext {
-    pub config: MqttListenerConfig,
-    pub fabric: Fabric,
-    pub metrics: Arc<Metrics>,
+    config: MqttListenerConfig,
+    fabric: Fabric,
+    metrics: Arc<Metrics>,
+    /// Per-message counter, looked up once (a family lookup per message would cost a lock).
+    messages_received: Counter,
+}
+
+impl MqttContext {
+    pub fn new(config: MqttListenerConfig, fabric: Fabric, metrics: Arc<Metrics>) -> Self {
+        let messages_received =
+            metrics.messages_received.get_or_create(&ProtocolLabel { protocol: PROTOCOL }).clone();
+        Self { config, fabric, metrics, messages_received }
+    }
 }
 
 /// Why a connection ended; the label of `weir_connections_closed_total`.
@@ -205,7 +216,7 @@ impl Connection {
         ack: Option<InflightId>,
     ) -> Result<(), CloseReason> {
         let metrics = Arc::clone(&self.ctx.metrics);
-        metrics.messages_received.get_or_create(&ProtocolLabel { protocol: PROTOCOL }).inc();
+        self.ctx.messages_received.inc();
         let committed = self.ctx.config.ack == AckPoint::Committed;
         let token = ack.filter(|_| committed).map(|id| AckToken::new(id.get(), self.acks_tx.clone()));
         let decoded = {
