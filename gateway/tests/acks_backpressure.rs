@@ -150,3 +150,29 @@ async fn drop_newest_counts_each_drop() {
     assert_eq!(rows(&db).iter().map(|r| r.1).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
     gw.gateway.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_held_back_does_not_count_against_keepalive() {
+    let gw =
+        TestGateway::start("[fabric]\nshards = 1\nmax_records = 5\nbatch_max_records = 5\nlinger_ms = 1\n")
+            .await;
+    let db = gw.db_path();
+    let lock = WriteLock::take(&db);
+    let mut client = RawClient::open(gw.mqtt_addr()).await;
+    let Packet::Connect(mut connect) = connect_packet("held-dev") else { unreachable!() };
+    connect.keep_alive_secs = 1;
+    client.send(&Packet::Connect(connect)).await;
+    assert!(matches!(client.recv().await, Some(Packet::ConnAck(_))));
+    for seq in 0..10 {
+        client.send(&publish(QoS::AtMostOnce, 0, "t", reading("held-dev", seq))).await;
+    }
+    // Held back for twice the 1.5 s keepalive allowance: weir's doing, not the device's.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(gw.metric("weir_records_enqueued_total"), 5);
+    lock.release();
+    client.send(&publish(QoS::AtLeastOnce, 1, "t", reading("held-dev", 10))).await;
+    assert_eq!(client.recv_within(Duration::from_secs(10)).await, Ok(Some(Packet::PubAck(1))));
+    assert_eq!(rows(&db).len(), 11);
+    assert_eq!(gw.metric("weir_protocol_errors_total"), 0);
+    gw.gateway.shutdown().await;
+}

@@ -79,10 +79,14 @@ pub async fn serve(accepted: Accepted, ctx: Arc<MqttContext>, shutdown: watch::R
     let (reader, writer) = accepted.stream.into_split();
     let (acks_tx, acks_rx) = flume::bounded(ctx.config.max_inflight);
     let mut connection = Connection {
-        session: Session::new(SessionLimits {
-            max_inflight: ctx.config.max_inflight,
-            ..SessionLimits::default()
-        }),
+        session: Session::new(
+            SessionLimits {
+                max_inflight: ctx.config.max_inflight,
+                connect_timeout: Duration::from_millis(ctx.config.connect_timeout_ms),
+                ..SessionLimits::default()
+            },
+            Instant::now().into_std(),
+        ),
         ctx: Arc::clone(&ctx),
         id: accepted.id,
         writer,
@@ -121,8 +125,8 @@ impl Connection {
     ) -> CloseReason {
         let max_packet = self.ctx.config.max_packet_bytes;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        let mut deadline = Instant::now() + Duration::from_millis(self.ctx.config.connect_timeout_ms);
-        let mut keepalive: Option<Duration> = None;
+        // Whether the socket was being read on the previous turn; resuming resets the keepalive.
+        let mut was_reading = true;
         // `None` while reading; the reason once reading stopped and only acks remain to send.
         let mut stopped: Option<CloseReason> = None;
         loop {
@@ -137,21 +141,16 @@ impl Connection {
                 };
                 match self.session.on_packet(packet, self.id) {
                     Ok(Event::None) => {}
-                    Ok(Event::Connected { client_id, keep_alive_secs, .. }) => {
+                    Ok(Event::Connected { client_id, .. }) => {
                         tracing::Span::current().record("device", client_id.as_str());
                         self.client_id = client_id;
-                        keepalive = (keep_alive_secs > 0)
-                            .then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500));
-                        // The connect deadline is over; the keepalive runs from the CONNECT
-                        // (the read that brought it could not reset a keepalive not yet known).
-                        if let Some(k) = keepalive {
-                            deadline = Instant::now() + k;
-                        }
                     }
                     Ok(Event::Publish { topic, payload, ack, .. }) => {
                         if let Err(closed) = self.publish(topic, payload, ack).await {
                             return closed;
                         }
+                        // Waiting for room in the fabric is weir's delay, not the device's silence.
+                        self.session.note_activity(Instant::now().into_std());
                     }
                     Ok(Event::Disconnect) => stopped = Some(CloseReason::Disconnect),
                     Err(violation) => return self.close_for(violation).await,
@@ -169,15 +168,16 @@ impl Connection {
             let reading = stopped.is_none() && self.session.can_read();
             if reading {
                 buf.reserve(READ_CHUNK);
+                if !was_reading {
+                    self.session.note_activity(Instant::now().into_std());
+                }
             }
+            was_reading = reading;
+            let deadline = self.session.deadline().map(Instant::from_std);
             tokio::select! {
                 read = reader.read_buf(&mut buf), if reading => match read {
                     Ok(0) => return CloseReason::PeerClosed,
-                    Ok(_) => {
-                        if let Some(k) = keepalive {
-                            deadline = Instant::now() + k;
-                        }
-                    }
+                    Ok(_) => self.session.note_activity(Instant::now().into_std()),
                     Err(error) => {
                         tracing::debug!(%error, "read failed");
                         return CloseReason::Io;
@@ -191,14 +191,9 @@ impl Connection {
                         }
                     }
                 },
-                _ = tokio::time::sleep_until(deadline), if reading && (keepalive.is_some() || !self.session.is_connected()) => {
-                    let (reason, what) = if self.session.is_connected() {
-                        (CloseReason::KeepaliveTimeout, "keepalive_timeout")
-                    } else {
-                        (CloseReason::ConnectTimeout, "connect_timeout")
-                    };
-                    self.count_error(what);
-                    return reason;
+                _ = sleep_until_some(deadline), if reading => {
+                    let violation = self.session.timed_out();
+                    return self.close_for(violation).await;
                 },
                 _ = crate::shutdown::signalled(&mut shutdown), if stopped.is_none() => {
                     stopped = Some(CloseReason::Shutdown);
@@ -330,6 +325,8 @@ impl Connection {
     fn violation_reason(&self, violation: Violation) -> CloseReason {
         let (reason, what) = match &violation {
             Violation::StoreFailed(_) => (CloseReason::StoreFailed, "store_failed"),
+            Violation::ConnectTimeout => (CloseReason::ConnectTimeout, "connect_timeout"),
+            Violation::KeepaliveTimeout => (CloseReason::KeepaliveTimeout, "keepalive_timeout"),
             Violation::Malformed(DecodeError::PacketTooLarge { .. }) => {
                 (CloseReason::ProtocolError, "packet_too_large")
             }
@@ -347,7 +344,9 @@ impl Connection {
         } else {
             tracing::debug!(%violation, "closing connection");
         }
-        self.count_error(what);
+        if reason != CloseReason::StoreFailed {
+            self.count_error(what);
+        }
         reason
     }
 
@@ -357,6 +356,14 @@ impl Connection {
             .protocol_errors
             .get_or_create(&ProtocolReasonLabel { protocol: PROTOCOL, reason: what })
             .inc();
+    }
+}
+
+/// Sleeps until `deadline`, or forever when there is none.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -2,6 +2,7 @@
 //! packets to write out. The connection task does the I/O and the clock; this decides.
 
 use std::collections::{HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
@@ -16,11 +17,13 @@ pub struct SessionLimits {
     pub max_inflight: usize,
     /// Longest accepted client id, in bytes.
     pub max_client_id_len: usize,
+    /// Time from the connection's start to a complete CONNECT.
+    pub connect_timeout: Duration,
 }
 
 impl Default for SessionLimits {
     fn default() -> Self {
-        Self { max_inflight: 1024, max_client_id_len: 256 }
+        Self { max_inflight: 1024, max_client_id_len: 256, connect_timeout: Duration::from_secs(10) }
     }
 }
 
@@ -83,6 +86,10 @@ pub enum Violation {
     UnexpectedPacket(&'static str),
     #[error("a QoS {0} message could not be stored")]
     StoreFailed(u8),
+    #[error("no CONNECT within the connect timeout")]
+    ConnectTimeout,
+    #[error("nothing received for 1.5 times the keepalive")]
+    KeepaliveTimeout,
 }
 
 #[derive(Debug)]
@@ -105,10 +112,17 @@ pub struct Session {
     /// reusing one is a resend of a stored message: answered, not stored again.
     awaiting_rel: HashSet<u16>,
     out: BytesMut,
+    /// 1.5 × the keepalive the device asked for; `None` when it asked for none (0).
+    keepalive: Option<Duration>,
+    /// When the device last sent bytes (or weir last resumed reading it).
+    last_activity: Instant,
+    /// When the connection times out unless the device sends something.
+    deadline: Option<Instant>,
 }
 
 impl Session {
-    pub fn new(limits: SessionLimits) -> Self {
+    /// A session for a connection opened at `now`; CONNECT is due by the connect timeout.
+    pub fn new(limits: SessionLimits, now: Instant) -> Self {
         Self {
             limits,
             connected: false,
@@ -116,6 +130,33 @@ impl Session {
             next_id: 0,
             awaiting_rel: HashSet::new(),
             out: BytesMut::new(),
+            keepalive: None,
+            last_activity: now,
+            deadline: Some(now + limits.connect_timeout),
+        }
+    }
+
+    /// Records that the device was heard from at `now`, or that weir resumes reading it after
+    /// holding it back (time spent under backpressure is weir's doing, never the device's).
+    pub fn note_activity(&mut self, now: Instant) {
+        self.last_activity = now;
+        if self.connected {
+            self.deadline = self.keepalive.map(|k| now + k);
+        }
+    }
+
+    /// When the connection must close if nothing arrives: the connect deadline before CONNECT,
+    /// 1.5 × keepalive after the last activity once connected, or never (keepalive 0).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// The violation for a deadline that passed.
+    pub fn timed_out(&self) -> Violation {
+        if self.connected {
+            Violation::KeepaliveTimeout
+        } else {
+            Violation::ConnectTimeout
         }
     }
 
@@ -233,6 +274,10 @@ impl Session {
             return Err(self.reject_client_id("contains a wildcard, '/' or a control character"));
         }
         self.connected = true;
+        // MQTT 3.1.1 3.1.2.10: the server allows one and a half keepalive periods of silence.
+        self.keepalive = (connect.keep_alive_secs > 0)
+            .then(|| Duration::from_millis(u64::from(connect.keep_alive_secs) * 1500));
+        self.deadline = self.keepalive.map(|k| self.last_activity + k);
         self.write_connack(ConnectReturnCode::Accepted);
         Ok(Event::Connected {
             client_id,
@@ -318,7 +363,10 @@ mod tests {
     }
 
     fn connected() -> Session {
-        let mut s = Session::new(SessionLimits { max_inflight: 3, max_client_id_len: 8 });
+        let mut s = Session::new(
+            SessionLimits { max_inflight: 3, max_client_id_len: 8, ..SessionLimits::default() },
+            Instant::now(),
+        );
         s.on_packet(connect("dev", true), 1).unwrap();
         written(&mut s);
         s
@@ -337,7 +385,7 @@ mod tests {
 
     #[test]
     fn connect_is_accepted_and_empty_id_assigned() {
-        let mut s = Session::new(SessionLimits::default());
+        let mut s = Session::new(SessionLimits::default(), Instant::now());
         let event = s.on_packet(connect("", true), 42).unwrap();
         assert_eq!(
             event,
@@ -354,7 +402,10 @@ mod tests {
     #[test]
     fn bad_client_ids_get_0x02() {
         for (id, clean) in [("", false), ("much-too-long", true), ("a/+", true), ("a#", true)] {
-            let mut s = Session::new(SessionLimits { max_inflight: 3, max_client_id_len: 8 });
+            let mut s = Session::new(
+                SessionLimits { max_inflight: 3, max_client_id_len: 8, ..SessionLimits::default() },
+                Instant::now(),
+            );
             assert!(matches!(s.on_packet(connect(id, clean), 1), Err(Violation::ClientIdRejected(_))));
             assert_eq!(written(&mut s), [connack(ConnectReturnCode::IdentifierRejected)], "{id}");
         }
@@ -362,7 +413,7 @@ mod tests {
 
     #[test]
     fn unsupported_level_gets_0x01_only_before_connect() {
-        let mut s = Session::new(SessionLimits::default());
+        let mut s = Session::new(SessionLimits::default(), Instant::now());
         let v = s.on_decode_error(DecodeError::UnsupportedProtocolLevel(7));
         assert_eq!(v, Violation::UnsupportedProtocolLevel(7));
         assert_eq!(written(&mut s), [connack(ConnectReturnCode::UnacceptableProtocolVersion)]);
@@ -374,7 +425,7 @@ mod tests {
 
     #[test]
     fn packets_before_connect_and_second_connect_close() {
-        let mut s = Session::new(SessionLimits::default());
+        let mut s = Session::new(SessionLimits::default(), Instant::now());
         assert_eq!(s.on_packet(Packet::PingReq, 1), Err(Violation::NotConnected));
         let mut s = connected();
         assert_eq!(s.on_packet(connect("dev", true), 1), Err(Violation::DuplicateConnect));
@@ -445,6 +496,36 @@ mod tests {
         assert_eq!(written(&mut s), [Packet::SubAck(SubAck { pkid: 5, return_codes: vec![0x80, 0x80] })]);
         s.on_packet(Packet::PingReq, 1).unwrap();
         assert_eq!(written(&mut s), [Packet::PingResp]);
+    }
+
+    #[test]
+    fn connect_deadline_then_keepalive_at_one_and_a_half_times() {
+        let t0 = Instant::now();
+        let limits = SessionLimits { connect_timeout: Duration::from_secs(2), ..SessionLimits::default() };
+        let mut s = Session::new(limits, t0);
+        assert_eq!(s.deadline(), Some(t0 + Duration::from_secs(2)));
+        assert_eq!(s.timed_out(), Violation::ConnectTimeout);
+        // Activity before CONNECT does not extend the connect deadline.
+        s.note_activity(t0 + Duration::from_secs(1));
+        assert_eq!(s.deadline(), Some(t0 + Duration::from_secs(2)));
+        // The CONNECT (keepalive 30 s) arrived in the bytes read at t0 + 1 s.
+        s.on_packet(connect("dev", true), 1).unwrap();
+        assert_eq!(s.deadline(), Some(t0 + Duration::from_secs(1) + Duration::from_secs(45)));
+        assert_eq!(s.timed_out(), Violation::KeepaliveTimeout);
+        s.note_activity(t0 + Duration::from_secs(40));
+        assert_eq!(s.deadline(), Some(t0 + Duration::from_secs(85)));
+    }
+
+    #[test]
+    fn keepalive_zero_never_times_out() {
+        let t0 = Instant::now();
+        let mut s = Session::new(SessionLimits::default(), t0);
+        let Packet::Connect(mut c) = connect("dev", true) else { unreachable!() };
+        c.keep_alive_secs = 0;
+        s.on_packet(Packet::Connect(c), 1).unwrap();
+        assert_eq!(s.deadline(), None);
+        s.note_activity(t0 + Duration::from_secs(5));
+        assert_eq!(s.deadline(), None);
     }
 
     #[test]
