@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{Sink, SinkError, WriteReport};
+use super::{Pending, Sink, SinkError, WriteReport};
 use crate::fabric::Batch;
 use crate::fabric::Payload;
 
@@ -14,9 +14,9 @@ impl Sink for BlackholeSink {
         "blackhole"
     }
 
-    async fn write(&mut self, batch: Arc<Batch>) -> Result<WriteReport, SinkError> {
+    async fn submit(&mut self, batch: Arc<Batch>) -> Result<Pending, SinkError> {
         let dead_letters = batch.items.iter().filter(|i| matches!(i.payload, Payload::DeadLetter(_))).count();
         let report = WriteReport { records: batch.len() - dead_letters, duplicates: 0, dead_letters };
-        Ok(report)
+        Ok(Box::pin(std::future::ready(Ok(report))))
     }
 }

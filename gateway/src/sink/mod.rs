@@ -6,9 +6,11 @@ mod blackhole;
 mod sqlite;
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::watch;
 use weir_proto::SourceProtocol;
 use weir_protocols::mqtt::session::Outcome;
@@ -39,11 +41,24 @@ pub enum SinkError {
     Fatal(String),
 }
 
-/// A destination for batches. `write` commits the whole batch or fails; it shares the batch
-/// (it may hand it to a blocking thread) and the driver settles the acks afterwards.
+/// A batch's write in progress: resolves when the sink committed it or failed.
+pub type Pending = Pin<Box<dyn Future<Output = Result<WriteReport, SinkError>> + Send>>;
+
+/// A destination for batches. The driver submits batches in order, at most
+/// [`Sink::max_in_flight`] at once, and settles their acks in order as they complete.
 pub trait Sink: Send + 'static {
     fn name(&self) -> &'static str;
-    fn write(&mut self, batch: Arc<Batch>) -> impl Future<Output = Result<WriteReport, SinkError>> + Send;
+
+    /// Batches written concurrently. Submission order is the order records reach the sink, so
+    /// a sink that keeps order across concurrent writes (Kafka's idempotent producer) may allow
+    /// more than one.
+    fn max_in_flight(&self) -> usize {
+        1
+    }
+
+    /// Starts writing `batch`. Waits while the sink cannot take more (its queue is full): that
+    /// wait is the backpressure. The returned future completes the write.
+    fn submit(&mut self, batch: Arc<Batch>) -> impl Future<Output = Result<Pending, SinkError>> + Send;
 }
 
 /// Lowercase protocol name as stored in sinks.
@@ -62,8 +77,11 @@ pub fn protocol_name(protocol: SourceProtocol) -> &'static str {
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
+/// A submitted batch, when it was taken, and how its write ended.
+type InFlight = Pin<Box<dyn Future<Output = (Arc<Batch>, Instant, Result<WriteReport, SinkError>)> + Send>>;
+
 /// Writes batches until the batchers are gone (input ended) or `abort` turns true (the grace
-/// period is over: the batch in hand fails, its devices are not acked).
+/// period is over: batches in hand fail, their devices are not acked).
 pub async fn run_sink_driver<S: Sink>(
     mut sink: S,
     batches_rx: flume::Receiver<Batch>,
@@ -71,63 +89,129 @@ pub async fn run_sink_driver<S: Sink>(
     mut abort: watch::Receiver<bool>,
 ) {
     metrics.sink_ready.set(1);
-    while let Ok(batch) = batches_rx.recv_async().await {
-        let batch = Arc::new(batch);
-        let started = Instant::now();
-        let mut backoff = FIRST_BACKOFF;
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            match sink.write(Arc::clone(&batch)).await {
-                Ok(report) => {
-                    metrics.sink_ready.set(1);
-                    metrics.sink_batch_seconds.observe(started.elapsed().as_secs_f64());
-                    metrics.sink_batch_records.observe(batch.len() as f64);
-                    metrics.records_committed.inc_by(report.records as u64);
-                    metrics.records_duplicate.inc_by(report.duplicates as u64);
-                    metrics.dead_letters_committed.inc_by(report.dead_letters as u64);
-                    if attempt > 1 {
-                        tracing::info!(sink = sink.name(), attempt, "sink write succeeded after retries");
+    let max_in_flight = sink.max_in_flight().max(1);
+    let mut in_flight: FuturesOrdered<InFlight> = FuturesOrdered::new();
+    let mut input_open = true;
+    while input_open || !in_flight.is_empty() {
+        tokio::select! {
+            // Completions first: they free room and send acks.
+            biased;
+            Some((batch, started, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                let result = match result {
+                    Err(SinkError::Retriable(error)) => {
+                        note_failure(&sink, &metrics, &batch, &SinkError::Retriable(error));
+                        retry(&mut sink, &batch, &metrics, &mut abort).await
                     }
-                    match Arc::try_unwrap(batch) {
-                        Ok(batch) => batch.settle(Outcome::Stored),
-                        // A sink kept a share of the batch: its acks cannot be settled here,
-                        // so they fail rather than claim a commit nobody can vouch for.
-                        Err(_) => tracing::error!(
-                            sink = sink.name(),
-                            "sink kept a batch; its devices were not acked"
-                        ),
+                    other => other,
+                };
+                finish(&sink, &metrics, batch, started, result);
+            }
+            received = batches_rx.recv_async(), if input_open && in_flight.len() < max_in_flight => {
+                let Ok(batch) = received else {
+                    input_open = false;
+                    continue;
+                };
+                let batch = Arc::new(batch);
+                let started = Instant::now();
+                let pending = match sink.submit(Arc::clone(&batch)).await {
+                    Ok(pending) => pending,
+                    Err(error) => {
+                        note_failure(&sink, &metrics, &batch, &error);
+                        // Later batches wait behind this one: order is kept.
+                        let result = match error {
+                            SinkError::Retriable(_) => retry(&mut sink, &batch, &metrics, &mut abort).await,
+                            fatal => Err(fatal),
+                        };
+                        // Earlier batches complete before this one is settled.
+                        while let Some((b, s, r)) = in_flight.next().await {
+                            finish(&sink, &metrics, b, s, r);
+                        }
+                        finish(&sink, &metrics, batch, started, result);
+                        continue;
                     }
-                    break;
-                }
-                Err(SinkError::Retriable(error)) => {
-                    metrics.sink_ready.set(0);
-                    metrics.sink_errors.get_or_create(&ReasonLabel { reason: "retriable" }).inc();
-                    if attempt.is_power_of_two() {
-                        tracing::warn!(sink = sink.name(), attempt, %error, records = batch.len(), "sink write failed; retrying");
-                    }
-                    let aborted = tokio::select! {
-                        _ = tokio::time::sleep(backoff) => false,
-                        _ = crate::shutdown::signalled(&mut abort) => true,
-                    };
-                    if aborted {
-                        tracing::warn!(
-                            sink = sink.name(),
-                            records = batch.len(),
-                            "shutdown grace period over; batch not stored, its devices were not acked"
-                        );
-                        metrics.records_failed.inc_by(batch.len() as u64);
-                        break;
-                    }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-                Err(SinkError::Fatal(error)) => {
-                    metrics.sink_errors.get_or_create(&ReasonLabel { reason: "fatal" }).inc();
-                    metrics.records_failed.inc_by(batch.len() as u64);
-                    tracing::error!(sink = sink.name(), %error, records = batch.len(), "sink write failed for good; devices were not acked and will resend");
-                    break;
+                };
+                in_flight.push_back(Box::pin(async move { (batch, started, pending.await) }));
+            }
+        }
+    }
+}
+
+/// Submits and awaits `batch` again with backoff until it is written, fails for good, or the
+/// grace period ends.
+async fn retry<S: Sink>(
+    sink: &mut S,
+    batch: &Arc<Batch>,
+    metrics: &Metrics,
+    abort: &mut watch::Receiver<bool>,
+) -> Result<WriteReport, SinkError> {
+    let mut backoff = FIRST_BACKOFF;
+    for attempt in 2u32.. {
+        let aborted = tokio::select! {
+            _ = tokio::time::sleep(backoff) => false,
+            _ = crate::shutdown::signalled(abort) => true,
+        };
+        if aborted {
+            return Err(SinkError::Fatal("shutdown grace period over before the sink recovered".into()));
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+        let result = match sink.submit(Arc::clone(batch)).await {
+            Ok(pending) => pending.await,
+            Err(error) => Err(error),
+        };
+        match result {
+            Err(SinkError::Retriable(error)) => {
+                metrics.sink_errors.get_or_create(&ReasonLabel { reason: "retriable" }).inc();
+                if attempt.is_power_of_two() {
+                    tracing::warn!(sink = sink.name(), attempt, %error, records = batch.len(), "sink write failed; retrying");
                 }
             }
+            done => {
+                if done.is_ok() {
+                    tracing::info!(sink = sink.name(), attempt, "sink write succeeded after retries");
+                }
+                return done;
+            }
+        }
+    }
+    unreachable!("the attempt counter does not run out")
+}
+
+fn note_failure<S: Sink>(sink: &S, metrics: &Metrics, batch: &Batch, error: &SinkError) {
+    if let SinkError::Retriable(_) = error {
+        metrics.sink_ready.set(0);
+        metrics.sink_errors.get_or_create(&ReasonLabel { reason: "retriable" }).inc();
+        tracing::warn!(sink = sink.name(), %error, records = batch.len(), "sink write failed; retrying");
+    }
+}
+
+/// Counts the outcome and settles the batch's acks: stored on success; on failure the tokens
+/// drop unsettled, so the devices are not acked and resend.
+fn finish<S: Sink>(
+    sink: &S,
+    metrics: &Metrics,
+    batch: Arc<Batch>,
+    started: Instant,
+    result: Result<WriteReport, SinkError>,
+) {
+    match result {
+        Ok(report) => {
+            metrics.sink_ready.set(1);
+            metrics.sink_batch_seconds.observe(started.elapsed().as_secs_f64());
+            metrics.sink_batch_records.observe(batch.len() as f64);
+            metrics.records_committed.inc_by(report.records as u64);
+            metrics.records_duplicate.inc_by(report.duplicates as u64);
+            metrics.dead_letters_committed.inc_by(report.dead_letters as u64);
+            match Arc::try_unwrap(batch) {
+                Ok(batch) => batch.settle(Outcome::Stored),
+                // A sink kept a share of the batch: its acks cannot be settled here, so they
+                // fail rather than claim a commit nobody can vouch for.
+                Err(_) => tracing::error!(sink = sink.name(), "sink kept a batch; its devices were not acked"),
+            }
+        }
+        Err(error) => {
+            metrics.sink_errors.get_or_create(&ReasonLabel { reason: "fatal" }).inc();
+            metrics.records_failed.inc_by(batch.len() as u64);
+            tracing::error!(sink = sink.name(), %error, records = batch.len(), "batch not stored; its devices were not acked and will resend");
         }
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, ErrorCode, TransactionBehavior};
 use weir_proto::{metric_value::Kind, MetricValue};
 
-use super::{protocol_name, Sink, SinkError, WriteReport};
+use super::{protocol_name, Pending, Sink, SinkError, WriteReport};
 use crate::config::{SqliteSinkConfig, SqliteSync};
 use crate::fabric::{Batch, DeadLetter, Payload};
 
@@ -84,18 +84,19 @@ impl Sink for SqliteSink {
         "sqlite"
     }
 
-    async fn write(&mut self, batch: Arc<Batch>) -> Result<WriteReport, SinkError> {
+    async fn submit(&mut self, batch: Arc<Batch>) -> Result<Pending, SinkError> {
         let conn = Arc::clone(&self.conn);
-        let joined = tokio::task::spawn_blocking(move || {
+        let write = tokio::task::spawn_blocking(move || {
             // A panic inside a write rolls its transaction back; the connection stays usable.
             let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
             write_batch(&mut conn, &batch)
-        })
-        .await;
-        match joined {
-            Ok(result) => result.map_err(classify),
-            Err(e) => Err(SinkError::Fatal(format!("sqlite writer failed: {e}"))),
-        }
+        });
+        Ok(Box::pin(async move {
+            match write.await {
+                Ok(result) => result.map_err(classify),
+                Err(e) => Err(SinkError::Fatal(format!("sqlite writer failed: {e}"))),
+            }
+        }))
     }
 }
 
