@@ -208,6 +208,7 @@ impl FabricConfig {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SinkConfig {
     Sqlite(SqliteSinkConfig),
+    Kafka(KafkaSinkConfig),
     /// Discards records after counting them: measures the ingest path alone.
     Blackhole {},
 }
@@ -216,6 +217,99 @@ impl Default for SinkConfig {
     fn default() -> Self {
         SinkConfig::Sqlite(SqliteSinkConfig::default())
     }
+}
+
+/// How record values are encoded on Kafka.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaEncoding {
+    /// `weir.v1.Record` (proto/schemas/weir.proto).
+    Protobuf,
+    /// A JSON object with the record's fields.
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaCompression {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl KafkaCompression {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KafkaCompression::None => "none",
+            KafkaCompression::Gzip => "gzip",
+            KafkaCompression::Snappy => "snappy",
+            KafkaCompression::Lz4 => "lz4",
+            KafkaCompression::Zstd => "zstd",
+        }
+    }
+}
+
+/// A librdkafka option value; TOML strings, integers, floats and booleans are all accepted.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum OptionValue {
+    Text(String),
+    Integer(i64),
+    Float(f64),
+    Flag(bool),
+}
+
+impl std::fmt::Display for OptionValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OptionValue::Text(s) => f.write_str(s),
+            OptionValue::Integer(i) => write!(f, "{i}"),
+            OptionValue::Float(x) => write!(f, "{x}"),
+            OptionValue::Flag(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// Bootstrap brokers, comma-separated `host:port`.
+    pub brokers: String,
+    /// Topic for records: a template where `{topic}` is the source topic with `/` mapped to `.`
+    /// and characters Kafka does not allow replaced by `_`; without `{topic}`, a fixed topic.
+    #[serde(default = "defaults::kafka_topic")]
+    pub topic: String,
+    #[serde(default = "defaults::kafka_encoding")]
+    pub encoding: KafkaEncoding,
+    /// Undecodable payloads and records Kafka refuses for good go here, with the reason.
+    #[serde(default = "defaults::dead_letter_topic")]
+    pub dead_letter_topic: String,
+    /// Create missing topics (with the partitions and replication below). Off: records for a
+    /// missing topic go to the dead-letter topic (which must exist).
+    #[serde(default = "defaults::yes")]
+    pub create_topics: bool,
+    #[serde(default = "defaults::topic_partitions")]
+    pub topic_partitions: i32,
+    #[serde(default = "defaults::topic_replication_factor")]
+    pub topic_replication_factor: i32,
+    #[serde(default = "defaults::compression")]
+    pub compression: KafkaCompression,
+    /// librdkafka waits this long to fill a produce request (`linger.ms`).
+    #[serde(default = "defaults::kafka_linger_ms")]
+    pub linger_ms: u64,
+    /// Largest produce request per partition (`batch.size`).
+    #[serde(default = "defaults::kafka_batch_max_bytes")]
+    pub batch_max_bytes: usize,
+    /// Fabric batches produced concurrently; per-partition order holds across them.
+    #[serde(default = "defaults::kafka_max_in_flight_batches")]
+    pub max_in_flight_batches: usize,
+    /// Further librdkafka producer properties. Those that would break weir's guarantees
+    /// (idempotence off, acks other than all, delivery reports off) are rejected, and those
+    /// with a typed field above must be set there.
+    #[serde(default)]
+    pub librdkafka_options: std::collections::BTreeMap<String, OptionValue>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -317,6 +411,36 @@ mod defaults {
     pub fn grace_ms() -> u64 {
         10_000
     }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn kafka_topic() -> String {
+        "telemetry.{topic}".into()
+    }
+    pub fn kafka_encoding() -> KafkaEncoding {
+        KafkaEncoding::Protobuf
+    }
+    pub fn dead_letter_topic() -> String {
+        "weir.dead-letter".into()
+    }
+    pub fn topic_partitions() -> i32 {
+        6
+    }
+    pub fn topic_replication_factor() -> i32 {
+        1
+    }
+    pub fn compression() -> KafkaCompression {
+        KafkaCompression::Lz4
+    }
+    pub fn kafka_linger_ms() -> u64 {
+        5
+    }
+    pub fn kafka_batch_max_bytes() -> usize {
+        1 << 20
+    }
+    pub fn kafka_max_in_flight_batches() -> usize {
+        4
+    }
 }
 
 impl Default for Config {
@@ -375,6 +499,12 @@ impl Config {
                 format!("{} is more than fabric.max_records ({})", f.batch_max_records, f.max_records),
             ));
         }
+        if let SinkConfig::Kafka(kafka) = &self.sink {
+            let committed = self.listeners.iter().any(|l| match l {
+                ListenerConfig::Mqtt(m) => m.ack == AckPoint::Committed,
+            });
+            kafka.validate(committed).map_err(|(key, reason)| invalid(format!("sink.{key}"), reason))?;
+        }
         let mut seen = HashSet::new();
         for (i, listener) in self.listeners.iter().enumerate() {
             let key = |field: &str| format!("listeners[{i}].{field}");
@@ -426,6 +556,69 @@ impl Config {
     }
 }
 
+impl KafkaSinkConfig {
+    /// Checks topics and options; `committed` says whether some listener acks after commit.
+    fn validate(&self, committed: bool) -> Result<(), (String, String)> {
+        let err = |key: &str, reason: String| Err((key.to_owned(), reason));
+        if self.brokers.trim().is_empty() {
+            return err("brokers", "must name at least one broker (host:port)".into());
+        }
+        let fixed = self.topic.replace("{topic}", "x");
+        if fixed.contains(['{', '}']) {
+            return err("topic", format!("{:?}: the only placeholder is {{topic}}", self.topic));
+        }
+        if let Err(reason) = crate::sink::kafka::check_topic_name(&fixed) {
+            return err("topic", format!("{:?}: {reason}", self.topic));
+        }
+        if let Err(reason) = crate::sink::kafka::check_topic_name(&self.dead_letter_topic) {
+            return err("dead_letter_topic", format!("{:?}: {reason}", self.dead_letter_topic));
+        }
+        if self.topic_partitions < 1 || self.topic_replication_factor < 1 {
+            return err("topic_partitions", "partitions and replication factor must be at least 1".into());
+        }
+        if self.max_in_flight_batches == 0 {
+            return err("max_in_flight_batches", "must be at least 1".into());
+        }
+        for (name, value) in &self.librdkafka_options {
+            let key = format!("librdkafka_options.\"{name}\"");
+            let value = value.to_string();
+            let typed = match name.as_str() {
+                "bootstrap.servers" | "metadata.broker.list" => Some("brokers"),
+                "compression.type" | "compression.codec" => Some("compression"),
+                "linger.ms" | "queue.buffering.max.ms" => Some("linger_ms"),
+                "batch.size" => Some("batch_max_bytes"),
+                _ => None,
+            };
+            if let Some(field) = typed {
+                return err(&key, format!("set it with the typed field `{field}` instead"));
+            }
+            match name.as_str() {
+                "enable.idempotence" if value != "true" && committed => {
+                    return err(
+                        &key,
+                        "weir acks devices after Kafka acknowledged their records (ack = \"committed\"); \
+                         without the idempotent producer, retries can duplicate and reorder them. \
+                         Remove this option, or use ack = \"received\" on every listener"
+                            .into(),
+                    )
+                }
+                "acks" | "request.required.acks" if !matches!(value.as_str(), "all" | "-1") => {
+                    return err(
+                        &key,
+                        format!("acks = {value} would ack devices before every in-sync replica has the record; weir requires acks = all"),
+                    )
+                }
+                "delivery.report.only.error" if value == "true" => {
+                    return err(&key, "weir completes device acks from delivery reports; they cannot be turned off".into())
+                }
+                "transactional.id" => return err(&key, "transactions are not supported by the weir Kafka sink".into()),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,6 +663,41 @@ mod tests {
         assert!(err.contains("fabric.batch_max_records"), "{err}");
         let err = Config::parse("[fabric]\nmax_bytes = 1000\n", "w.toml").unwrap_err().to_string();
         assert!(err.contains("max_packet_bytes"), "{err}");
+    }
+
+    #[test]
+    fn kafka_options_that_break_the_ack_guarantee_are_rejected() {
+        let base = "[sink]\nkind = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\n";
+        Config::parse(base, "k.toml").unwrap();
+        let with =
+            |opts: &str| Config::parse(&format!("{base}[sink.librdkafka_options]\n{opts}\n"), "k.toml");
+        let err = with("\"enable.idempotence\" = false").unwrap_err().to_string();
+        assert!(
+            err.contains("sink.librdkafka_options.\"enable.idempotence\"") && err.contains("idempotent"),
+            "{err}"
+        );
+        let err = with("\"acks\" = 1").unwrap_err().to_string();
+        assert!(err.contains("acks = all"), "{err}");
+        let err = with("\"delivery.report.only.error\" = true").unwrap_err().to_string();
+        assert!(err.contains("delivery reports"), "{err}");
+        let err = with("\"linger.ms\" = 50").unwrap_err().to_string();
+        assert!(err.contains("linger_ms"), "{err}");
+        with("\"acks\" = \"all\"\n\"socket.keepalive.enable\" = true\n\"message.max.bytes\" = 20000")
+            .unwrap();
+        // With every listener acking on receipt, idempotence is the user's call.
+        let received = format!("{base}[sink.librdkafka_options]\n\"enable.idempotence\" = false\n[[listeners]]\nprotocol = \"mqtt\"\nack = \"received\"\n");
+        Config::parse(&received, "k.toml").unwrap();
+    }
+
+    #[test]
+    fn kafka_topics_are_checked() {
+        let base = "[sink]\nkind = \"kafka\"\nbrokers = \"b:9092\"\n";
+        let err = Config::parse(&format!("{base}topic = \"bad topic\"\n"), "k.toml").unwrap_err().to_string();
+        assert!(err.contains("sink.topic"), "{err}");
+        let err =
+            Config::parse(&format!("{base}topic = \"t.{{device}}\"\n"), "k.toml").unwrap_err().to_string();
+        assert!(err.contains("placeholder"), "{err}");
+        Config::parse(&format!("{base}topic = \"fixed-topic\"\n"), "k.toml").unwrap();
     }
 
     #[test]

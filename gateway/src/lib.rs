@@ -23,7 +23,7 @@ use crate::config::{Config, ListenerConfig, SinkConfig};
 use crate::fabric::{run_batcher, BatchLimits, Fabric};
 use crate::listener::mqtt::MqttContext;
 use crate::metrics::Metrics;
-use crate::sink::{run_sink_driver, BlackholeSink, SqliteSink};
+use crate::sink::{run_sink_driver, BlackholeSink, KafkaSink, SqliteSink};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +76,13 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     // Room for each shard to have one batch ready while the sink writes another.
     let (batches_tx, batches_rx) = flume::bounded(shard_count);
     let mut pipeline = JoinSet::new();
+    // Sinks without a connection of their own are always "connected".
+    metrics.sink_connected.set(1);
     match &config.sink {
+        SinkConfig::Kafka(kafka) => {
+            let sink = KafkaSink::open(kafka, Arc::clone(&metrics)).map_err(StartError::Sink)?;
+            pipeline.spawn(run_sink_driver(sink, batches_rx, Arc::clone(&metrics), abort_rx));
+        }
         SinkConfig::Sqlite(sqlite) => {
             let sink = SqliteSink::open(&config.data_dir, sqlite).map_err(StartError::Sink)?;
             pipeline.spawn(run_sink_driver(sink, batches_rx, Arc::clone(&metrics), abort_rx));

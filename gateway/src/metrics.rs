@@ -50,6 +50,12 @@ pub struct Metrics {
     pub sink_batch_records: Histogram,
     pub sink_errors: Family<ReasonLabel, Counter>,
     pub sink_ready: Gauge,
+    pub sink_connected: Gauge,
+    pub sink_in_flight_records: Gauge,
+    pub kafka_queue_messages: Gauge,
+    pub kafka_errors: Family<ReasonLabel, Counter>,
+    pub kafka_dead_lettered: Family<ReasonLabel, Counter>,
+    pub kafka_producer_rebuilds: Counter,
 }
 
 impl Metrics {
@@ -75,6 +81,12 @@ impl Metrics {
             sink_batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 17)),
             sink_errors: Family::default(),
             sink_ready: Gauge::default(),
+            sink_connected: Gauge::default(),
+            sink_in_flight_records: Gauge::default(),
+            kafka_queue_messages: Gauge::default(),
+            kafka_errors: Family::default(),
+            kafka_dead_lettered: Family::default(),
+            kafka_producer_rebuilds: Counter::default(),
         };
         let r = &mut m.registry;
         r.register("connections_active", "Open device connections", m.connections_active.clone());
@@ -147,6 +159,32 @@ impl Metrics {
             "sink_ready",
             "1 while the sink accepts batches, 0 while it is failing",
             m.sink_ready.clone(),
+        );
+        r.register(
+            "sink_connected",
+            "1 while the sink reaches its server (Kafka: a broker is up)",
+            m.sink_connected.clone(),
+        );
+        r.register(
+            "sink_in_flight_records",
+            "Records handed to the sink and not yet committed",
+            m.sink_in_flight_records.clone(),
+        );
+        r.register(
+            "kafka_queue_messages",
+            "Messages in librdkafka's producer queue (from its statistics)",
+            m.kafka_queue_messages.clone(),
+        );
+        r.register("kafka_errors", "Kafka client and delivery errors, by kind", m.kafka_errors.clone());
+        r.register(
+            "kafka_dead_lettered",
+            "Records sent to the Kafka dead-letter topic, by reason",
+            m.kafka_dead_lettered.clone(),
+        );
+        r.register(
+            "kafka_producer_rebuilds",
+            "Producers rebuilt after a fatal error",
+            m.kafka_producer_rebuilds.clone(),
         );
         m
     }

@@ -62,10 +62,12 @@ fn route(request: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => {
-            if metrics.sink_ready.get() == 1 {
-                text(StatusCode::OK, "ready\n".into())
+            if metrics.sink_connected.get() != 1 {
+                text(StatusCode::SERVICE_UNAVAILABLE, "sink not connected\n".into())
+            } else if metrics.sink_ready.get() != 1 {
+                text(StatusCode::SERVICE_UNAVAILABLE, "sink failing\n".into())
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "sink not ready\n".into())
+                text(StatusCode::OK, "ready\n".into())
             }
         }
         "/" => text(StatusCode::OK, "weir ops: /metrics /healthz /readyz\n".into()),

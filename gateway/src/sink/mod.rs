@@ -3,6 +3,8 @@
 //! settles every record's ack after the commit.
 
 mod blackhole;
+pub mod encode;
+pub mod kafka;
 mod sqlite;
 
 use std::future::Future;
@@ -16,6 +18,7 @@ use weir_proto::SourceProtocol;
 use weir_protocols::mqtt::session::Outcome;
 
 pub use blackhole::BlackholeSink;
+pub use kafka::KafkaSink;
 pub use sqlite::SqliteSink;
 
 use crate::fabric::Batch;
@@ -205,7 +208,9 @@ fn finish<S: Sink>(
                 Ok(batch) => batch.settle(Outcome::Stored),
                 // A sink kept a share of the batch: its acks cannot be settled here, so they
                 // fail rather than claim a commit nobody can vouch for.
-                Err(_) => tracing::error!(sink = sink.name(), "sink kept a batch; its devices were not acked"),
+                Err(_) => {
+                    tracing::error!(sink = sink.name(), "sink kept a batch; its devices were not acked")
+                }
             }
         }
         Err(error) => {

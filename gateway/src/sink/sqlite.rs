@@ -1,15 +1,13 @@
 //! The embedded SQLite sink (the default): one writer, WAL mode, one transaction per batch,
 //! UNIQUE(device_id, seq) with duplicates ignored, and a dead-letter table in the same file.
 
-use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, ErrorCode, TransactionBehavior};
-use weir_proto::{metric_value::Kind, MetricValue};
 
+use super::encode::{write_metrics_json, write_tags_json};
 use super::{protocol_name, Pending, Sink, SinkError, WriteReport};
 use crate::config::{SqliteSinkConfig, SqliteSync};
 use crate::fabric::{Batch, DeadLetter, Payload};
@@ -165,27 +163,4 @@ fn classify(error: rusqlite::Error) -> SinkError {
         // Busy/locked (another writer), disk full, I/O errors: may pass.
         _ => SinkError::Retriable(format!("sqlite: {error}")),
     }
-}
-
-/// `{"name":value,...}` with numbers, booleans and strings as JSON values.
-fn write_metrics_json(metrics: &BTreeMap<String, MetricValue>, out: &mut Vec<u8>) {
-    out.push(b'{');
-    for (i, (name, value)) in metrics.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        let _ = serde_json::to_writer(&mut *out, name);
-        out.push(b':');
-        let _ = match &value.kind {
-            Some(Kind::Number(n)) => serde_json::to_writer(&mut *out, n),
-            Some(Kind::Flag(b)) => serde_json::to_writer(&mut *out, b),
-            Some(Kind::Text(s)) => serde_json::to_writer(&mut *out, s),
-            None => out.write_all(b"null").map_err(serde_json::Error::io),
-        };
-    }
-    out.push(b'}');
-}
-
-fn write_tags_json(tags: &BTreeMap<String, String>, out: &mut Vec<u8>) {
-    let _ = serde_json::to_writer(&mut *out, tags);
 }
