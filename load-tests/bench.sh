@@ -1,19 +1,35 @@
 #!/usr/bin/env bash
-# End-to-end ingest benchmark: weir against a Mosquitto baseline, measured in the same run.
+# End-to-end ingest benchmark: weir against a baseline measured in the same run (Mosquitto for
+# MQTT ingest, a raw Kafka producer for the Kafka sink).
 #
-#   load-tests/bench.sh [--connections 100] [--duration 10] [--payload 128] [-- FLOOD_ARGS...]
+#   load-tests/bench.sh [--connections 100] [--duration 10] [--payload 128]
+#                       [--scenarios LIST] [-- FLOOD_ARGS...]
 #
 # FLOOD_ARGS go to every `weir-load flood` run, e.g. `-- --max-inflight 10 --tcp-nodelay false`.
 # Builds release binaries, starts Mosquitto (deploy/local/mosquitto.sh, port 1884) and weir
 # (MQTT 127.0.0.1:1885, ops 127.0.0.1:9105, a temporary data_dir), then runs `weir-load flood`
-# against each:
+# against each. Scenarios (--scenarios takes a comma-separated list of these names):
 #   qos0-blackhole  QoS 0, Mosquitto vs weir with the blackhole sink
 #   qos1-blackhole  QoS 1, Mosquitto vs weir with the blackhole sink
 #   qos1-sqlite     QoS 1, weir committing to SQLite; the baseline is Mosquitto's QoS 1 ingest
 #                   from qos1-blackhole (Mosquitto persists nothing, so it is an upper bound)
+#   qos1-kafka      QoS 1, weir with the Kafka sink vs `weir-load produce-baseline` (the same
+#                   records, keys and headers produced straight to Kafka with weir's producer
+#                   settings and an in-flight window of connections x 100, or x the
+#                   --max-inflight in FLOOD_ARGS). Uses Kafka from deploy/local/kafka.sh on
+#                   127.0.0.1:$KAFKA_PORT (9092), starting it if needed (and then stopping it on
+#                   exit), recreates the topics weir-bench (weir) and weir-bench-raw (baseline),
+#                   6 partitions each, and warms the broker up for 3 s. Runs both flat out
+#                   (SUMMARY qos1-kafka: throughput ratio and p99s), then both paced at half the
+#                   raw producer's rate (SUMMARY qos1-kafka-half-load: p50/p99/p999, target weir
+#                   p99 <= 25 ms), then reads both topics back with `weir-load verify-kafka`
+#                   against the per-device acked counts (SUMMARY qos1-kafka-verify: lost and
+#                   duplicated records; any acknowledged record lost is exit 3).
+# Default: the first three, plus qos1-kafka when `deploy/local/kafka.sh status` says running.
 # stdout: a header (machine, commit), every JSON result line, one SUMMARY line per scenario.
 # stderr: build output and progress. Everything this script started is stopped on exit.
-# Exit: 0 all ran; 1 setup failed; 2 weir was not ready (Mosquitto baselines still reported).
+# Exit: 0 all ran; 1 setup failed; 2 weir was not ready (baselines still reported); 3 the Kafka
+# verifier found acknowledged records missing (or could not read a topic back).
 set -euo pipefail
 
 readonly MOSQUITTO_PORT=1884
@@ -22,14 +38,24 @@ readonly WEIR_OPS_PORT=9105
 readonly HOST=127.0.0.1
 readonly WEIR_READY_TIMEOUT=${WEIR_READY_TIMEOUT:-30}
 readonly WEIR_STOP_TIMEOUT=${WEIR_STOP_TIMEOUT:-30}
+readonly KAFKA_PORT=${KAFKA_PORT:-9092}
+readonly KAFKA_BROKERS=$HOST:$KAFKA_PORT
+readonly KAFKA_TOPIC=weir-bench
+readonly KAFKA_RAW_TOPIC=weir-bench-raw
+readonly KAFKA_PARTITIONS=6
+readonly KAFKA_P99_TARGET_MS=25
+readonly ALL_SCENARIOS="qos0-blackhole qos1-blackhole qos1-sqlite qos1-kafka"
 
 connections=100
 duration=10
 payload=128
+scenarios=
 flood_args=()
 
 usage() {
-    echo "usage: $0 [--connections N] [--duration SECONDS] [--payload BYTES] [-- FLOOD_ARGS...]" >&2
+    echo "usage: $0 [--connections N] [--duration SECONDS] [--payload BYTES] [--scenarios LIST]" \
+        "[-- FLOOD_ARGS...]" >&2
+    echo "  scenarios: ${ALL_SCENARIOS// /,}" >&2
     exit 64
 }
 
@@ -48,6 +74,18 @@ while (($# > 0)); do
         esac
         shift 2
         ;;
+    --scenarios)
+        (($# >= 2)) || usage
+        for scenario in ${2//,/ }; do
+            [[ " $ALL_SCENARIOS " == *" $scenario "* ]] || {
+                echo "bench: unknown scenario '$scenario' (known: ${ALL_SCENARIOS// /,})" >&2
+                exit 64
+            }
+        done
+        scenarios=" ${2//,/ } "
+        [[ -n ${scenarios// /} ]] || usage
+        shift 2
+        ;;
     --)
         shift
         flood_args=("$@")
@@ -64,6 +102,7 @@ done
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly ROOT
 readonly MOSQUITTO_SH=$ROOT/deploy/local/mosquitto.sh
+readonly KAFKA_SH=$ROOT/deploy/local/kafka.sh
 readonly LOAD=$ROOT/target/release/weir-load
 readonly WEIR=$ROOT/target/release/weir
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/weir-bench.XXXXXX")
@@ -72,6 +111,8 @@ RUN_ID=$(date +%s)
 readonly RUN_ID
 
 mosquitto_started=0
+kafka_started=0
+kafka_lost=0
 weir_pid=
 weir_ready=1
 weir_unready_reason=
@@ -91,6 +132,9 @@ cleanup() {
     stop_weir || true
     if ((mosquitto_started)); then
         "$MOSQUITTO_SH" stop "$MOSQUITTO_PORT" || true
+    fi
+    if ((kafka_started)); then
+        "$KAFKA_SH" stop || true
     fi
     if ((status == 0)); then
         rm -rf "$WORK"
@@ -139,6 +183,7 @@ header() {
     echo "# commit: $commit"
     echo "# scenario: connections=$connections duration=${duration}s payload=${payload}B" \
         "extra flood args: ${flood_args[*]:-none}; generator, Mosquitto and weir share these CPUs"
+    echo "# scenarios:$scenarios"
 }
 
 build() {
@@ -163,9 +208,10 @@ start_mosquitto() {
     fi
 }
 
-# start_weir SINK: writes a config for the sink, starts weir and waits for /healthz.
+# start_weir SINK [SINK_CONFIG_LINES]: writes a config for the sink, starts weir and waits for
+# /healthz.
 start_weir() {
-    local sink=$1
+    local sink=$1 sink_config=${2:-}
     local data_dir=$WORK/data-$sink config=$WORK/weir-$sink.toml weir_log=$WORK/weir-$sink.log
     local waited=0
     local port
@@ -187,6 +233,7 @@ listen = "$HOST:$WEIR_MQTT_PORT"
 
 [sink]
 kind = "$sink"
+$sink_config
 EOF
     log "starting weir with the $sink sink (config $config, log $weir_log)"
     "$WEIR" run --config "$config" >"$weir_log" 2>&1 &
@@ -233,13 +280,17 @@ stop_weir() {
     weir_pid=
 }
 
-# flood LABEL PORT QOS: runs one flood, prints its JSON line, keeps it in $WORK/LABEL-qosQOS.json.
+# flood LABEL PORT QOS [NAME [ARGS...]]: runs one flood, prints its JSON line, keeps it in
+# $WORK/NAME.json (NAME defaults to LABEL-qosQOS; it also names the devices); ARGS go to the flood
+# before FLOOD_ARGS.
 flood() {
-    local label=$1 port=$2 qos=$3 out=$WORK/$1-qos$3.json
-    log "flood: $label qos$qos on port $port"
+    local label=$1 port=$2 qos=$3 name=${4:-$1-qos$3}
+    local out=$WORK/$name.json
+    shift $(($# < 4 ? $# : 4))
+    log "flood: $name ($label qos$qos on port $port)"
     if ! "$LOAD" flood --host "$HOST" --port "$port" --connections "$connections" --qos "$qos" \
         --payload-bytes "$payload" --duration-secs "$duration" \
-        --client-prefix "bench-$RUN_ID-$label-q$qos" --label "$label" "${flood_args[@]}" >"$out"; then
+        --client-prefix "bench-$RUN_ID-$name" --label "$label" "$@" "${flood_args[@]}" >"$out"; then
         log "flood against $label (qos$qos) got nothing through; see the errors above"
     fi
     cat "$out"
@@ -256,40 +307,191 @@ summary() {
     fi
 }
 
+selected() {
+    [[ $scenarios == *" $1 "* ]]
+}
+
+start_kafka() {
+    [[ -x $KAFKA_SH ]] || die "qos1-kafka needs $KAFKA_SH, which is missing"
+    if "$KAFKA_SH" status >/dev/null; then
+        log "Kafka already running on $KAFKA_BROKERS; using it and leaving it running"
+    else
+        "$KAFKA_SH" start || die "could not start Kafka with $KAFKA_SH"
+        kafka_started=1
+    fi
+}
+
+# The raw producer's window: the flood's connections x its per-connection window.
+raw_max_inflight() {
+    local per_conn=100 i
+    for ((i = 0; i < ${#flood_args[@]}; i++)); do
+        case ${flood_args[i]} in
+        --max-inflight=*) per_conn=${flood_args[i]#*=} ;;
+        --max-inflight) per_conn=${flood_args[i + 1]:-100} ;;
+        esac
+    done
+    echo $((connections * per_conn))
+}
+
+# produce_baseline NAME [ARGS...]: one raw producer run into $KAFKA_RAW_TOPIC; prints its JSON
+# line, keeps it in $WORK/NAME.json and the per-device counts in $WORK/NAME.devices.json.
+produce_baseline() {
+    local name=$1 out=$WORK/$1.json
+    shift
+    log "produce-baseline: $name"
+    if ! "$LOAD" produce-baseline --brokers "$KAFKA_BROKERS" --topic "$KAFKA_RAW_TOPIC" \
+        --partitions "$KAFKA_PARTITIONS" --devices "$connections" --payload-bytes "$payload" \
+        --duration-secs "$duration" --max-inflight "$(raw_max_inflight)" \
+        --device-prefix "bench-$RUN_ID-$name" --devices-out "$WORK/$name.devices.json" "$@" >"$out"; then
+        log "produce-baseline $name got nothing through; see the errors above"
+    fi
+    cat "$out"
+    sleep 2
+}
+
+# verify_kafka LABEL TOPIC DEVICE_FILES...: reads TOPIC back and prints the verifier's JSON line
+# and its SUMMARY line; a loss (or a failed read) sets kafka_lost.
+verify_kafka() {
+    local label=$1 topic=$2 status=0 file
+    shift 2
+    local -a devices_in=()
+    for file in "$@"; do
+        if [[ -s $file ]]; then
+            devices_in+=(--devices-in "$file")
+        fi
+    done
+    if ((${#devices_in[@]} == 0)); then
+        echo "SUMMARY qos1-kafka-verify $label: not run (no per-device counts)"
+        return
+    fi
+    log "verify-kafka: $label ($topic)"
+    "$LOAD" verify-kafka --brokers "$KAFKA_BROKERS" --topic "$topic" --idle-timeout-secs 5 \
+        --summary "qos1-kafka-verify $label" "${devices_in[@]}" || status=$?
+    if ((status != 0)); then
+        # 1 is "records lost" (the SUMMARY line says so) or a failed read (the error says so).
+        kafka_lost=1
+    fi
+}
+
+# qos1-kafka: raw producer flat out and at half its rate, then weir the same way, then both
+# topics read back.
+kafka_scenario() {
+    local raw_rate half_total per_conn
+    start_kafka
+    for topic in "$KAFKA_TOPIC" "$KAFKA_RAW_TOPIC" weir-bench-warmup; do
+        "$LOAD" create-topic --brokers "$KAFKA_BROKERS" --topic "$topic" \
+            --partitions "$KAFKA_PARTITIONS" --recreate || die "could not create topic $topic"
+    done
+    # A freshly started broker JVM is slow for its first seconds; neither side should pay that.
+    log "warming Kafka up (3 s of raw producing into weir-bench-warmup)"
+    "$LOAD" produce-baseline --brokers "$KAFKA_BROKERS" --topic weir-bench-warmup \
+        --devices "$connections" --payload-bytes "$payload" --duration-secs 3 \
+        --label warmup >/dev/null || die "warming Kafka up failed"
+
+    produce_baseline raw-max
+    raw_rate=$(sed -n 's/.*"msgs_per_sec":\([0-9]*\).*/\1/p' "$WORK/raw-max.json" | tail -n 1)
+    half_total=$((${raw_rate:-0} / 2))
+    per_conn=$((half_total / connections))
+    ((per_conn >= 1)) || per_conn=1
+    # The same offered load on both sides: rate per connection x connections.
+    log "half load: $per_conn msgs/s per connection, $((per_conn * connections)) msgs/s in all"
+    produce_baseline raw-half --rate "$((per_conn * connections))"
+
+    local sink_config="brokers = \"$KAFKA_BROKERS\"
+topic = \"$KAFKA_TOPIC\""
+    if ((weir_ready)) && start_weir kafka "$sink_config"; then
+        flood weir-kafka "$WEIR_MQTT_PORT" 1 weir-max --devices-out "$WORK/weir-max.devices.json"
+        flood weir-kafka "$WEIR_MQTT_PORT" 1 weir-half --rate-per-conn "$per_conn" \
+            --devices-out "$WORK/weir-half.devices.json"
+        stop_weir # flushes: every acknowledged record is in Kafka before the verifier reads
+    else
+        weir_ready=0
+    fi
+    summary qos1-kafka "$WORK/raw-max.json" "$WORK/weir-max.json"
+    if ((weir_ready)) && [[ -s $WORK/weir-half.json ]]; then
+        "$LOAD" compare --latency --p99-target-ms "$KAFKA_P99_TARGET_MS" \
+            --scenario "qos1-kafka-half-load ($((per_conn * connections)) msgs/s offered)" \
+            --baseline "$WORK/raw-half.json" --candidate "$WORK/weir-half.json"
+    else
+        echo "SUMMARY qos1-kafka-half-load: no weir result; $weir_unready_reason"
+    fi
+    if ((weir_ready)); then
+        verify_kafka weir "$KAFKA_TOPIC" "$WORK/weir-max.devices.json" "$WORK/weir-half.devices.json"
+    else
+        echo "SUMMARY qos1-kafka-verify weir: not run; $weir_unready_reason"
+    fi
+    verify_kafka raw-producer "$KAFKA_RAW_TOPIC" "$WORK/raw-max.devices.json" "$WORK/raw-half.devices.json"
+}
+
 # Many simulated devices need many descriptors, in the generator and in the servers.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
+if [[ -z $scenarios ]]; then
+    scenarios=" qos0-blackhole qos1-blackhole qos1-sqlite "
+    if [[ -x $KAFKA_SH ]] && "$KAFKA_SH" status >/dev/null 2>&1; then
+        scenarios+="qos1-kafka "
+    fi
+fi
+
 header
 build
-start_mosquitto
+
+# Mosquitto is the baseline of the MQTT-only scenarios.
+if selected qos0-blackhole || selected qos1-blackhole || selected qos1-sqlite; then
+    start_mosquitto
+fi
 
 # (a) and (b): blackhole sink, one weir instance.
-flood mosquitto "$MOSQUITTO_PORT" 0
-if ((weir_ready)) && start_weir blackhole; then
-    flood weir-blackhole "$WEIR_MQTT_PORT" 0
-else
-    weir_ready=0
+if selected qos0-blackhole; then
+    flood mosquitto "$MOSQUITTO_PORT" 0
 fi
-summary qos0-blackhole "$WORK/mosquitto-qos0.json" "$WORK/weir-blackhole-qos0.json"
+if selected qos0-blackhole || selected qos1-blackhole; then
+    if ((weir_ready)) && start_weir blackhole; then
+        if selected qos0-blackhole; then
+            flood weir-blackhole "$WEIR_MQTT_PORT" 0
+        fi
+    else
+        weir_ready=0
+    fi
+fi
+if selected qos0-blackhole; then
+    summary qos0-blackhole "$WORK/mosquitto-qos0.json" "$WORK/weir-blackhole-qos0.json"
+fi
 
-flood mosquitto "$MOSQUITTO_PORT" 1
-if ((weir_ready)); then
-    flood weir-blackhole "$WEIR_MQTT_PORT" 1
-    stop_weir
+if selected qos1-blackhole || selected qos1-sqlite; then
+    flood mosquitto "$MOSQUITTO_PORT" 1
 fi
-summary qos1-blackhole "$WORK/mosquitto-qos1.json" "$WORK/weir-blackhole-qos1.json"
+if selected qos1-blackhole; then
+    if ((weir_ready)); then
+        flood weir-blackhole "$WEIR_MQTT_PORT" 1
+    fi
+    summary qos1-blackhole "$WORK/mosquitto-qos1.json" "$WORK/weir-blackhole-qos1.json"
+fi
+stop_weir
 
-# (c): SQLite sink; Mosquitto has no equivalent, so its QoS 1 ingest from (b) is the baseline.
-if ((weir_ready)) && start_weir sqlite; then
-    flood weir-sqlite "$WEIR_MQTT_PORT" 1
-    stop_weir
-else
-    weir_ready=0
+# (c): SQLite sink; Mosquitto has no equivalent, so its QoS 1 ingest is the baseline.
+if selected qos1-sqlite; then
+    if ((weir_ready)) && start_weir sqlite; then
+        flood weir-sqlite "$WEIR_MQTT_PORT" 1
+        stop_weir
+    else
+        weir_ready=0
+    fi
+    summary "qos1-sqlite (baseline: Mosquitto QoS 1 ingest, no persistence)" \
+        "$WORK/mosquitto-qos1.json" "$WORK/weir-sqlite-qos1.json"
 fi
-summary "qos1-sqlite (baseline: Mosquitto QoS 1 ingest from qos1-blackhole, no persistence)" \
-    "$WORK/mosquitto-qos1.json" "$WORK/weir-sqlite-qos1.json"
+
+# (d): Kafka sink against the raw producer.
+if selected qos1-kafka; then
+    kafka_scenario
+fi
 
 if ((!weir_ready)); then
     log "$weir_unready_reason"
     exit 2
+fi
+if ((kafka_lost)); then
+    log "the Kafka verifier found acknowledged records missing or could not read a topic back" \
+        "(see SUMMARY qos1-kafka-verify)"
+    exit 3
 fi

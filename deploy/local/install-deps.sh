@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages weir's tests and demos use, if they are missing:
 #   mosquitto-clients (mosquitto_pub: the stock-client compatibility tests), mosquitto (benchmark
-#   baseline), sqlite3 (reading the embedded sink back in the README demo).
+#   baseline), sqlite3 (reading the embedded sink back in the README demo), a JRE and Maven
+#   (deploy/local/kafka.sh fetches Kafka's jars from Maven Central and runs the broker).
 # Idempotent: does nothing when everything is present. Debian/Ubuntu (apt-get); root or sudo.
 set -euo pipefail
 
@@ -9,6 +10,8 @@ missing=()
 command -v mosquitto_pub >/dev/null || missing+=(mosquitto-clients)
 command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || missing+=(mosquitto)
 command -v sqlite3 >/dev/null || missing+=(sqlite3)
+command -v java >/dev/null || missing+=(default-jre-headless)
+command -v mvn >/dev/null || missing+=(maven)
 
 if ((${#missing[@]} == 0)); then
     exit 0

@@ -8,6 +8,19 @@ cd "$(dirname "$0")/../.."
 
 deploy/local/install-deps.sh
 
+# Real services the tests talk to; stopped again at the end only if this script started them.
+started=()
+stop_started() {
+    for service in "${started[@]}"; do
+        deploy/local/"$service".sh stop || true
+    done
+}
+trap stop_started EXIT
+if ! deploy/local/kafka.sh status >/dev/null; then
+    deploy/local/kafka.sh start
+    started+=(kafka)
+fi
+
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 jobs=${CARGO_BUILD_JOBS:-2}
 
@@ -17,7 +30,7 @@ cargo clippy --workspace --all-targets -j"$jobs" --locked -- -D warnings
 
 echo "== tests"
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log"; stop_started' EXIT
 cargo test --workspace -j"$jobs" --locked 2>&1 | tee "$log"
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -74,11 +74,15 @@ impl RunStart {
     }
 }
 
-/// Counters one device writes and the progress reporter and pacer read.
+/// Counters one device writes and the progress reporter, the pacer and the final per-device
+/// accounting read.
 #[derive(Debug)]
 pub struct DeviceProgress {
+    /// Publishes written; seqs go out in order from 1, so this is also the highest seq published.
     pub sent: AtomicU64,
     pub acked: AtomicU64,
+    /// Highest seq whose PUBACK arrived (QoS 1); stays what it was if the connection breaks.
+    pub acked_through: AtomicU64,
     /// Total publishes the pacer enqueued, once it has stopped (`u64::MAX` until then).
     pacer_enqueued: AtomicU64,
     /// Signalled when everything the pacer enqueued is sent (QoS 0) or acknowledged (QoS 1).
@@ -90,6 +94,7 @@ impl Default for DeviceProgress {
         Self {
             sent: AtomicU64::new(0),
             acked: AtomicU64::new(0),
+            acked_through: AtomicU64::new(0),
             pacer_enqueued: AtomicU64::new(u64::MAX),
             drained: Notify::new(),
         }
@@ -228,7 +233,8 @@ pub async fn run_device(plan: Arc<DevicePlan>, index: usize, wiring: DeviceWirin
     let mut enqueued: Option<u64> = pacer.is_none().then_some(0);
     let mut publishing = true;
     let mut disconnect_requested = false;
-    let mut sent_at: Vec<Option<Instant>> = vec![None; usize::from(plan.max_inflight) + 1];
+    // Per packet id in flight: when it was written and which seq it carries.
+    let mut in_flight: Vec<Option<(Instant, u64)>> = vec![None; usize::from(plan.max_inflight) + 1];
     let mut latency_buffer: Vec<u64> = Vec::with_capacity(LATENCY_FLUSH_EVERY);
     let mut now = Instant::now();
 
@@ -279,8 +285,10 @@ pub async fn run_device(plan: Arc<DevicePlan>, index: usize, wiring: DeviceWirin
                 outcome.sent += 1;
                 progress.sent.store(outcome.sent, Ordering::SeqCst);
                 if qos1 {
-                    if let Some(slot) = sent_at.get_mut(usize::from(pkid)) {
-                        *slot = Some(now);
+                    // The event loop writes publishes in the order they were enqueued, so the
+                    // n-th publish written carries seq n.
+                    if let Some(slot) = in_flight.get_mut(usize::from(pkid)) {
+                        *slot = Some((now, outcome.sent));
                     }
                 } else {
                     outcome.last_progress_at = Some(now);
@@ -291,7 +299,10 @@ pub async fn run_device(plan: Arc<DevicePlan>, index: usize, wiring: DeviceWirin
                 outcome.acked += 1;
                 progress.acked.store(outcome.acked, Ordering::SeqCst);
                 outcome.last_progress_at = Some(now);
-                if let Some(published) = sent_at.get_mut(usize::from(puback.pkid)).and_then(Option::take) {
+                if let Some((published, seq)) =
+                    in_flight.get_mut(usize::from(puback.pkid)).and_then(Option::take)
+                {
+                    progress.acked_through.fetch_max(seq, Ordering::SeqCst);
                     latency_buffer.push(now.duration_since(published).as_micros() as u64);
                     if latency_buffer.len() >= LATENCY_FLUSH_EVERY {
                         flush_latency(&latency, &mut latency_buffer);

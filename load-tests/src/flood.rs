@@ -1,4 +1,5 @@
-//! `weir-load flood`: N simulated devices publish telemetry as fast as allowed for a fixed time.
+//! `weir-load flood`: N simulated devices publish telemetry as fast as allowed for a fixed time,
+//! and report totals, ack latency and what every device sent and had acknowledged.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -15,11 +16,12 @@ use crate::device::{
     RunStart,
 };
 use crate::payload::TelemetryPayload;
-use crate::report::{FloodReport, LatencySummary, Scenario};
+use crate::report::{DeviceCount, DeviceCounts, FloodReport, LatencySummary, Scenario};
 
-/// Command-line options of `weir-load flood`.
-#[derive(Debug, clap::Args)]
-pub struct FloodArgs {
+/// What to flood and how: the options of `weir-load flood`. [`FloodParams::default`] gives the
+/// CLI defaults (127.0.0.1:1883, 100 connections, QoS 1, 128-byte payloads, 10 s).
+#[derive(Debug, Clone, clap::Args)]
+pub struct FloodParams {
     /// MQTT server to load.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -66,9 +68,28 @@ pub struct FloodArgs {
     pub tcp_nodelay: bool,
 }
 
-/// Runs the flood and returns its report; only setup mistakes are errors, connection failures
-/// are counted in the report.
-pub async fn run(args: FloodArgs) -> anyhow::Result<FloodReport> {
+impl Default for FloodParams {
+    /// The CLI defaults, taken from the clap attributes so there is one copy of them.
+    fn default() -> Self {
+        use clap::{Args, FromArgMatches};
+        let matches = Self::augment_args(clap::Command::new("flood"))
+            .try_get_matches_from(["flood"])
+            .expect("every flood option has a default");
+        Self::from_arg_matches(&matches).expect("the defaults parse")
+    }
+}
+
+impl FloodParams {
+    /// The defaults, aimed at `host:port`.
+    pub fn new(host: impl Into<String>, port: u16) -> Self {
+        Self { host: host.into(), port, ..Self::default() }
+    }
+}
+
+/// Runs the flood and returns its report, with every device's counts in
+/// [`FloodReport::devices`]; only setup mistakes are errors, connection failures are counted in
+/// the report. Progress goes to stderr once a second.
+pub async fn run(args: FloodParams) -> anyhow::Result<FloodReport> {
     let unix_now = SystemTime::now().duration_since(UNIX_EPOCH).context("system clock is before 1970")?;
     let client_prefix = args.client_prefix.clone().unwrap_or_else(|| format!("load-{}", unix_now.as_secs()));
     if client_prefix.is_empty()
@@ -166,7 +187,7 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<FloodReport> {
     // Devices that already returned dropped their receivers; the rest are waiting for this.
     let _ = start_tx.send(Some(start));
 
-    let reporter = tokio::spawn(report_progress(progress, start.at, plan.is_qos1()));
+    let reporter = tokio::spawn(report_progress(progress.clone(), start.at, plan.is_qos1()));
     let mut outcomes = Vec::with_capacity(connections);
     let mut panicked = 0u64;
     for device in devices {
@@ -179,11 +200,29 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<FloodReport> {
     let finished_at = Instant::now();
 
     let histogram = latency.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-    Ok(summarise(&args, &outcomes, panicked, &histogram, start.at, finished_at))
+    let mut report = summarise(&args, &outcomes, panicked, &histogram, start.at, finished_at);
+    report.devices = device_counts(&plan, &progress);
+    Ok(report)
+}
+
+/// Every device's counts, read from the counters its task kept (so a device whose task panicked
+/// still reports what it had done).
+fn device_counts(plan: &DevicePlan, progress: &[Arc<DeviceProgress>]) -> DeviceCounts {
+    progress
+        .iter()
+        .enumerate()
+        .map(|(index, p)| {
+            let count = DeviceCount {
+                sent: p.sent.load(Ordering::SeqCst),
+                acked_through: p.acked_through.load(Ordering::SeqCst),
+            };
+            (plan.client_id(index), count)
+        })
+        .collect()
 }
 
 fn summarise(
-    args: &FloodArgs,
+    args: &FloodParams,
     outcomes: &[DeviceOutcome],
     panicked: u64,
     histogram: &hdrhistogram::Histogram<u64>,
@@ -228,6 +267,7 @@ fn summarise(
         ack_latency_ms: if args.qos == 1 { LatencySummary::from_micros(histogram) } else { None },
         first_seq: 1,
         last_seq_per_device_max: outcomes.iter().map(|o| o.last_seq).max().unwrap_or(0),
+        devices: DeviceCounts::new(),
     }
 }
 
@@ -273,5 +313,25 @@ async fn report_progress(progress: Vec<Arc<DeviceProgress>>, start: Instant, qos
             if qos1 { sent.saturating_sub(acked) } else { 0 },
         );
         (last_sent, last_acked) = (sent, acked);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_params_are_the_cli_defaults() {
+        let params = FloodParams::new("127.0.0.1", 1885);
+        assert_eq!((params.host.as_str(), params.port), ("127.0.0.1", 1885));
+        assert_eq!(params.connections, 100);
+        assert_eq!(params.qos, 1);
+        assert_eq!(params.payload_bytes, 128);
+        assert_eq!(params.duration_secs, 10);
+        assert_eq!(params.rate_per_conn, 0);
+        assert_eq!(params.max_inflight, 100);
+        assert!(params.client_prefix.is_none());
+        assert_eq!(params.label, "weir");
+        assert!(params.tcp_nodelay);
     }
 }

@@ -1,17 +1,15 @@
-//! weir-load: simulated devices that load an MQTT server (weir or a baseline) and report JSON.
-
-mod device;
-mod flood;
-mod payload;
-mod report;
+//! weir-load: simulated devices that load an MQTT server (weir or a baseline), the raw Kafka
+//! producer baseline, and the Kafka verifier; each prints JSON.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-
-use crate::report::FloodReport;
+use serde::Serialize;
+use weir_load::report::{self, read_device_counts, write_device_counts, DeviceCounts, FloodReport};
+use weir_load::{baseline, flood, kafka, verify};
 
 /// weir's device simulator and benchmark tool.
 #[derive(Debug, Parser)]
@@ -24,9 +22,71 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Open N device connections and publish telemetry for a fixed time; print one JSON report.
-    Flood(flood::FloodArgs),
-    /// Print one summary line comparing two flood reports (e.g. weir against Mosquitto).
+    Flood(FloodArgs),
+    /// Produce the records weir would write straight to Kafka with weir's producer settings;
+    /// print one JSON report in flood's shape (the baseline for weir's Kafka sink).
+    ProduceBaseline(BaselineArgs),
+    /// Read a whole Kafka topic back and count lost and duplicated records per device; print
+    /// one JSON object. Exit 0 when nothing acknowledged is missing, 1 otherwise.
+    VerifyKafka(VerifyKafkaArgs),
+    /// Create a Kafka topic (replication 1) unless it exists, and wait for its partition leaders.
+    CreateTopic(CreateTopicArgs),
+    /// Print one summary line comparing two reports (e.g. weir against Mosquitto).
     Compare(CompareArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct FloodArgs {
+    #[command(flatten)]
+    params: flood::FloodParams,
+    /// Also write every device's `{"sent", "acked_through"}` here, as a JSON map by device id.
+    #[arg(long)]
+    devices_out: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct BaselineArgs {
+    #[command(flatten)]
+    params: baseline::BaselineParams,
+    /// Also write every simulated device's `{"sent", "acked_through"}` here (delivery reports).
+    #[arg(long)]
+    devices_out: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct VerifyKafkaArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    brokers: String,
+    #[arg(long)]
+    topic: String,
+    /// Per-device counts from `flood --devices-out` (repeatable; the files are merged). Without
+    /// any, every device found is checked for duplicates only.
+    #[arg(long)]
+    devices_in: Vec<PathBuf>,
+    /// Once caught up with the topic, stop after this long without a new message.
+    #[arg(long, default_value_t = 10)]
+    idle_timeout_secs: u64,
+    /// Device rows (those that lost records) printed at most.
+    #[arg(long, default_value_t = 20)]
+    max_rows: usize,
+    /// After the JSON object, also print one `SUMMARY NAME: ...` line (for bench.sh).
+    #[arg(long, value_name = "NAME")]
+    summary: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct CreateTopicArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    brokers: String,
+    #[arg(long)]
+    topic: String,
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..))]
+    partitions: i32,
+    /// Delete the topic (and everything in it) first, so the run starts empty.
+    #[arg(long)]
+    recreate: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -34,31 +94,104 @@ struct CompareArgs {
     /// Scenario name printed in the summary line.
     #[arg(long)]
     scenario: String,
-    /// Report of the reference server (its last non-empty line is the JSON object).
+    /// Report of the reference run (its last non-empty line is the JSON object).
     #[arg(long)]
     baseline: PathBuf,
-    /// Report of the server under test.
+    /// Report of the run under test.
     #[arg(long)]
     candidate: PathBuf,
+    /// Compare p50/p99/p999 latencies (paced runs at the same load) instead of throughput.
+    #[arg(long)]
+    latency: bool,
+    /// With --latency: the candidate's p99 target, reported as met or MISSED.
+    #[arg(long, requires = "latency")]
+    p99_target_ms: Option<f64>,
+}
+
+/// What `verify-kafka` prints.
+#[derive(Debug, Serialize)]
+struct VerifyOutput<'a> {
+    topic: &'a str,
+    passed: bool,
+    totals: &'a verify::Totals,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_undecodable: Option<&'a str>,
+    /// Devices that lost records, at most `--max-rows`.
+    lossy_devices: Vec<&'a verify::DeviceVerdict>,
+    lossy_devices_not_shown: usize,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Command::Flood(args) => {
-            let report = flood::run(args).await?;
-            println!("{}", serde_json::to_string(&report)?);
-            // A report is printed either way; a run where nothing got through is still a failure.
-            let nothing_went_through = report.sent == 0 && report.errors > 0;
-            Ok(if nothing_went_through { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+            let report = flood::run(args.params).await?;
+            finish_run(&report, args.devices_out.as_deref())
+        }
+        Command::ProduceBaseline(args) => {
+            let report = baseline::run(args.params).await?;
+            finish_run(&report, args.devices_out.as_deref())
+        }
+        Command::VerifyKafka(args) => verify_kafka(args).await,
+        Command::CreateTopic(args) => {
+            let status =
+                kafka::create_topic(&args.brokers, &args.topic, args.partitions, args.recreate).await?;
+            eprintln!("create-topic: {} on {}: {status:?}", args.topic, args.brokers);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Compare(args) => {
             let baseline = read_report(&args.baseline)?;
             let candidate = read_report(&args.candidate)?;
-            println!("{}", report::comparison_line(&args.scenario, &baseline, &candidate));
+            let line = if args.latency {
+                report::latency_line(&args.scenario, &baseline, &candidate, args.p99_target_ms)
+            } else {
+                report::comparison_line(&args.scenario, &baseline, &candidate)
+            };
+            println!("{line}");
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Prints the report line, writes the device counts if asked, and fails a run where nothing got
+/// through (the report is printed either way).
+fn finish_run(report: &FloodReport, devices_out: Option<&Path>) -> anyhow::Result<ExitCode> {
+    if let Some(path) = devices_out {
+        write_device_counts(path, &report.devices)?;
+    }
+    println!("{}", serde_json::to_string(report)?);
+    let nothing_went_through = report.sent == 0 && report.errors > 0;
+    Ok(if nothing_went_through { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+async fn verify_kafka(args: VerifyKafkaArgs) -> anyhow::Result<ExitCode> {
+    let mut expected = DeviceCounts::new();
+    for path in &args.devices_in {
+        for (device, count) in read_device_counts(path)? {
+            if expected.insert(device.clone(), count).is_some() {
+                bail!("device {device} appears in more than one --devices-in file");
+            }
+        }
+    }
+    let found =
+        verify::kafka::consume(&args.brokers, &args.topic, Duration::from_secs(args.idle_timeout_secs))
+            .await
+            .with_context(|| format!("reading topic {}", args.topic))?;
+    let verdict = verify::verdict(&expected, &found);
+    let lossy = verdict.devices.iter().filter(|d| d.lost > 0).count();
+    let output = VerifyOutput {
+        topic: &args.topic,
+        passed: verdict.passed(),
+        totals: &verdict.totals,
+        first_undecodable: found.first_undecodable.as_deref(),
+        lossy_devices: verdict.lossy_devices(args.max_rows).collect(),
+        lossy_devices_not_shown: lossy.saturating_sub(args.max_rows),
+    };
+    println!("{}", serde_json::to_string(&output)?);
+    if let Some(name) = &args.summary {
+        println!("{}", verdict.summary_line(name));
+    }
+    Ok(if verdict.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn read_report(path: &Path) -> anyhow::Result<FloodReport> {

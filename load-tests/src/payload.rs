@@ -3,8 +3,11 @@
 use std::io::Write;
 
 /// Metric values every simulated reading carries; fixed so payloads differ only in seq, ts, pad.
-const TEMP: f64 = 21.5;
-const HUM: f64 = 40.1;
+pub const TEMP: f64 = 21.5;
+pub const HUM: f64 = 40.1;
+
+/// What closes every message after the pad.
+const TAIL: &[u8] = br#""}}"#;
 
 /// Writes `{"device_id":…,"seq":…,"ts":…,"metrics":{"temp":…,"hum":…,"pad":"xxx…"}}` messages
 /// in weir's device JSON format for one device, padded with the `pad` metric so each message is
@@ -31,11 +34,26 @@ impl TelemetryPayload {
             r#"{{"device_id":"{}","seq":{seq},"ts":{ts_ms},"metrics":{{"temp":{TEMP},"hum":{HUM},"pad":""#,
             self.device_id
         );
-        const TAIL: &[u8] = br#""}}"#;
         let pad = self.target_bytes.saturating_sub(message.len() + TAIL.len());
         message.resize(message.len() + pad, b'x');
         message.extend_from_slice(TAIL);
         message
+    }
+
+    /// Length of the `pad` metric in [`TelemetryPayload::build`]`(seq, ts_ms)`, without building
+    /// the message (the raw Kafka producer fills the same pad into its records).
+    pub fn pad_len(&self, seq: u64, ts_ms: u64) -> usize {
+        // Everything but the two numbers and the pad is fixed for this device.
+        let fixed = r#"{"device_id":"","seq":,"ts":,"metrics":{"temp":,"hum":,"pad":""#.len()
+            + self.device_id.len()
+            + TEMP.to_string().len()
+            + HUM.to_string().len()
+            + TAIL.len();
+        self.target_bytes.saturating_sub(fixed + decimal_digits(seq) + decimal_digits(ts_ms))
+    }
+
+    pub fn device_id(&self) -> &str {
+        &self.device_id
     }
 
     /// Length of the message with an empty pad, for the largest seq a run can plausibly reach
@@ -46,9 +64,26 @@ impl TelemetryPayload {
     }
 }
 
+fn decimal_digits(n: u64) -> usize {
+    n.checked_ilog10().map_or(1, |log| log as usize + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pad_len_matches_the_built_message() {
+        for target in [0, 10, 96, 128, 1000] {
+            let payload = TelemetryPayload::new("load-1700000000-42".into(), target);
+            for (seq, ts) in [(1, 0), (9, 1_700_000_000_000), (10, 99), (123_456_789, u64::MAX), (0, 1)] {
+                let message = payload.build(seq, ts);
+                let value: serde_json::Value = serde_json::from_slice(&message).unwrap();
+                let pad = value["metrics"]["pad"].as_str().unwrap();
+                assert_eq!(payload.pad_len(seq, ts), pad.len(), "target {target} seq {seq} ts {ts}");
+            }
+        }
+    }
 
     #[test]
     fn message_is_padded_to_the_exact_size() {

@@ -1,7 +1,39 @@
-//! The JSON result of one load run, and the one-line comparison of a run against its baseline.
+//! The JSON result of one load run, its per-device counts, and the one-line comparisons of a run
+//! against its baseline.
 
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
+
+/// What one device (or one simulated device of the raw producer) sent and had acknowledged.
+/// Seqs start at 1 and are published in order, so `1..=sent` were published and, acks arriving
+/// in publish order, `1..=acked_through` were all acknowledged (PUBACK at QoS 1, delivery report
+/// from Kafka for the raw producer; always 0 at QoS 0, which promises nothing).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceCount {
+    /// Highest seq published.
+    pub sent: u64,
+    /// Highest seq acknowledged; a sink must hold every seq from 1 up to it.
+    pub acked_through: u64,
+}
+
+/// Per-device counts keyed by device id (the MQTT client id, also the payload's `device_id`).
+pub type DeviceCounts = BTreeMap<String, DeviceCount>;
+
+/// Writes `{"device": {"sent": n, "acked_through": n}, ...}` to `path`.
+pub fn write_device_counts(path: &Path, devices: &DeviceCounts) -> anyhow::Result<()> {
+    let json = serde_json::to_vec(devices)?;
+    std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Reads a file written by [`write_device_counts`] (`--devices-out`).
+pub fn read_device_counts(path: &Path) -> anyhow::Result<DeviceCounts> {
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&text).with_context(|| format!("parsing the device counts in {}", path.display()))
+}
 
 /// What `weir-load flood` prints on stdout: one JSON object per run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -28,6 +60,10 @@ pub struct FloodReport {
     pub first_seq: u64,
     /// The highest seq any device sent; with `first_seq` this bounds the keys a sink should hold.
     pub last_seq_per_device_max: u64,
+    /// Every device's counts, for the verifier; kept out of the one-line JSON report (the CLI
+    /// writes them to `--devices-out`).
+    #[serde(skip)]
+    pub devices: DeviceCounts,
 }
 
 /// The run's shape, echoed so a result line explains itself.
@@ -100,6 +136,52 @@ pub fn comparison_line(scenario: &str, baseline: &FloodReport, candidate: &Flood
     line
 }
 
+/// One line comparing the latency percentiles of two paced runs (same offered load), with the
+/// candidate's p99 checked against `p99_target_ms` when given. When the candidate delivered
+/// under 95% of the baseline's rate it could not keep up with the offered load, and the line
+/// says its latencies are those of saturation.
+pub fn latency_line(
+    scenario: &str,
+    baseline: &FloodReport,
+    candidate: &FloodReport,
+    p99_target_ms: Option<f64>,
+) -> String {
+    let percentiles = |report: &FloodReport| match report.ack_latency_ms {
+        Some(l) => format!("p50={:.3}ms p99={:.3}ms p999={:.3}ms", l.p50, l.p99, l.p999),
+        None => "no latency samples".to_owned(),
+    };
+    let mut line = format!(
+        "SUMMARY {scenario}: {c} {cr:.0}/s {cl}; {b} {br:.0}/s {bl}",
+        c = candidate.label,
+        b = baseline.label,
+        cr = candidate.msgs_per_sec,
+        br = baseline.msgs_per_sec,
+        cl = percentiles(candidate),
+        bl = percentiles(baseline),
+    );
+    if let Some(target) = p99_target_ms {
+        let verdict = match candidate.ack_latency_ms {
+            Some(l) if l.p99 <= target => "met",
+            Some(_) => "MISSED",
+            None => "not measured",
+        };
+        line.push_str(&format!("; target {} p99<={target}ms: {verdict}", candidate.label));
+    }
+    if candidate.msgs_per_sec < 0.95 * baseline.msgs_per_sec {
+        line.push_str(&format!(
+            "; WARNING {} did not keep up with the offered load ({:.0}/s of {:.0}/s): saturated, \
+             not paced, latencies",
+            candidate.label, candidate.msgs_per_sec, baseline.msgs_per_sec
+        ));
+    }
+    for report in [candidate, baseline] {
+        if report.errors > 0 {
+            line.push_str(&format!("; WARNING {} had {} errors", report.label, report.errors));
+        }
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +199,7 @@ mod tests {
             ack_latency_ms: p99.map(|p99| LatencySummary { p50: 0.5, p99, p999: 2.0 * p99, max: 3.0 * p99 }),
             first_seq: 1,
             last_seq_per_device_max: 10,
+            devices: DeviceCounts::new(),
         }
     }
 
@@ -149,5 +232,47 @@ mod tests {
         assert!(line.contains("ratio=0.50"), "{line}");
         assert!(line.contains("p99 weir=4.000ms mosquitto=1.250ms"), "{line}");
         assert!(!line.contains("WARNING"), "{line}");
+    }
+
+    #[test]
+    fn latency_line_checks_the_candidate_p99_target() {
+        let baseline = report("raw-producer", 5000.0, Some(3.0));
+        let met = latency_line("half", &baseline, &report("weir-kafka", 5000.0, Some(20.0)), Some(25.0));
+        assert!(met.contains("weir-kafka 5000/s p50=0.500ms p99=20.000ms p999=40.000ms"), "{met}");
+        assert!(met.contains("raw-producer 5000/s p50=0.500ms p99=3.000ms"), "{met}");
+        assert!(met.ends_with("target weir-kafka p99<=25ms: met"), "{met}");
+        let missed = latency_line("half", &baseline, &report("weir-kafka", 5000.0, Some(30.0)), Some(25.0));
+        assert!(missed.contains("MISSED"), "{missed}");
+        assert!(!missed.contains("WARNING"), "{missed}");
+        let unmeasured = latency_line("half", &baseline, &report("weir-kafka", 0.0, None), None);
+        assert!(unmeasured.contains("weir-kafka 0/s no latency samples"), "{unmeasured}");
+        let saturated =
+            latency_line("half", &baseline, &report("weir-kafka", 4000.0, Some(90.0)), Some(25.0));
+        assert!(
+            saturated.ends_with(
+                "MISSED; WARNING weir-kafka did not keep up with the offered load (4000/s of 5000/s): \
+                 saturated, not paced, latencies"
+            ),
+            "{saturated}"
+        );
+    }
+
+    #[test]
+    fn device_counts_stay_out_of_the_report_line_and_round_trip_through_a_file() {
+        let mut with_devices = report("weir", 1.0, Some(1.0));
+        with_devices.devices.insert("d-1".into(), DeviceCount { sent: 5, acked_through: 4 });
+        let line = serde_json::to_string(&with_devices).unwrap();
+        assert!(!line.contains("d-1"), "{line}");
+        let parsed: FloodReport = serde_json::from_str(&line).unwrap();
+        assert!(parsed.devices.is_empty());
+
+        let dir = std::env::temp_dir().join(format!("weir-load-devices-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("devices.json");
+        write_device_counts(&path, &with_devices.devices).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, r#"{"d-1":{"sent":5,"acked_through":4}}"#);
+        assert_eq!(read_device_counts(&path).unwrap(), with_devices.devices);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

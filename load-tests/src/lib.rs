@@ -1,0 +1,14 @@
+//! weir-load as a library: simulated MQTT devices (`flood`), the raw Kafka producer baseline
+//! (`baseline`), and the end-to-end verifier (`verify`), so weir's integration tests can drive
+//! the same code as the `weir-load` CLI.
+
+mod device;
+
+pub mod baseline;
+pub mod flood;
+pub mod kafka;
+pub mod payload;
+pub mod report;
+pub mod verify;
+
+pub use report::{DeviceCount, FloodReport};
