@@ -31,6 +31,7 @@ cargo clippy --workspace --all-targets -j"$jobs" --locked -- -D warnings
 echo "== tests"
 log=$(mktemp)
 trap 'rm -f "$log"; stop_started' EXIT
-cargo test --workspace -j"$jobs" --locked 2>&1 | tee "$log"
+# --show-output: the fault tests print the verifier's counts.
+cargo test --workspace -j"$jobs" --locked -- --show-output 2>&1 | tee "$log"
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
