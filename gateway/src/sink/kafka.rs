@@ -12,9 +12,10 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
+use tokio::sync::oneshot;
 
 use super::encode::write_record_json;
 use super::{protocol_name, Pending, Sink, SinkError, WriteReport};
@@ -116,7 +117,60 @@ impl ClientContext for KafkaContext {
     }
 }
 
-type Producer_ = FutureProducer<KafkaContext>;
+impl ProducerContext for KafkaContext {
+    type DeliveryOpaque = Arc<BatchDelivery>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, batch: Arc<BatchDelivery>) {
+        match result {
+            Ok(_) => batch.settle_one(None),
+            Err((error, _)) => batch.settle_one(Some(error.to_string())),
+        }
+    }
+}
+
+/// Delivery reports of one submitted batch: counts down to zero, keeps the first error, and
+/// then wakes the batch's pending write. One shared value per batch, not one channel per record.
+pub(crate) struct BatchDelivery {
+    remaining: std::sync::atomic::AtomicUsize,
+    first_error: Mutex<Option<String>>,
+    done_tx: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl BatchDelivery {
+    fn new(records: usize) -> (Arc<Self>, oneshot::Receiver<()>) {
+        let (done_tx, done_rx) = oneshot::channel();
+        let batch = Arc::new(Self {
+            remaining: std::sync::atomic::AtomicUsize::new(records),
+            first_error: Mutex::new(None),
+            done_tx: Mutex::new(Some(done_tx)),
+        });
+        if records == 0 {
+            batch.finish();
+        }
+        (batch, done_rx)
+    }
+
+    fn settle_one(&self, error: Option<String>) {
+        if let Some(error) = error {
+            self.first_error.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(error);
+        }
+        if self.remaining.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            self.finish();
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(tx) = self.done_tx.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            let _ = tx.send(());
+        }
+    }
+
+    fn first_error(&self) -> Option<String> {
+        self.first_error.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+type Producer_ = ThreadedProducer<KafkaContext>;
 
 enum TopicState {
     Ready,
@@ -130,6 +184,11 @@ pub struct KafkaSink {
     topics: HashMap<String, TopicState>,
     /// Largest message librdkafka accepts (`message.max.bytes`): dead letters are cut to fit.
     message_max_bytes: usize,
+    /// The topic when the template has no `{topic}`.
+    fixed_topic: Option<Arc<str>>,
+    /// Template expansions by source topic.
+    source_topics: HashMap<String, Arc<str>>,
+    dead_letter_topic: Arc<str>,
     metrics: Arc<Metrics>,
 }
 
@@ -155,6 +214,9 @@ impl KafkaSink {
             admin,
             topics: HashMap::new(),
             message_max_bytes,
+            fixed_topic: (!config.topic.contains("{topic}")).then(|| Arc::from(config.topic.as_str())),
+            source_topics: HashMap::new(),
+            dead_letter_topic: Arc::from(config.dead_letter_topic.as_str()),
             metrics,
         })
     }
@@ -247,17 +309,6 @@ fn build_producer(config: &KafkaSinkConfig, metrics: &Arc<Metrics>) -> Result<Pr
         .map_err(|e| format!("kafka producer: {e}"))
 }
 
-/// One message to produce, owned so it can be retried after a full queue.
-struct Outgoing {
-    topic: String,
-    key: String,
-    value: Vec<u8>,
-    headers: OwnedHeaders,
-    timestamp_ms: i64,
-    /// Set for dead letters: counted as such in the report.
-    dead_letter_reason: Option<&'static str>,
-}
-
 impl Sink for KafkaSink {
     fn name(&self) -> &'static str {
         "kafka"
@@ -269,12 +320,16 @@ impl Sink for KafkaSink {
 
     async fn submit(&mut self, batch: Arc<Batch>) -> Result<Pending, SinkError> {
         self.rebuild_if_fatal()?;
-        let mut outgoing = Vec::with_capacity(batch.len());
+        let records = batch.len();
+        let (delivery, done_rx) = BatchDelivery::new(records);
+        let producer = self.producer();
+        let mut value = Vec::with_capacity(512);
+        let mut dead_letters = 0;
         for item in &batch.items {
-            let message = match &item.payload {
+            value.clear();
+            let (topic, headers, problem) = match &item.payload {
                 Payload::Record(record) => {
-                    let topic = topic_for(&self.config.topic, &record.source);
-                    let mut value = Vec::with_capacity(256);
+                    let topic = self.topic_for_source(&record.source);
                     let content_type = match self.config.encoding {
                         KafkaEncoding::Protobuf => {
                             // Encoding into a Vec cannot run out of room.
@@ -292,94 +347,127 @@ impl Sink for KafkaSink {
                         &record.source,
                         record.received_ts_ms,
                     );
-                    let message = Outgoing {
-                        topic,
-                        key: record.device_id.clone(),
-                        value,
-                        headers,
-                        timestamp_ms: record.received_ts_ms,
-                        dead_letter_reason: None,
-                    };
-                    if !self.ensure_topic(&message.topic).await? {
-                        let reason =
-                            format!("topic {} does not exist and create_topics is false", message.topic);
-                        self.dead_letter(message, "unknown_topic", &reason)
-                    } else if message.value.len() + message.key.len() > self.message_max_bytes {
+                    let problem = if !self.ensure_topic(&topic).await? {
+                        Some((
+                            "unknown_topic",
+                            format!("topic {topic} does not exist and create_topics is false"),
+                        ))
+                    } else if value.len() + record.device_id.len() > self.message_max_bytes {
                         let reason = format!(
                             "record of {} bytes is larger than message.max.bytes ({})",
-                            message.value.len(),
+                            value.len(),
                             self.message_max_bytes
                         );
-                        self.dead_letter(message, "too_large", &reason)
+                        Some(("too_large", reason))
                     } else {
-                        message
-                    }
+                        None
+                    };
+                    (topic, headers, problem)
                 }
                 Payload::DeadLetter(letter) => {
-                    let message = Outgoing {
-                        topic: String::new(),
-                        key: letter.device_id.clone(),
-                        value: letter.raw.to_vec(),
-                        headers: headers(
-                            CONTENT_TYPE_RAW,
-                            protocol_name(letter.protocol),
-                            &letter.source,
-                            letter.received_ts_ms,
-                        ),
-                        timestamp_ms: letter.received_ts_ms,
-                        dead_letter_reason: None,
-                    };
-                    self.dead_letter(message, "undecodable", &letter.error)
+                    value.extend_from_slice(&letter.raw);
+                    let headers = headers(
+                        CONTENT_TYPE_RAW,
+                        protocol_name(letter.protocol),
+                        &letter.source,
+                        letter.received_ts_ms,
+                    );
+                    (Arc::from(""), headers, Some(("undecodable", letter.error.clone())))
                 }
             };
-            outgoing.push(message);
+            let (topic, headers) = match problem {
+                None => (topic, headers),
+                Some((kind, reason)) => {
+                    dead_letters += 1;
+                    let dead_letter_topic = Arc::clone(&self.dead_letter_topic);
+                    if !self.ensure_topic(&dead_letter_topic).await? {
+                        return Err(SinkError::Retriable(format!(
+                            "dead-letter topic {dead_letter_topic} does not exist (create it, or set create_topics = true)"
+                        )));
+                    }
+                    (
+                        dead_letter_topic,
+                        self.dead_letter(&mut value, item.device_id(), headers, kind, &reason),
+                    )
+                }
+            };
+            let record = BaseRecord::with_opaque_to(&topic, Arc::clone(&delivery))
+                .key(item.device_id())
+                .payload(&value[..])
+                .headers(headers)
+                .timestamp(item_timestamp(item));
+            produce(&producer, record, &self.metrics).await?;
         }
-        let dead_letter_topic = self.config.dead_letter_topic.clone();
-        if outgoing.iter().any(|m| m.dead_letter_reason.is_some())
-            && !self.ensure_topic(&dead_letter_topic).await?
-        {
-            return Err(SinkError::Retriable(format!(
-                "dead-letter topic {dead_letter_topic} does not exist (create it, or set create_topics = true)"
-            )));
-        }
-
-        let producer = self.producer();
-        let mut deliveries = Vec::with_capacity(outgoing.len());
-        for message in &outgoing {
-            deliveries.push(produce(&producer, message, &self.metrics).await?);
-        }
-        let records = outgoing.len();
-        let dead_letters = outgoing.iter().filter(|m| m.dead_letter_reason.is_some()).count();
         let metrics = Arc::clone(&self.metrics);
         metrics.sink_in_flight_records.inc_by(records as i64);
         Ok(Box::pin(async move {
-            let result = await_deliveries(deliveries, &metrics).await;
+            // The sender lives in `delivery` until every report arrived; a dropped producer
+            // purges its queue and still reports each record (as failed).
+            let completed = done_rx.await.is_ok();
             metrics.sink_in_flight_records.dec_by(records as i64);
-            result.map(|()| WriteReport { records: records - dead_letters, duplicates: 0, dead_letters })
+            match delivery.first_error() {
+                None if completed => {
+                    Ok(WriteReport { records: records - dead_letters, duplicates: 0, dead_letters })
+                }
+                None => {
+                    Err(SinkError::Retriable("kafka producer went away before every delivery report".into()))
+                }
+                Some(error) => {
+                    metrics.kafka_errors.get_or_create(&ReasonLabel { reason: "delivery" }).inc();
+                    // The driver resubmits the batch; the (device_id, seq) key lets consumers
+                    // drop the records the first attempt did deliver.
+                    Err(SinkError::Retriable(format!("kafka delivery failed: {error}")))
+                }
+            }
         }))
     }
 }
 
+fn item_timestamp(item: &crate::fabric::Item) -> i64 {
+    match &item.payload {
+        Payload::Record(r) => r.received_ts_ms,
+        Payload::DeadLetter(d) => d.received_ts_ms,
+    }
+}
+
 impl KafkaSink {
-    /// Turns `message` into a dead letter: the dead-letter topic, the reason in a header, the
-    /// value cut to what Kafka accepts.
-    fn dead_letter(&self, mut message: Outgoing, kind: &'static str, reason: &str) -> Outgoing {
-        let limit = self.message_max_bytes.saturating_sub(DEAD_LETTER_HEADROOM + message.key.len()).max(1024);
-        let truncated = message.value.len() > limit;
-        if truncated {
-            message.value.truncate(limit);
+    /// The topic for a record from `source`, cached (a template expands once per source topic).
+    fn topic_for_source(&mut self, source: &str) -> Arc<str> {
+        if let Some(fixed) = &self.fixed_topic {
+            return Arc::clone(fixed);
         }
-        let mut headers = message.headers.insert(Header { key: "weir-error", value: Some(reason) });
-        headers = headers.insert(Header { key: "weir-error-kind", value: Some(kind) });
+        if let Some(topic) = self.source_topics.get(source) {
+            return Arc::clone(topic);
+        }
+        if self.source_topics.len() > 10_000 {
+            self.source_topics.clear();
+        }
+        let topic: Arc<str> = topic_for(&self.config.topic, source).into();
+        self.source_topics.insert(source.to_owned(), Arc::clone(&topic));
+        topic
+    }
+
+    /// Makes `value` a dead letter: cut to what Kafka accepts, the reason in headers.
+    fn dead_letter(
+        &self,
+        value: &mut Vec<u8>,
+        device_id: &str,
+        headers: OwnedHeaders,
+        kind: &'static str,
+        reason: &str,
+    ) -> OwnedHeaders {
+        let limit = self.message_max_bytes.saturating_sub(DEAD_LETTER_HEADROOM + device_id.len()).max(1024);
+        let truncated = value.len() > limit;
+        value.truncate(limit);
+        let mut headers = headers
+            .insert(Header { key: "weir-error", value: Some(reason) })
+            .insert(Header { key: "weir-error-kind", value: Some(kind) });
         if truncated {
             headers = headers.insert(Header { key: "weir-truncated", value: Some("true") });
         }
-        message.headers = headers;
-        message.topic = self.config.dead_letter_topic.clone();
-        message.dead_letter_reason = Some(kind);
         self.metrics.kafka_dead_lettered.get_or_create(&ReasonLabel { reason: kind }).inc();
-        tracing::debug!(kind, reason, device = message.key, "record sent to the dead-letter topic");
-        message
+        tracing::debug!(kind, reason, device = device_id, "record sent to the dead-letter topic");
+        headers
     }
 }
 
@@ -392,28 +480,18 @@ fn headers(content_type: &str, protocol: &str, source: &str, received_ts_ms: i64
         .insert(Header { key: "weir-received-ms", value: Some(received.as_str()) })
 }
 
-/// Hands one message to librdkafka, waiting while its queue is full (backpressure).
+/// Hands one message to librdkafka (which copies it), waiting while its queue is full: that
+/// wait is the backpressure, not an error.
 async fn produce(
     producer: &Producer_,
-    message: &Outgoing,
+    mut record: BaseRecord<'_, str, [u8], Arc<BatchDelivery>>,
     metrics: &Metrics,
-) -> Result<DeliveryFuture, SinkError> {
-    let mut record = FutureRecord::to(&message.topic)
-        .key(message.key.as_bytes())
-        .payload(&message.value[..])
-        .headers(message.headers.clone())
-        .timestamp(message.timestamp_ms);
+) -> Result<(), SinkError> {
     let mut waited = false;
     loop {
-        match producer.send_result(record) {
-            Ok(delivery) => {
-                if waited {
-                    metrics.sink_ready.set(1);
-                }
-                return Ok(delivery);
-            }
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                // Not an error: the producer is not ready. Wait for deliveries to free room.
                 if !waited {
                     metrics.kafka_errors.get_or_create(&ReasonLabel { reason: "queue_full" }).inc();
                     waited = true;
@@ -421,30 +499,13 @@ async fn produce(
                 record = back;
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            Err((error, _)) => {
+            Err((error, back)) => {
                 metrics.kafka_errors.get_or_create(&ReasonLabel { reason: "produce" }).inc();
-                return Err(SinkError::Retriable(format!("kafka produce to {}: {error}", message.topic)));
+                // Not queued: no report will come for it, so count it here.
+                back.delivery_opaque.settle_one(Some(error.to_string()));
+                return Err(SinkError::Retriable(format!("kafka produce to {}: {error}", back.topic)));
             }
         }
-    }
-}
-
-/// Waits for every delivery report of a batch. Any failure fails the batch (retriable: the
-/// driver resubmits it; the (device_id, seq) key lets consumers drop the duplicates).
-async fn await_deliveries(deliveries: Vec<DeliveryFuture>, metrics: &Metrics) -> Result<(), SinkError> {
-    let mut first_error = None;
-    for delivery in deliveries {
-        let error = match delivery.await {
-            Ok(Ok(_)) => continue,
-            Ok(Err((error, _))) => error.to_string(),
-            Err(_) => "producer dropped before the delivery report".to_owned(),
-        };
-        metrics.kafka_errors.get_or_create(&ReasonLabel { reason: "delivery" }).inc();
-        first_error.get_or_insert(error);
-    }
-    match first_error {
-        None => Ok(()),
-        Some(error) => Err(SinkError::Retriable(format!("kafka delivery failed: {error}"))),
     }
 }
 
