@@ -2,7 +2,8 @@
 # Installs the system packages weir's tests and demos use, if they are missing:
 #   mosquitto-clients (mosquitto_pub: the stock-client compatibility tests), mosquitto (benchmark
 #   baseline), sqlite3 (reading the embedded sink back in the README demo), a JRE and Maven
-#   (deploy/local/kafka.sh fetches Kafka's jars from Maven Central and runs the broker).
+#   (deploy/local/kafka.sh fetches Kafka's jars from Maven Central and runs the broker), and the
+#   PostgreSQL server (through deploy/local/postgres.sh install).
 # Idempotent: does nothing when everything is present. Debian/Ubuntu (apt-get); root or sudo.
 set -euo pipefail
 
@@ -12,6 +13,10 @@ command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || missing+=(mos
 command -v sqlite3 >/dev/null || missing+=(sqlite3)
 command -v java >/dev/null || missing+=(default-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
+
+# The PostgreSQL server (deploy/local/postgres.sh runs its own cluster on 5433): installed by that
+# script, which also drops the cluster the Debian package creates on 5432.
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || "$(dirname "$0")/postgres.sh" install
 
 if ((${#missing[@]} == 0)); then
     exit 0
