@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end ingest benchmark: weir against a baseline measured in the same run (Mosquitto for
-# MQTT ingest, a raw Kafka producer for the Kafka sink).
+# MQTT ingest, a raw Kafka producer for the Kafka sink, raw binary COPY for the PostgreSQL sink).
 #
 #   load-tests/bench.sh [--connections 100] [--duration 10] [--payload 128]
 #                       [--scenarios LIST] [-- FLOOD_ARGS...]
@@ -25,11 +25,24 @@
 #                   p99 <= 25 ms), then reads both topics back with `weir-load verify-kafka`
 #                   against the per-device acked counts (SUMMARY qos1-kafka-verify: lost and
 #                   duplicated records; any acknowledged record lost is exit 3).
-# Default: the first three, plus qos1-kafka when `deploy/local/kafka.sh status` says running.
+#   qos1-postgres   QoS 1, weir with the PostgreSQL sink vs `weir-load copy-baseline` (the same
+#                   rows written with binary COPY in batches of 4096 over 4 connections, each
+#                   batch one transaction). Uses PostgreSQL from deploy/local/postgres.sh
+#                   (127.0.0.1:5433 by default, PG_PORT), starting it if needed (and then
+#                   stopping it on exit). The baseline runs twice into a recreated weir_bench_raw:
+#                   weir's path (COPY into a temporary staging table, INSERT ... ON CONFLICT DO
+#                   NOTHING; "raw-copy") and COPY straight into the table (the database's limit;
+#                   "raw-copy-direct"); then weir floods into a recreated weir_bench. A CHECKPOINT
+#                   precedes each run. SUMMARY qos1-postgres: throughput ratio against raw-copy
+#                   (target >= 0.80) and p99s; SUMMARY qos1-postgres-direct: the same against the
+#                   direct COPY; then every table is read back with `weir-load verify-postgres`
+#                   (SUMMARY qos1-postgres-verify; any acknowledged row lost is exit 3).
+# Default: the first three, plus qos1-kafka when `deploy/local/kafka.sh status` says running and
+# qos1-postgres when `deploy/local/postgres.sh status` does.
 # stdout: a header (machine, commit), every JSON result line, one SUMMARY line per scenario.
 # stderr: build output and progress. Everything this script started is stopped on exit.
-# Exit: 0 all ran; 1 setup failed; 2 weir was not ready (baselines still reported); 3 the Kafka
-# verifier found acknowledged records missing (or could not read a topic back).
+# Exit: 0 all ran; 1 setup failed; 2 weir was not ready (baselines still reported); 3 a verifier
+# (Kafka or PostgreSQL) found acknowledged records missing (or could not read them back).
 set -euo pipefail
 
 readonly MOSQUITTO_PORT=1884
@@ -44,7 +57,10 @@ readonly KAFKA_TOPIC=weir-bench
 readonly KAFKA_RAW_TOPIC=weir-bench-raw
 readonly KAFKA_PARTITIONS=6
 readonly KAFKA_P99_TARGET_MS=25
-readonly ALL_SCENARIOS="qos0-blackhole qos1-blackhole qos1-sqlite qos1-kafka"
+readonly PG_TABLE=weir_bench
+readonly PG_RAW_TABLE=weir_bench_raw
+readonly PG_MIN_RATIO=0.8
+readonly ALL_SCENARIOS="qos0-blackhole qos1-blackhole qos1-sqlite qos1-kafka qos1-postgres"
 
 connections=100
 duration=10
@@ -103,6 +119,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly ROOT
 readonly MOSQUITTO_SH=$ROOT/deploy/local/mosquitto.sh
 readonly KAFKA_SH=$ROOT/deploy/local/kafka.sh
+readonly POSTGRES_SH=$ROOT/deploy/local/postgres.sh
 readonly LOAD=$ROOT/target/release/weir-load
 readonly WEIR=$ROOT/target/release/weir
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/weir-bench.XXXXXX")
@@ -112,7 +129,9 @@ readonly RUN_ID
 
 mosquitto_started=0
 kafka_started=0
-kafka_lost=0
+postgres_started=0
+PG_URL= # from deploy/local/postgres.sh url, once qos1-postgres starts
+verify_lost=0
 weir_pid=
 weir_ready=1
 weir_unready_reason=
@@ -135,6 +154,9 @@ cleanup() {
     fi
     if ((kafka_started)); then
         "$KAFKA_SH" stop || true
+    fi
+    if ((postgres_started)); then
+        "$POSTGRES_SH" stop || true
     fi
     if ((status == 0)); then
         rm -rf "$WORK"
@@ -297,11 +319,12 @@ flood() {
     sleep 2 # let sockets close and the servers settle before the next run
 }
 
-# summary SCENARIO BASELINE_JSON CANDIDATE_JSON
+# summary SCENARIO BASELINE_JSON CANDIDATE_JSON [COMPARE_ARGS...]
 summary() {
     local scenario=$1 baseline=$2 candidate=$3
+    shift 3
     if ((weir_ready)) && [[ -s $candidate ]]; then
-        "$LOAD" compare --scenario "$scenario" --baseline "$baseline" --candidate "$candidate"
+        "$LOAD" compare --scenario "$scenario" --baseline "$baseline" --candidate "$candidate" "$@"
     else
         echo "SUMMARY $scenario: no weir result; $weir_unready_reason"
     fi
@@ -350,7 +373,7 @@ produce_baseline() {
 }
 
 # verify_kafka LABEL TOPIC DEVICE_FILES...: reads TOPIC back and prints the verifier's JSON line
-# and its SUMMARY line; a loss (or a failed read) sets kafka_lost.
+# and its SUMMARY line; a loss (or a failed read) sets verify_lost.
 verify_kafka() {
     local label=$1 topic=$2 status=0 file
     shift 2
@@ -369,7 +392,7 @@ verify_kafka() {
         --summary "qos1-kafka-verify $label" "${devices_in[@]}" || status=$?
     if ((status != 0)); then
         # 1 is "records lost" (the SUMMARY line says so) or a failed read (the error says so).
-        kafka_lost=1
+        verify_lost=1
     fi
 }
 
@@ -423,6 +446,91 @@ topic = \"$KAFKA_TOPIC\""
     verify_kafka raw-producer "$KAFKA_RAW_TOPIC" "$WORK/raw-max.devices.json" "$WORK/raw-half.devices.json"
 }
 
+start_postgres() {
+    [[ -x $POSTGRES_SH ]] || die "qos1-postgres needs $POSTGRES_SH, which is missing"
+    if "$POSTGRES_SH" status >/dev/null; then
+        log "PostgreSQL already running ($("$POSTGRES_SH" url)); using it and leaving it running"
+    else
+        "$POSTGRES_SH" start || die "could not start PostgreSQL with $POSTGRES_SH"
+        postgres_started=1
+    fi
+}
+
+# pg_fresh_table TABLE: drops and creates TABLE as weir's sink does, then checkpoints, so no run
+# pays for the dirty pages and WAL of the one before.
+pg_fresh_table() {
+    "$LOAD" create-table --url "$PG_URL" --table "$1" --recreate || die "could not create table $1"
+    "$POSTGRES_SH" psql -X -q -v ON_ERROR_STOP=1 -c CHECKPOINT >/dev/null ||
+        log "CHECKPOINT failed; going on without it"
+}
+
+# copy_baseline NAME [ARGS...]: one raw COPY run into a fresh $PG_RAW_TABLE; prints its JSON line,
+# keeps it in $WORK/NAME.json and the per-device counts in $WORK/NAME.devices.json, then reads
+# the table back (the next run recreates it).
+copy_baseline() {
+    local name=$1 out=$WORK/$1.json
+    shift
+    pg_fresh_table "$PG_RAW_TABLE"
+    log "copy-baseline: $name"
+    if ! "$LOAD" copy-baseline --url "$PG_URL" --table "$PG_RAW_TABLE" --devices "$connections" \
+        --payload-bytes "$payload" --duration-secs "$duration" --device-prefix "bench-$RUN_ID-$name" \
+        --devices-out "$WORK/$name.devices.json" "$@" >"$out"; then
+        log "copy-baseline $name got nothing through; see the errors above"
+    fi
+    cat "$out"
+    verify_postgres "$name" "$PG_RAW_TABLE" "$WORK/$name.devices.json"
+}
+
+# verify_postgres LABEL TABLE DEVICE_FILES...: reads the devices' rows of TABLE back and prints
+# the verifier's JSON line and its SUMMARY line; a loss (or a failed read) sets verify_lost.
+verify_postgres() {
+    local label=$1 table=$2 status=0 file
+    shift 2
+    local -a devices_in=()
+    for file in "$@"; do
+        if [[ -s $file ]]; then
+            devices_in+=(--devices-in "$file")
+        fi
+    done
+    if ((${#devices_in[@]} == 0)); then
+        echo "SUMMARY qos1-postgres-verify $label: not run (no per-device counts)"
+        return
+    fi
+    log "verify-postgres: $label ($table)"
+    "$LOAD" verify-postgres --url "$PG_URL" --table "$table" \
+        --summary "qos1-postgres-verify $label" "${devices_in[@]}" || status=$?
+    if ((status != 0)); then
+        verify_lost=1
+    fi
+}
+
+# qos1-postgres: raw COPY the way weir writes and straight into the table, then weir, then weir's
+# table read back.
+postgres_scenario() {
+    start_postgres
+    PG_URL=$("$POSTGRES_SH" url)
+    copy_baseline raw-copy
+    copy_baseline raw-copy-direct --direct
+
+    pg_fresh_table "$PG_TABLE"
+    local sink_config="url = \"$PG_URL\"
+table = \"$PG_TABLE\""
+    if ((weir_ready)) && start_weir postgres "$sink_config"; then
+        flood weir-postgres "$WEIR_MQTT_PORT" 1 weir-postgres --devices-out "$WORK/weir-postgres.devices.json"
+        stop_weir # flushes: every acknowledged row is committed before the verifier reads
+    else
+        weir_ready=0
+    fi
+    summary qos1-postgres "$WORK/raw-copy.json" "$WORK/weir-postgres.json" --min-ratio "$PG_MIN_RATIO"
+    summary "qos1-postgres-direct (baseline: COPY straight into the table, the database's limit)" \
+        "$WORK/raw-copy-direct.json" "$WORK/weir-postgres.json"
+    if ((weir_ready)); then
+        verify_postgres weir "$PG_TABLE" "$WORK/weir-postgres.devices.json"
+    else
+        echo "SUMMARY qos1-postgres-verify weir: not run; $weir_unready_reason"
+    fi
+}
+
 # Many simulated devices need many descriptors, in the generator and in the servers.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
@@ -430,6 +538,9 @@ if [[ -z $scenarios ]]; then
     scenarios=" qos0-blackhole qos1-blackhole qos1-sqlite "
     if [[ -x $KAFKA_SH ]] && "$KAFKA_SH" status >/dev/null 2>&1; then
         scenarios+="qos1-kafka "
+    fi
+    if [[ -x $POSTGRES_SH ]] && "$POSTGRES_SH" status >/dev/null 2>&1; then
+        scenarios+="qos1-postgres "
     fi
 fi
 
@@ -486,12 +597,17 @@ if selected qos1-kafka; then
     kafka_scenario
 fi
 
+# (e): PostgreSQL sink against raw binary COPY.
+if selected qos1-postgres; then
+    postgres_scenario
+fi
+
 if ((!weir_ready)); then
     log "$weir_unready_reason"
     exit 2
 fi
-if ((kafka_lost)); then
-    log "the Kafka verifier found acknowledged records missing or could not read a topic back" \
-        "(see SUMMARY qos1-kafka-verify)"
+if ((verify_lost)); then
+    log "a verifier found acknowledged records missing or could not read them back" \
+        "(see the SUMMARY ...-verify lines)"
     exit 3
 fi

@@ -16,10 +16,12 @@ stop_started() {
     done
 }
 trap stop_started EXIT
-if ! deploy/local/kafka.sh status >/dev/null; then
-    deploy/local/kafka.sh start
-    started+=(kafka)
-fi
+for service in kafka postgres; do
+    if ! deploy/local/"$service".sh status >/dev/null; then
+        deploy/local/"$service".sh start
+        started+=("$service")
+    fi
+done
 
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 jobs=${CARGO_BUILD_JOBS:-2}

@@ -209,6 +209,7 @@ impl FabricConfig {
 pub enum SinkConfig {
     Sqlite(SqliteSinkConfig),
     Kafka(KafkaSinkConfig),
+    Postgres(PostgresSinkConfig),
     /// Discards records after counting them: measures the ingest path alone.
     Blackhole {},
 }
@@ -217,6 +218,29 @@ impl Default for SinkConfig {
     fn default() -> Self {
         SinkConfig::Sqlite(SqliteSinkConfig::default())
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSinkConfig {
+    /// `postgres://user:password@host:port/database` (or libpq `key=value` form).
+    pub url: String,
+    /// Table for records, created if missing; `schema.table` allowed.
+    #[serde(default = "defaults::pg_table")]
+    pub table: String,
+    /// Table for undecodable payloads and rows the database rejects, created if missing.
+    #[serde(default = "defaults::pg_dead_letter_table")]
+    pub dead_letter_table: String,
+    /// Connections, and so batches written at once.
+    #[serde(default = "defaults::pg_pool_size")]
+    pub pool_size: usize,
+    /// A connection attempt taking longer fails (and is retried with backoff).
+    #[serde(default = "defaults::pg_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// With `sslmode=require` in the URL, weir connects over TLS and verifies the server's
+    /// certificate and host name against this PEM bundle (default: the system's roots).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// How record values are encoded on Kafka.
@@ -411,6 +435,18 @@ mod defaults {
     pub fn grace_ms() -> u64 {
         10_000
     }
+    pub fn pg_table() -> String {
+        "telemetry".into()
+    }
+    pub fn pg_dead_letter_table() -> String {
+        "telemetry_dead_letter".into()
+    }
+    pub fn pg_pool_size() -> usize {
+        4
+    }
+    pub fn pg_connect_timeout_ms() -> u64 {
+        10_000
+    }
     pub fn yes() -> bool {
         true
     }
@@ -505,6 +541,9 @@ impl Config {
             });
             kafka.validate(committed).map_err(|(key, reason)| invalid(format!("sink.{key}"), reason))?;
         }
+        if let SinkConfig::Postgres(pg) = &self.sink {
+            pg.validate().map_err(|(key, reason)| invalid(format!("sink.{key}"), reason))?;
+        }
         let mut seen = HashSet::new();
         for (i, listener) in self.listeners.iter().enumerate() {
             let key = |field: &str| format!("listeners[{i}].{field}");
@@ -551,6 +590,26 @@ impl Config {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl PostgresSinkConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        if let Err(e) = self.url.parse::<tokio_postgres::Config>() {
+            return Err(("url".into(), format!("not a PostgreSQL connection string: {e}")));
+        }
+        for (key, name) in [("table", &self.table), ("dead_letter_table", &self.dead_letter_table)] {
+            if let Err(reason) = crate::sink::postgres::check_table_name(name) {
+                return Err((key.into(), format!("{name:?}: {reason}")));
+            }
+        }
+        if self.table == self.dead_letter_table {
+            return Err(("dead_letter_table".into(), "must differ from table".into()));
+        }
+        if self.pool_size == 0 || self.pool_size > 64 {
+            return Err(("pool_size".into(), "must be between 1 and 64".into()));
         }
         Ok(())
     }
@@ -687,6 +746,20 @@ mod tests {
         // With every listener acking on receipt, idempotence is the user's call.
         let received = format!("{base}[sink.librdkafka_options]\n\"enable.idempotence\" = false\n[[listeners]]\nprotocol = \"mqtt\"\nack = \"received\"\n");
         Config::parse(&received, "k.toml").unwrap();
+    }
+
+    #[test]
+    fn postgres_config_is_checked() {
+        let base = "[sink]\nkind = \"postgres\"\nurl = \"postgres://weir@127.0.0.1:5433/weir\"\n";
+        Config::parse(base, "p.toml").unwrap();
+        let err = Config::parse(&format!("{base}table = \"bad-name\"\n"), "p.toml").unwrap_err().to_string();
+        assert!(err.contains("sink.table"), "{err}");
+        Config::parse(&format!("{base}table = \"iot.readings\"\n"), "p.toml").unwrap();
+        let err =
+            Config::parse("[sink]\nkind = \"postgres\"\nurl = \"postgres://a:b@h:notaport/db\"\n", "p.toml")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("sink.url"), "{err}");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::config::{Config, ListenerConfig, SinkConfig};
 use crate::fabric::{run_batcher, BatchLimits, Fabric};
 use crate::listener::mqtt::MqttContext;
 use crate::metrics::Metrics;
-use crate::sink::{run_sink_driver, BlackholeSink, KafkaSink, SqliteSink};
+use crate::sink::{run_sink_driver, BlackholeSink, KafkaSink, PostgresSink, SqliteSink};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +81,10 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     match &config.sink {
         SinkConfig::Kafka(kafka) => {
             let sink = KafkaSink::open(kafka, Arc::clone(&metrics)).map_err(StartError::Sink)?;
+            pipeline.spawn(run_sink_driver(sink, batches_rx, Arc::clone(&metrics), abort_rx));
+        }
+        SinkConfig::Postgres(pg) => {
+            let sink = PostgresSink::open(pg, Arc::clone(&metrics)).map_err(StartError::Sink)?;
             pipeline.spawn(run_sink_driver(sink, batches_rx, Arc::clone(&metrics), abort_rx));
         }
         SinkConfig::Sqlite(sqlite) => {

@@ -95,18 +95,39 @@ fn parse_setting(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// The device id prefix: `given`, or `{stem}-{unix time}` so reruns into a persistent sink are
+/// not deduplicated away. Letters, digits, `-`, `_` and `.` only (ids need no escaping).
+pub(crate) fn device_prefix(given: Option<&str>, stem: &str) -> anyhow::Result<String> {
+    let prefix = match given {
+        Some(prefix) => prefix.to_owned(),
+        None => {
+            let unix_now =
+                SystemTime::now().duration_since(UNIX_EPOCH).context("system clock is before 1970")?;
+            format!("{stem}-{}", unix_now.as_secs())
+        }
+    };
+    if prefix.is_empty()
+        || !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        bail!("--device-prefix {prefix:?}: use letters, digits, '-', '_' and '.' only");
+    }
+    Ok(prefix)
+}
+
 /// One simulated device: the record weir would make of its readings, updated per message.
-struct SimulatedDevice {
-    id: String,
+/// Shared with the raw COPY baseline (`copy_baseline`).
+pub(crate) struct SimulatedDevice {
+    pub(crate) id: String,
     /// The MQTT topic the flood's device publishes to: the record's `source`.
-    source: String,
+    pub(crate) source: String,
     payload: TelemetryPayload,
     record: Record,
-    seq: u64,
+    /// The last seq produced (0 before the first).
+    pub(crate) seq: u64,
 }
 
 impl SimulatedDevice {
-    fn new(id: String, payload_bytes: usize) -> anyhow::Result<Self> {
+    pub(crate) fn new(id: String, payload_bytes: usize) -> anyhow::Result<Self> {
         let source = format!("devices/{id}/telemetry");
         let payload = TelemetryPayload::new(id.clone(), payload_bytes);
         // The template is what weir's own decoder makes of the flood's first reading; later
@@ -127,7 +148,7 @@ impl SimulatedDevice {
     }
 
     /// The record weir would write for this device's reading `seq` sent and received at `ts_ms`.
-    fn record_for(&mut self, seq: u64, ts_ms: u64) -> &Record {
+    pub(crate) fn record_for(&mut self, seq: u64, ts_ms: u64) -> &Record {
         self.record.seq = Some(seq);
         self.record.device_ts_ms = Some(ts_ms as i64);
         self.record.received_ts_ms = ts_ms as i64;
@@ -211,13 +232,7 @@ impl ProducerContext for DeliveryTracker {
 /// from send to delivery report, `errors` records that failed or were not reported delivered
 /// by the drain timeout; [`FloodReport::devices`] has each device's counts.
 pub async fn run(params: BaselineParams) -> anyhow::Result<FloodReport> {
-    let unix_now = SystemTime::now().duration_since(UNIX_EPOCH).context("system clock is before 1970")?;
-    let prefix = params.device_prefix.clone().unwrap_or_else(|| format!("raw-{}", unix_now.as_secs()));
-    if prefix.is_empty()
-        || !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
-        bail!("--device-prefix {prefix:?}: use letters, digits, '-', '_' and '.' only");
-    }
+    let prefix = device_prefix(params.device_prefix.as_deref(), "raw")?;
     let status = create_topic(&params.brokers, &params.topic, params.partitions, false).await?;
     eprintln!("produce-baseline: topic {} on {}: {status:?}", params.topic, params.brokers);
 
@@ -457,6 +472,16 @@ mod tests {
         assert_eq!((params.rate, params.duration_secs, params.payload_bytes), (0, 10, 128));
         assert_eq!(params.label, "raw-producer");
         assert!(params.producer_options.is_empty());
+    }
+
+    #[test]
+    fn device_prefix_defaults_to_the_stem_and_the_time_and_rejects_odd_characters() {
+        assert_eq!(device_prefix(Some("bench-1.x_2"), "raw").unwrap(), "bench-1.x_2");
+        let default = device_prefix(None, "copy").unwrap();
+        assert!(default.strip_prefix("copy-").unwrap().bytes().all(|b| b.is_ascii_digit()), "{default}");
+        for bad in ["", "a b", "a/b", "ä", "a\"\"b"] {
+            assert!(device_prefix(Some(bad), "raw").is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! weir-load: simulated devices that load an MQTT server (weir or a baseline), the raw Kafka
-//! producer baseline, and the Kafka verifier; each prints JSON.
+//! producer and PostgreSQL COPY baselines, and the Kafka and PostgreSQL verifiers; each prints
+//! JSON.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,7 +10,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use weir_load::report::{self, read_device_counts, write_device_counts, DeviceCounts, FloodReport};
-use weir_load::{baseline, flood, kafka, verify};
+use weir_load::{baseline, copy_baseline, flood, kafka, postgres, verify};
 
 /// weir's device simulator and benchmark tool.
 #[derive(Debug, Parser)]
@@ -31,6 +32,15 @@ enum Command {
     VerifyKafka(VerifyKafkaArgs),
     /// Create a Kafka topic (replication 1) unless it exists, and wait for its partition leaders.
     CreateTopic(CreateTopicArgs),
+    /// Write the rows weir would write straight to PostgreSQL with binary COPY, in batches over
+    /// a few connections; print one JSON report in flood's shape (the baseline for weir's
+    /// PostgreSQL sink).
+    CopyBaseline(CopyBaselineArgs),
+    /// Read `(device_id, seq)` of a PostgreSQL table back and count lost and duplicated rows per
+    /// device; print one JSON object. Exit 0 when nothing acknowledged is missing, 1 otherwise.
+    VerifyPostgres(VerifyPostgresArgs),
+    /// Create the table weir's PostgreSQL sink writes, unless it exists.
+    CreateTable(CreateTableArgs),
     /// Print one summary line comparing two reports (e.g. weir against Mosquitto).
     Compare(CompareArgs),
 }
@@ -49,6 +59,15 @@ struct BaselineArgs {
     #[command(flatten)]
     params: baseline::BaselineParams,
     /// Also write every simulated device's `{"sent", "acked_through"}` here (delivery reports).
+    #[arg(long)]
+    devices_out: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct CopyBaselineArgs {
+    #[command(flatten)]
+    params: copy_baseline::CopyBaselineParams,
+    /// Also write every simulated device's `{"sent", "acked_through"}` here (committed rows).
     #[arg(long)]
     devices_out: Option<PathBuf>,
 }
@@ -73,6 +92,39 @@ struct VerifyKafkaArgs {
     /// After the JSON object, also print one `SUMMARY NAME: ...` line (for bench.sh).
     #[arg(long, value_name = "NAME")]
     summary: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct VerifyPostgresArgs {
+    /// PostgreSQL connection URL (no TLS).
+    #[arg(long, default_value = postgres::DEFAULT_URL)]
+    url: String,
+    /// The table weir's sink writes.
+    #[arg(long, default_value = "telemetry")]
+    table: String,
+    /// Per-device counts from `flood --devices-out` (repeatable; the files are merged). Only
+    /// these devices' rows are read. Without any, every row is read and every device found is
+    /// checked for duplicates only.
+    #[arg(long)]
+    devices_in: Vec<PathBuf>,
+    /// Device rows (those that lost records) printed at most.
+    #[arg(long, default_value_t = 20)]
+    max_rows: usize,
+    /// After the JSON object, also print one `SUMMARY NAME: ...` line (for bench.sh).
+    #[arg(long, value_name = "NAME")]
+    summary: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct CreateTableArgs {
+    /// PostgreSQL connection URL (no TLS).
+    #[arg(long, default_value = postgres::DEFAULT_URL)]
+    url: String,
+    #[arg(long, default_value = "telemetry")]
+    table: String,
+    /// Drop the table (and everything in it) first, so the run starts empty.
+    #[arg(long)]
+    recreate: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -106,12 +158,19 @@ struct CompareArgs {
     /// With --latency: the candidate's p99 target, reported as met or MISSED.
     #[arg(long, requires = "latency")]
     p99_target_ms: Option<f64>,
+    /// Throughput comparison: the least candidate/baseline msgs/s ratio, reported as met or
+    /// MISSED (e.g. 0.8).
+    #[arg(long, conflicts_with = "latency")]
+    min_ratio: Option<f64>,
 }
 
-/// What `verify-kafka` prints.
+/// What `verify-kafka` and `verify-postgres` print.
 #[derive(Debug, Serialize)]
 struct VerifyOutput<'a> {
-    topic: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topic: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    table: Option<&'a str>,
     passed: bool,
     totals: &'a verify::Totals,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -139,13 +198,35 @@ async fn main() -> anyhow::Result<ExitCode> {
             eprintln!("create-topic: {} on {}: {status:?}", args.topic, args.brokers);
             Ok(ExitCode::SUCCESS)
         }
+        Command::CopyBaseline(args) => {
+            let report = copy_baseline::run(args.params).await?;
+            let status = finish_run(&report, args.devices_out.as_deref())?;
+            // Rows written but no batch committed: nothing got through either.
+            Ok(if report.acked == 0 && report.errors > 0 { ExitCode::FAILURE } else { status })
+        }
+        Command::VerifyPostgres(args) => verify_postgres(args).await,
+        Command::CreateTable(args) => {
+            let client = postgres::connect(&args.url).await?;
+            postgres::create_table(&client, &args.table, args.recreate).await?;
+            eprintln!(
+                "create-table: {} at {}: {}",
+                args.table,
+                args.url,
+                if args.recreate { "recreated" } else { "exists" }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Compare(args) => {
             let baseline = read_report(&args.baseline)?;
             let candidate = read_report(&args.candidate)?;
             let line = if args.latency {
                 report::latency_line(&args.scenario, &baseline, &candidate, args.p99_target_ms)
             } else {
-                report::comparison_line(&args.scenario, &baseline, &candidate)
+                let mut line = report::comparison_line(&args.scenario, &baseline, &candidate);
+                if let Some(min_ratio) = args.min_ratio {
+                    line.push_str(&report::ratio_target(&baseline, &candidate, min_ratio));
+                }
+                line
             };
             println!("{line}");
             Ok(ExitCode::SUCCESS)
@@ -164,34 +245,83 @@ fn finish_run(report: &FloodReport, devices_out: Option<&Path>) -> anyhow::Resul
     Ok(if nothing_went_through { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
-async fn verify_kafka(args: VerifyKafkaArgs) -> anyhow::Result<ExitCode> {
+/// Merges the `--devices-in` files; a device in two files is an error.
+fn read_expected(paths: &[PathBuf]) -> anyhow::Result<DeviceCounts> {
     let mut expected = DeviceCounts::new();
-    for path in &args.devices_in {
+    for path in paths {
         for (device, count) in read_device_counts(path)? {
             if expected.insert(device.clone(), count).is_some() {
                 bail!("device {device} appears in more than one --devices-in file");
             }
         }
     }
+    Ok(expected)
+}
+
+/// Where a verifier read from, for its output.
+enum VerifiedSource<'a> {
+    Topic(&'a str),
+    Table(&'a str),
+}
+
+/// Prints the verdict's JSON object (and the SUMMARY line when asked); exit 0 when it passed.
+fn print_verdict(
+    source: VerifiedSource<'_>,
+    expected: &DeviceCounts,
+    found: &verify::Found,
+    max_rows: usize,
+    summary: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let verdict = verify::verdict(expected, found);
+    let lossy = verdict.devices.iter().filter(|d| d.lost > 0).count();
+    let (topic, table) = match source {
+        VerifiedSource::Topic(topic) => (Some(topic), None),
+        VerifiedSource::Table(table) => (None, Some(table)),
+    };
+    let output = VerifyOutput {
+        topic,
+        table,
+        passed: verdict.passed(),
+        totals: &verdict.totals,
+        first_undecodable: found.first_undecodable.as_deref(),
+        lossy_devices: verdict.lossy_devices(max_rows).collect(),
+        lossy_devices_not_shown: lossy.saturating_sub(max_rows),
+    };
+    println!("{}", serde_json::to_string(&output)?);
+    if let Some(name) = summary {
+        println!("{}", verdict.summary_line(name));
+    }
+    Ok(if verdict.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+async fn verify_kafka(args: VerifyKafkaArgs) -> anyhow::Result<ExitCode> {
+    let expected = read_expected(&args.devices_in)?;
     let found =
         verify::kafka::consume(&args.brokers, &args.topic, Duration::from_secs(args.idle_timeout_secs))
             .await
             .with_context(|| format!("reading topic {}", args.topic))?;
-    let verdict = verify::verdict(&expected, &found);
-    let lossy = verdict.devices.iter().filter(|d| d.lost > 0).count();
-    let output = VerifyOutput {
-        topic: &args.topic,
-        passed: verdict.passed(),
-        totals: &verdict.totals,
-        first_undecodable: found.first_undecodable.as_deref(),
-        lossy_devices: verdict.lossy_devices(args.max_rows).collect(),
-        lossy_devices_not_shown: lossy.saturating_sub(args.max_rows),
-    };
-    println!("{}", serde_json::to_string(&output)?);
-    if let Some(name) = &args.summary {
-        println!("{}", verdict.summary_line(name));
-    }
-    Ok(if verdict.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    print_verdict(
+        VerifiedSource::Topic(&args.topic),
+        &expected,
+        &found,
+        args.max_rows,
+        args.summary.as_deref(),
+    )
+}
+
+async fn verify_postgres(args: VerifyPostgresArgs) -> anyhow::Result<ExitCode> {
+    let expected = read_expected(&args.devices_in)?;
+    let devices: Vec<String> = expected.keys().cloned().collect();
+    let filter = (!devices.is_empty()).then_some(devices.as_slice());
+    // The errors name the table.
+    let found = verify::postgres::consume(&args.url, &args.table, filter).await?;
+    print_verdict(
+        VerifiedSource::Table(&args.table),
+        &expected,
+        &found,
+        args.max_rows,
+        args.summary.as_deref(),
+    )
 }
 
 fn read_report(path: &Path) -> anyhow::Result<FloodReport> {

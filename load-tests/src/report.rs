@@ -136,6 +136,18 @@ pub fn comparison_line(scenario: &str, baseline: &FloodReport, candidate: &Flood
     line
 }
 
+/// What [`comparison_line`] appends for a throughput target: `; target {candidate}/{baseline}
+/// ratio>=R: met|MISSED`.
+pub fn ratio_target(baseline: &FloodReport, candidate: &FloodReport, min_ratio: f64) -> String {
+    let met = baseline.msgs_per_sec > 0.0 && candidate.msgs_per_sec >= min_ratio * baseline.msgs_per_sec;
+    format!(
+        "; target {}/{} ratio>={min_ratio:.2}: {}",
+        candidate.label,
+        baseline.label,
+        if met { "met" } else { "MISSED" }
+    )
+}
+
 /// One line comparing the latency percentiles of two paced runs (same offered load), with the
 /// candidate's p99 checked against `p99_target_ms` when given. When the candidate delivered
 /// under 95% of the baseline's rate it could not keep up with the offered load, and the line
@@ -232,6 +244,17 @@ mod tests {
         assert!(line.contains("ratio=0.50"), "{line}");
         assert!(line.contains("p99 weir=4.000ms mosquitto=1.250ms"), "{line}");
         assert!(!line.contains("WARNING"), "{line}");
+    }
+
+    #[test]
+    fn ratio_target_says_met_or_missed() {
+        let raw = report("raw-copy", 1000.0, Some(2.0));
+        assert_eq!(
+            ratio_target(&raw, &report("weir-postgres", 800.0, Some(4.0)), 0.8),
+            "; target weir-postgres/raw-copy ratio>=0.80: met"
+        );
+        assert!(ratio_target(&raw, &report("weir-postgres", 799.0, None), 0.8).ends_with("MISSED"));
+        assert!(ratio_target(&report("raw-copy", 0.0, None), &raw, 0.8).ends_with("MISSED"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 mod blackhole;
 pub mod encode;
 pub mod kafka;
+pub mod postgres;
 mod sqlite;
 
 use std::future::Future;
@@ -19,6 +20,7 @@ use weir_protocols::mqtt::session::Outcome;
 
 pub use blackhole::BlackholeSink;
 pub use kafka::KafkaSink;
+pub use postgres::PostgresSink;
 pub use sqlite::SqliteSink;
 
 use crate::fabric::Batch;

@@ -1,7 +1,9 @@
 //! The end-to-end verifier: what a sink holds, per device, against what the devices were told
-//! was acknowledged. [`verdict`] is the pure comparison; [`kafka`] reads a topic back.
+//! was acknowledged. [`verdict`] is the pure comparison; [`kafka`] reads a topic back,
+//! [`postgres`] a table.
 
 pub mod kafka;
+pub mod postgres;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
