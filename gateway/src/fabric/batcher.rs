@@ -27,11 +27,21 @@ pub struct Batch {
     records: usize,
     charged: usize,
     budget: Arc<Budget>,
+    /// Batches merged into this one (their items moved here); they return their room when
+    /// this batch drops.
+    absorbed: Vec<Batch>,
 }
 
 impl Batch {
     fn new(budget: Arc<Budget>, capacity: usize) -> Self {
-        Self { items: Vec::with_capacity(capacity), bytes: 0, records: 0, charged: 0, budget }
+        Self {
+            items: Vec::with_capacity(capacity),
+            bytes: 0,
+            records: 0,
+            charged: 0,
+            budget,
+            absorbed: Vec::new(),
+        }
     }
 
     fn push(&mut self, item: Item) {
@@ -43,6 +53,14 @@ impl Batch {
 
     pub fn len(&self) -> usize {
         self.items.len()
+    }
+
+    /// Moves `other`'s items to the end of this batch, so a sink writes both in one commit
+    /// (group commit). Room in the fabric comes back when this batch drops.
+    pub fn absorb(&mut self, mut other: Batch) {
+        self.items.append(&mut other.items);
+        self.bytes += other.bytes;
+        self.absorbed.push(other);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -161,6 +179,29 @@ mod tests {
         fabric.send(item(3)).await.unwrap();
         assert_eq!(seqs(&batches.recv_async().await.unwrap()), [1, 2]);
         assert_eq!(seqs(&batches.recv_async().await.unwrap()), [3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn merged_batches_return_all_their_room_when_dropped() {
+        let metrics = Arc::new(Metrics::new());
+        let (fabric, mut shards) = Fabric::new(1, 4, 1 << 30, WhenFull::DropNewest, Arc::clone(&metrics));
+        let (batches_tx, batches) = flume::bounded(4);
+        let limits = BatchLimits { max_records: 2, max_bytes: 1 << 30, linger: Duration::from_millis(1) };
+        let _task = tokio::spawn(run_batcher(shards.pop().unwrap(), limits, batches_tx));
+        for seq in 0..4 {
+            fabric.send(item(seq)).await.unwrap();
+        }
+        assert!(matches!(fabric.send(item(9)).await, Err(crate::fabric::SendError::Full(_))));
+        let mut first = batches.recv_async().await.unwrap();
+        first.absorb(batches.recv_async().await.unwrap());
+        assert_eq!(seqs(&first), [0, 1, 2, 3]);
+        let gauge = || metrics.shard_records.get_or_create(&crate::metrics::ShardLabel { shard: 0 }).get();
+        assert_eq!(gauge(), 4);
+        first.settle(Outcome::Stored);
+        assert_eq!(gauge(), 0);
+        for seq in 10..14 {
+            fabric.send(item(seq)).await.unwrap();
+        }
     }
 
     #[tokio::test(start_paused = true)]

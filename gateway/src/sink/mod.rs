@@ -61,6 +61,12 @@ pub trait Sink: Send + 'static {
         1
     }
 
+    /// Batches already waiting are merged up to this many records into one write, so a sink
+    /// that pays per commit (an fsync) pays once for them (group commit). 0: no merging.
+    fn merge_up_to(&self) -> usize {
+        0
+    }
+
     /// Starts writing `batch`. Waits while the sink cannot take more (its queue is full): that
     /// wait is the backpressure. The returned future completes the write.
     fn submit(&mut self, batch: Arc<Batch>) -> impl Future<Output = Result<Pending, SinkError>> + Send;
@@ -112,10 +118,16 @@ pub async fn run_sink_driver<S: Sink>(
                 finish(&sink, &metrics, batch, started, result);
             }
             received = batches_rx.recv_async(), if input_open && in_flight.len() < max_in_flight => {
-                let Ok(batch) = received else {
+                let Ok(mut batch) = received else {
                     input_open = false;
                     continue;
                 };
+                while batch.len() < sink.merge_up_to() {
+                    match batches_rx.try_recv() {
+                        Ok(next) => batch.absorb(next),
+                        Err(_) => break,
+                    }
+                }
                 let batch = Arc::new(batch);
                 let started = Instant::now();
                 let pending = match sink.submit(Arc::clone(&batch)).await {

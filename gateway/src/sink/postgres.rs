@@ -12,7 +12,7 @@ use futures_util::pin_mut;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use weir_proto::Record;
 
@@ -102,6 +102,13 @@ struct Statements {
     dead_letter: String,
 }
 
+/// A pooled connection with its statements prepared once.
+struct Conn {
+    client: Client,
+    copy: Statement,
+    insert: Statement,
+}
+
 struct Shared {
     config: PostgresSinkConfig,
     pg_config: tokio_postgres::Config,
@@ -109,7 +116,7 @@ struct Shared {
     tls: Option<MakeRustlsConnect>,
     sql: Statements,
     /// Idle connections; a write takes one and gives it back unless it broke.
-    idle: Mutex<Vec<Client>>,
+    idle: Mutex<Vec<Conn>>,
     metrics: Arc<Metrics>,
 }
 
@@ -223,6 +230,10 @@ impl Sink for PostgresSink {
         self.shared.config.pool_size
     }
 
+    fn merge_up_to(&self) -> usize {
+        8192
+    }
+
     async fn submit(&mut self, batch: Arc<Batch>) -> Result<Pending, SinkError> {
         let shared = Arc::clone(&self.shared);
         Ok(Box::pin(async move { shared.write(&batch).await }))
@@ -240,7 +251,7 @@ struct Letter<'a> {
 }
 
 impl Shared {
-    async fn connect(&self) -> Result<Client, SinkError> {
+    async fn connect(&self) -> Result<Conn, SinkError> {
         let failed = |e: tokio_postgres::Error| {
             self.metrics.sink_connected.set(0);
             SinkError::Retriable(format!("postgres connect: {e}"))
@@ -262,23 +273,25 @@ impl Shared {
             .batch_execute(&self.sql.staging)
             .await
             .map_err(|e| retriable("creating the staging table", &e))?;
+        let copy = client.prepare(&self.sql.copy).await.map_err(|e| retriable("preparing COPY", &e))?;
+        let insert = client.prepare(&self.sql.insert).await.map_err(|e| retriable("preparing INSERT", &e))?;
         self.metrics.sink_connected.set(1);
-        Ok(client)
+        Ok(Conn { client, copy, insert })
     }
 
-    async fn client(&self) -> Result<Client, SinkError> {
+    async fn conn(&self) -> Result<Conn, SinkError> {
         let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
         match idle {
-            Some(client) if !client.is_closed() => Ok(client),
+            Some(conn) if !conn.client.is_closed() => Ok(conn),
             _ => self.connect().await,
         }
     }
 
-    fn give_back(&self, client: Client) {
-        if client.is_closed() {
+    fn give_back(&self, conn: Conn) {
+        if conn.client.is_closed() {
             self.metrics.sink_connected.set(0);
         } else {
-            self.idle.lock().unwrap_or_else(PoisonError::into_inner).push(client);
+            self.idle.lock().unwrap_or_else(PoisonError::into_inner).push(conn);
         }
     }
 
@@ -294,12 +307,12 @@ impl Shared {
                 Payload::DeadLetter(d) => letters.push(fabric_letter(d)),
             }
         }
-        let mut client = self.client().await?;
-        let result = self.write_all(&mut client, &records, letters).await;
+        let mut conn = self.conn().await?;
+        let result = self.write_all(&mut conn, &records, letters).await;
         match &result {
             Ok(_) => {
                 self.metrics.sink_connected.set(1);
-                self.give_back(client);
+                self.give_back(conn);
             }
             Err(error) => {
                 // The server may have restarted: every pooled connection is suspect. Reconnect
@@ -315,11 +328,11 @@ impl Shared {
     /// Writes the records and letters; on a data error, isolates the rows the database refuses.
     async fn write_all<'a>(
         &self,
-        client: &mut Client,
+        conn: &mut Conn,
         records: &[&'a Record],
         mut letters: Vec<Letter<'a>>,
     ) -> Result<WriteReport, SinkError> {
-        match self.transaction(client, records, &letters).await {
+        match self.transaction(conn, records, &letters).await {
             Ok(inserted) => {
                 return Ok(WriteReport {
                     records: records.len(),
@@ -335,7 +348,7 @@ impl Shared {
         let mut report = WriteReport::default();
         let mut pending = vec![records];
         while let Some(part) = pending.pop() {
-            match self.transaction(client, part, &[]).await {
+            match self.transaction(conn, part, &[]).await {
                 Ok(inserted) => {
                     report.records += part.len();
                     report.duplicates += part.len() - inserted;
@@ -353,7 +366,7 @@ impl Shared {
                 }
             }
         }
-        self.transaction(client, &[], &letters).await.map_err(|e| retriable("writing dead letters", &e))?;
+        self.transaction(conn, &[], &letters).await.map_err(|e| retriable("writing dead letters", &e))?;
         report.dead_letters = letters.len();
         Ok(report)
     }
@@ -362,14 +375,14 @@ impl Shared {
     /// Returns the number of records inserted (the rest were duplicates).
     async fn transaction(
         &self,
-        client: &mut Client,
+        conn: &mut Conn,
         records: &[&Record],
         letters: &[Letter<'_>],
     ) -> Result<usize, tokio_postgres::Error> {
-        let tx = client.transaction().await?;
+        let tx = conn.client.transaction().await?;
         let mut inserted = 0;
         if !records.is_empty() {
-            let sink = tx.copy_in(&self.sql.copy).await?;
+            let sink = tx.copy_in(&conn.copy).await?;
             let writer = BinaryCopyInWriter::new(sink, &COLUMN_TYPES);
             pin_mut!(writer);
             let (mut metrics, mut tags) = (Vec::with_capacity(256), Vec::with_capacity(64));
@@ -396,7 +409,7 @@ impl Shared {
                     .await?;
             }
             writer.finish().await?;
-            inserted = tx.execute(&self.sql.insert, &[]).await? as usize;
+            inserted = tx.execute(&conn.insert, &[]).await? as usize;
         }
         if !letters.is_empty() {
             let statement = tx.prepare(&self.sql.dead_letter).await?;

@@ -82,6 +82,10 @@ impl Sink for SqliteSink {
         "sqlite"
     }
 
+    fn merge_up_to(&self) -> usize {
+        8192
+    }
+
     async fn submit(&mut self, batch: Arc<Batch>) -> Result<Pending, SinkError> {
         let conn = Arc::clone(&self.conn);
         let write = tokio::task::spawn_blocking(move || {
