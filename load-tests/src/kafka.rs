@@ -9,7 +9,6 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
-use weir_proto::SourceProtocol;
 
 /// Header naming the value encoding; see [`PROTOBUF_CONTENT_TYPE`] and [`JSON_CONTENT_TYPE`].
 pub const CONTENT_TYPE_HEADER: &str = "content-type";
@@ -55,19 +54,9 @@ pub fn producer_defaults() -> Vec<(&'static str, &'static str)> {
     ]
 }
 
-/// The `weir-protocol` header value for a record's source protocol (the listener names of the
-/// config: `mqtt`, `ws`, `tcp`, `mqtt_bridge`, plus `mqtt_ws` and `http`).
-pub fn protocol_name(protocol: SourceProtocol) -> &'static str {
-    match protocol {
-        SourceProtocol::Unspecified => "unspecified",
-        SourceProtocol::Mqtt => "mqtt",
-        SourceProtocol::MqttWs => "mqtt_ws",
-        SourceProtocol::Websocket => "ws",
-        SourceProtocol::Tcp => "tcp",
-        SourceProtocol::Http => "http",
-        SourceProtocol::MqttBridge => "mqtt_bridge",
-    }
-}
+/// The `weir-protocol` header value for a record's source protocol: the one shared copy in
+/// `weir-protocols`.
+pub use weir_protocols::record_json::protocol_name;
 
 /// What [`create_topic`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,6 +162,7 @@ fn wait_for_leaders(brokers: &str, topic: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weir_proto::SourceProtocol;
 
     #[test]
     fn producer_defaults_are_weirs_settings_once_each() {

@@ -1,15 +1,12 @@
 //! What weir-load shares about weir's PostgreSQL sink: the table it writes (DDL and columns),
 //! the binary COPY encodings of its `timestamptz` and `jsonb` columns, and connecting.
 
-use std::collections::BTreeMap;
 use std::error::Error;
-use std::io::Write as _;
 
 use anyhow::{bail, Context};
 use bytes::{BufMut, BytesMut};
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::{Client, NoTls};
-use weir_proto::{metric_value::Kind, MetricValue};
 
 /// The local test server of `deploy/local/postgres.sh`.
 pub const DEFAULT_URL: &str = "postgres://weir@127.0.0.1:5433/weir";
@@ -143,30 +140,14 @@ impl ToSql for Jsonb<'_> {
     to_sql_checked!();
 }
 
-/// A record's metrics as the JSON object weir's sinks write: `{"name":value,...}` in name order,
-/// numbers, booleans and strings as JSON values, a value without kind as `null`.
-pub fn write_metrics_json(metrics: &BTreeMap<String, MetricValue>, out: &mut Vec<u8>) {
-    out.push(b'{');
-    for (i, (name, value)) in metrics.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        // Writing into a Vec cannot fail, nor can serialising strings, bools or floats.
-        let _ = serde_json::to_writer(&mut *out, name);
-        out.push(b':');
-        let _ = match &value.kind {
-            Some(Kind::Number(n)) => serde_json::to_writer(&mut *out, n),
-            Some(Kind::Flag(b)) => serde_json::to_writer(&mut *out, b),
-            Some(Kind::Text(s)) => serde_json::to_writer(&mut *out, s),
-            None => out.write_all(b"null").map_err(serde_json::Error::io),
-        };
-    }
-    out.push(b'}');
-}
+/// The metrics JSON weir's sinks write: the one shared copy in `weir-protocols`.
+pub use weir_protocols::record_json::write_metrics_json;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+    use weir_proto::{metric_value::Kind, MetricValue};
 
     fn encode(value: &dyn ToSql, ty: &Type) -> Vec<u8> {
         let mut out = BytesMut::new();

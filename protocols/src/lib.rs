@@ -1,3 +1,4 @@
 //! Pure protocol code: bytes in, typed frames and records out. No I/O, no runtime, no clock.
 pub mod mqtt;
 pub mod payload;
+pub mod record_json;

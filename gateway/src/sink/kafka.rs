@@ -17,11 +17,11 @@ use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
 use tokio::sync::oneshot;
 
-use super::encode::write_record_json;
 use super::{protocol_name, Pending, Sink, SinkError, WriteReport};
 use crate::config::{KafkaEncoding, KafkaSinkConfig};
 use crate::fabric::{Batch, Payload};
 use crate::metrics::{Metrics, ReasonLabel};
+use weir_protocols::record_json::write_record_json;
 
 /// Producer settings weir's guarantees rest on; `librdkafka_options` may not contradict them.
 /// (The load-test raw producer baseline uses the same list.)

@@ -3,7 +3,6 @@
 //! settles every record's ack after the commit.
 
 mod blackhole;
-pub mod encode;
 pub mod kafka;
 pub mod postgres;
 mod sqlite;
@@ -15,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::watch;
-use weir_proto::SourceProtocol;
 use weir_protocols::mqtt::session::Outcome;
+
+pub use weir_protocols::record_json::protocol_name;
 
 pub use blackhole::BlackholeSink;
 pub use kafka::KafkaSink;
@@ -70,19 +70,6 @@ pub trait Sink: Send + 'static {
     /// Starts writing `batch`. Waits while the sink cannot take more (its queue is full): that
     /// wait is the backpressure. The returned future completes the write.
     fn submit(&mut self, batch: Arc<Batch>) -> impl Future<Output = Result<Pending, SinkError>> + Send;
-}
-
-/// Lowercase protocol name as stored in sinks.
-pub fn protocol_name(protocol: SourceProtocol) -> &'static str {
-    match protocol {
-        SourceProtocol::Mqtt => "mqtt",
-        SourceProtocol::MqttWs => "mqtt_ws",
-        SourceProtocol::Websocket => "ws",
-        SourceProtocol::Tcp => "tcp",
-        SourceProtocol::Http => "http",
-        SourceProtocol::MqttBridge => "mqtt_bridge",
-        SourceProtocol::Unspecified => "unspecified",
-    }
 }
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
@@ -162,7 +149,9 @@ async fn retry<S: Sink>(
     abort: &mut watch::Receiver<bool>,
 ) -> Result<WriteReport, SinkError> {
     let mut backoff = FIRST_BACKOFF;
-    for attempt in 2u32.. {
+    let mut attempt = 1u32;
+    loop {
+        attempt = attempt.saturating_add(1);
         let aborted = tokio::select! {
             _ = tokio::time::sleep(backoff) => false,
             _ = crate::shutdown::signalled(abort) => true,
@@ -190,7 +179,6 @@ async fn retry<S: Sink>(
             }
         }
     }
-    unreachable!("the attempt counter does not run out")
 }
 
 fn note_failure<S: Sink>(sink: &S, metrics: &Metrics, batch: &Batch, error: &SinkError) {

@@ -16,11 +16,11 @@ use tokio_postgres::{Client, NoTls, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use weir_proto::Record;
 
-use super::encode::{write_metrics_json, write_tags_json};
 use super::{protocol_name, Pending, Sink, SinkError, WriteReport};
 use crate::config::PostgresSinkConfig;
 use crate::fabric::{Batch, DeadLetter, Payload};
 use crate::metrics::Metrics;
+use weir_protocols::record_json::{write_metrics_json, write_tags_json};
 
 const COLUMNS: &str = "device_id, seq, device_ts, received_ts, protocol, source, metrics, tags, raw";
 const COLUMN_TYPES: [Type; 9] = [

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, ErrorCode, TransactionBehavior};
 
-use super::encode::{write_metrics_json, write_tags_json};
 use super::{protocol_name, Pending, Sink, SinkError, WriteReport};
 use crate::config::{SqliteSinkConfig, SqliteSync};
 use crate::fabric::{Batch, DeadLetter, Payload};
+use weir_protocols::record_json::{write_metrics_json, write_tags_json};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS telemetry (

@@ -1,11 +1,23 @@
-//! Record encodings shared by the sinks: metrics and tags as JSON objects, a record as JSON.
+//! Records as JSON, one copy for every sink and tool: metrics and tags as JSON objects, a
+//! record as one JSON object, and the protocol names sinks store.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
 
-use weir_proto::{metric_value::Kind, MetricValue, Record};
+use weir_proto::{metric_value::Kind, MetricValue, Record, SourceProtocol};
 
-use super::protocol_name;
+/// Lowercase protocol name as stored in sinks.
+pub fn protocol_name(protocol: SourceProtocol) -> &'static str {
+    match protocol {
+        SourceProtocol::Mqtt => "mqtt",
+        SourceProtocol::MqttWs => "mqtt_ws",
+        SourceProtocol::Websocket => "ws",
+        SourceProtocol::Tcp => "tcp",
+        SourceProtocol::Http => "http",
+        SourceProtocol::MqttBridge => "mqtt_bridge",
+        SourceProtocol::Unspecified => "unspecified",
+    }
+}
 
 /// `{"name":value,...}` with numbers, booleans and strings as JSON values.
 pub fn write_metrics_json(metrics: &BTreeMap<String, MetricValue>, out: &mut Vec<u8>) {
