@@ -329,6 +329,10 @@ pub struct KafkaSinkConfig {
     /// Fabric batches produced concurrently; per-partition order holds across them.
     #[serde(default = "defaults::kafka_max_in_flight_batches")]
     pub max_in_flight_batches: usize,
+    /// Messages librdkafka may hold unacknowledged (`queue.buffering.max.messages`). When the
+    /// queue is full the sink waits (backpressure), it never fails a record for it.
+    #[serde(default = "defaults::kafka_queue_max_messages")]
+    pub queue_max_messages: usize,
     /// Further librdkafka producer properties. Those that would break weir's guarantees
     /// (idempotence off, acks other than all, delivery reports off) are rejected, and those
     /// with a typed field above must be set there.
@@ -476,6 +480,9 @@ mod defaults {
     }
     pub fn kafka_max_in_flight_batches() -> usize {
         4
+    }
+    pub fn kafka_queue_max_messages() -> usize {
+        100_000
     }
 }
 
@@ -638,6 +645,9 @@ impl KafkaSinkConfig {
         if self.max_in_flight_batches == 0 {
             return err("max_in_flight_batches", "must be at least 1".into());
         }
+        if !(1..=10_000_000).contains(&self.queue_max_messages) {
+            return err("queue_max_messages", "must be between 1 and 10000000".into());
+        }
         for (name, value) in &self.librdkafka_options {
             let key = format!("librdkafka_options.\"{name}\"");
             let value = value.to_string();
@@ -646,6 +656,7 @@ impl KafkaSinkConfig {
                 "compression.type" | "compression.codec" => Some("compression"),
                 "linger.ms" | "queue.buffering.max.ms" => Some("linger_ms"),
                 "batch.size" => Some("batch_max_bytes"),
+                "queue.buffering.max.messages" => Some("queue_max_messages"),
                 _ => None,
             };
             if let Some(field) = typed {

@@ -152,3 +152,57 @@ async fn broker_killed_mid_stream_loses_no_acked_record() {
     assert_eq!(report.errors, 0, "no device connection failed");
     gw.gateway.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_producer_queue_is_backpressure_not_an_error() {
+    let _broker = BROKER.lock().await;
+    kafka(&["start"]).await;
+    let topic = unique_topic("weir-queue");
+    let config = kafka_config(&topic, "batch_max_records = 10").replace(
+        "topic_partitions = 4\n",
+        "topic_partitions = 4\nqueue_max_messages = 20\nmax_in_flight_batches = 4\n",
+    );
+    let gw = TestGateway::start(&config).await;
+    let mut device = RawClient::connect(gw.mqtt_addr(), "queue-dev").await;
+    device.send(&publish(QoS::AtLeastOnce, 1, "t", reading("queue-dev", 1))).await;
+    assert_eq!(device.recv_within(Duration::from_secs(30)).await, Ok(Some(Packet::PubAck(1))));
+
+    kafka(&["stop"]).await;
+    // 200 messages into a 20-message producer queue while the broker is away.
+    for seq in 2..=201u16 {
+        device.send(&publish(QoS::AtLeastOnce, seq, "t", reading("queue-dev", seq.into()))).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || labelled(&gw, "weir_kafka_errors_total", "queue_full") > 0)
+            .await,
+        "the producer queue filled"
+    );
+    assert_eq!(
+        device.recv_within(Duration::from_secs(2)).await,
+        Err(()),
+        "no ack while nothing is delivered"
+    );
+    kafka(&["start"]).await;
+    for pkid in 2..=201u16 {
+        assert_eq!(device.recv_within(Duration::from_secs(90)).await, Ok(Some(Packet::PubAck(pkid))));
+    }
+    // Waiting on a full queue failed nothing: no retry, no failed record, every record once.
+    assert_eq!(gw.metric("weir_records_failed_total"), 0);
+    assert_eq!(labelled(&gw, "weir_sink_errors_total", "fatal"), 0);
+    let t = topic.clone();
+    let messages =
+        tokio::task::spawn_blocking(move || read_topic(&t, 201, Duration::from_secs(60))).await.unwrap();
+    assert_eq!(messages.len(), 201);
+    gw.gateway.shutdown().await;
+}
+
+/// The value of `name{reason="REASON"}`.
+fn labelled(gw: &TestGateway, name: &str, reason: &str) -> u64 {
+    let prefix = format!("{name}{{reason=\"{reason}\"}} ");
+    gw.gateway
+        .metrics()
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}

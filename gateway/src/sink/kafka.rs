@@ -32,7 +32,7 @@ fn guaranteed_settings(config: &KafkaSinkConfig) -> Vec<(&'static str, String)> 
         ("compression.type", config.compression.as_str().into()),
         ("linger.ms", config.linger_ms.to_string()),
         ("batch.size", config.batch_max_bytes.to_string()),
-        ("queue.buffering.max.messages", "100000".into()),
+        ("queue.buffering.max.messages", config.queue_max_messages.to_string()),
         ("queue.buffering.max.kbytes", "1048576".into()),
         ("max.in.flight.requests.per.connection", "5".into()),
         // Never give up on a record: an outage holds acks back (backpressure) instead of
