@@ -11,11 +11,8 @@ use tokio_postgres::{Client, NoTls};
 /// The local test server of `deploy/local/postgres.sh`.
 pub const DEFAULT_URL: &str = "postgres://weir@127.0.0.1:5433/weir";
 
-/// The temporary table weir copies each batch into before inserting it into the real one.
-pub const STAGING_TABLE: &str = "weir_staging";
-
-/// The columns weir writes, in its COPY order.
-pub const COLUMNS: &str = "device_id, seq, device_ts, received_ts, protocol, source, metrics, tags, raw";
+/// The staging table and columns weir's sink uses: the one copy in `weir-protocols`.
+pub use weir_protocols::record_sql::{COLUMNS, STAGING_TABLE};
 
 /// The binary COPY types of [`COLUMNS`].
 pub const COLUMN_TYPES: [Type; 9] = [
@@ -50,21 +47,7 @@ pub fn check_table_name(table: &str) -> anyhow::Result<()> {
 /// The table weir's sink writes, with its `(device_id, device_ts)` index; `IF NOT EXISTS`
 /// throughout. `table` must pass [`check_table_name`].
 pub fn create_table_sql(table: &str) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS {table} (
-    device_id   text        NOT NULL,
-    seq         bigint,
-    device_ts   timestamptz,
-    received_ts timestamptz NOT NULL,
-    protocol    text        NOT NULL,
-    source      text        NOT NULL,
-    metrics     jsonb       NOT NULL,
-    tags        jsonb       NOT NULL,
-    raw         bytea,
-    UNIQUE (device_id, seq)
-);
-CREATE INDEX IF NOT EXISTS {table}_device_ts ON {table} (device_id, device_ts);"
-    )
+    weir_protocols::record_sql::create_table_sql(table, &format!("{table}_device_ts"))
 }
 
 /// Connects without TLS and drives the connection on a task; its errors go to stderr.

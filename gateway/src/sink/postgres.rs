@@ -21,8 +21,8 @@ use crate::config::PostgresSinkConfig;
 use crate::fabric::{Batch, DeadLetter, Payload};
 use crate::metrics::Metrics;
 use weir_protocols::record_json::{write_metrics_json, write_tags_json};
+use weir_protocols::record_sql::{create_table_sql, COLUMNS, STAGING_TABLE};
 
-const COLUMNS: &str = "device_id, seq, device_ts, received_ts, protocol, source, metrics, tags, raw";
 const COLUMN_TYPES: [Type; 9] = [
     Type::TEXT,
     Type::INT8,
@@ -139,32 +139,22 @@ impl PostgresSink {
         let index = quoted(&format!("{}_device_ts", config.table.rsplit('.').next().unwrap_or("telemetry")));
         let sql = Statements {
             create: format!(
-                "CREATE TABLE IF NOT EXISTS {table} (
-                    device_id   text        NOT NULL,
-                    seq         bigint,
-                    device_ts   timestamptz,
-                    received_ts timestamptz NOT NULL,
-                    protocol    text        NOT NULL,
-                    source      text        NOT NULL,
-                    metrics     jsonb       NOT NULL,
-                    tags        jsonb       NOT NULL,
-                    raw         bytea,
-                    UNIQUE (device_id, seq));
-                 CREATE INDEX IF NOT EXISTS {index} ON {table} (device_id, device_ts);
+                "{}
                  CREATE TABLE IF NOT EXISTS {dead} (
                     received_ts timestamptz NOT NULL,
                     device_id   text        NOT NULL,
                     protocol    text        NOT NULL,
                     source      text        NOT NULL,
                     error       text        NOT NULL,
-                    raw         bytea       NOT NULL);"
+                    raw         bytea       NOT NULL);",
+                create_table_sql(&table, &index)
             ),
             staging: format!(
-                "CREATE TEMPORARY TABLE IF NOT EXISTS weir_staging (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+                "CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING_TABLE} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
             ),
-            copy: format!("COPY weir_staging ({COLUMNS}) FROM STDIN (FORMAT binary)"),
+            copy: format!("COPY {STAGING_TABLE} ({COLUMNS}) FROM STDIN (FORMAT binary)"),
             insert: format!(
-                "INSERT INTO {table} ({COLUMNS}) SELECT {COLUMNS} FROM weir_staging ON CONFLICT (device_id, seq) DO NOTHING"
+                "INSERT INTO {table} ({COLUMNS}) SELECT {COLUMNS} FROM {STAGING_TABLE} ON CONFLICT (device_id, seq) DO NOTHING"
             ),
             dead_letter: format!(
                 "INSERT INTO {dead} (received_ts, device_id, protocol, source, error, raw) VALUES ($1, $2, $3, $4, $5, $6)"
