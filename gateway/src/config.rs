@@ -59,13 +59,44 @@ impl Default for OpsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "protocol", rename_all = "snake_case")]
 pub enum ListenerConfig {
+    /// MQTT 3.1, 3.1.1 and 5 over TCP.
     Mqtt(MqttListenerConfig),
+    /// HTTP: WebSocket ingest at `/ingest`, MQTT over WebSocket at `/mqtt`, `POST /ingest`.
+    Ws(WsListenerConfig),
+    /// Raw TCP with length-prefixed protobuf or NDJSON frames.
+    Tcp(TcpListenerConfig),
+    /// weir as a client of an existing MQTT broker, acking upstream after the commit.
+    MqttBridge(BridgeConfig),
 }
 
 impl ListenerConfig {
-    pub fn listen(&self) -> SocketAddr {
+    /// The address to bind; `None` for the bridge, which connects out instead.
+    pub fn listen(&self) -> Option<SocketAddr> {
         match self {
-            ListenerConfig::Mqtt(m) => m.listen,
+            ListenerConfig::Mqtt(m) => Some(m.listen),
+            ListenerConfig::Ws(w) => Some(w.listen),
+            ListenerConfig::Tcp(t) => Some(t.listen),
+            ListenerConfig::MqttBridge(_) => None,
+        }
+    }
+
+    /// The protocol name, as in the config and in metric labels.
+    pub fn protocol(&self) -> &'static str {
+        match self {
+            ListenerConfig::Mqtt(_) => "mqtt",
+            ListenerConfig::Ws(_) => "ws",
+            ListenerConfig::Tcp(_) => "tcp",
+            ListenerConfig::MqttBridge(_) => "mqtt_bridge",
+        }
+    }
+
+    /// When this listener's devices are acknowledged.
+    pub fn ack(&self) -> AckPoint {
+        match self {
+            ListenerConfig::Mqtt(m) => m.ack,
+            ListenerConfig::Ws(w) => w.ack,
+            ListenerConfig::Tcp(t) => t.ack,
+            ListenerConfig::MqttBridge(b) => b.ack,
         }
     }
 }
@@ -143,6 +174,167 @@ impl Default for MqttListenerConfig {
             allow_anonymous: false,
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WsListenerConfig {
+    #[serde(default = "defaults::ws_listen")]
+    pub listen: SocketAddr,
+    /// Payload format of MQTT-over-WebSocket publishes (WebSocket ingest: text is JSON, binary
+    /// is protobuf; HTTP: by Content-Type).
+    #[serde(default = "defaults::payload")]
+    pub payload: PayloadConfig,
+    #[serde(default = "defaults::ack")]
+    pub ack: AckPoint,
+    /// Largest WebSocket message or HTTP body; a bigger one gets an error (413 for HTTP) and,
+    /// on a WebSocket, a close with code 1009. Checked before the body is buffered.
+    #[serde(default = "defaults::max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Largest single WebSocket frame (a message may span frames).
+    #[serde(default = "defaults::max_frame_bytes")]
+    pub max_frame_bytes: usize,
+    /// Largest MQTT packet on `/mqtt`.
+    #[serde(default = "defaults::max_packet_bytes")]
+    pub max_packet_bytes: usize,
+    /// Messages per connection awaiting their ack; at the bound weir stops reading.
+    #[serde(default = "defaults::max_inflight")]
+    pub max_inflight: usize,
+    /// Open connections on this listener; at the bound weir stops accepting.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// Time a new connection has to finish its HTTP request (and, on `/mqtt`, send CONNECT).
+    #[serde(default = "defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// A WebSocket ingest connection that sends nothing for this long is closed; 0 = never.
+    #[serde(default = "defaults::idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Header naming the device on `/ingest` when the URL has no `?device=` parameter.
+    #[serde(default = "defaults::device_id_header")]
+    pub device_id_header: String,
+    #[serde(default)]
+    pub keep_raw: bool,
+    #[serde(default)]
+    pub allow_anonymous: bool,
+}
+
+impl Default for WsListenerConfig {
+    fn default() -> Self {
+        Self {
+            listen: defaults::ws_listen(),
+            payload: defaults::payload(),
+            ack: defaults::ack(),
+            max_message_bytes: defaults::max_message_bytes(),
+            max_frame_bytes: defaults::max_frame_bytes(),
+            max_packet_bytes: defaults::max_packet_bytes(),
+            max_inflight: defaults::max_inflight(),
+            max_connections: defaults::max_connections(),
+            connect_timeout_ms: defaults::connect_timeout_ms(),
+            idle_timeout_ms: defaults::idle_timeout_ms(),
+            device_id_header: defaults::device_id_header(),
+            keep_raw: false,
+            allow_anonymous: false,
+        }
+    }
+}
+
+/// How a raw TCP stream is cut into messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TcpFraming {
+    /// u32 big-endian length, then that many bytes of protobuf `weir.v1.DevicePayload`.
+    LengthPrefixed,
+    /// One JSON value per line (NDJSON).
+    Lines,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpListenerConfig {
+    #[serde(default = "defaults::tcp_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "defaults::framing")]
+    pub framing: TcpFraming,
+    #[serde(default = "defaults::ack")]
+    pub ack: AckPoint,
+    /// Largest frame (length prefix value, or line length); a bigger one gets an error frame
+    /// and a close, checked before the frame is buffered.
+    #[serde(default = "defaults::max_message_bytes")]
+    pub max_frame_bytes: usize,
+    /// Frames per connection awaiting their ack; at the bound weir stops reading.
+    #[serde(default = "defaults::max_inflight")]
+    pub max_inflight: usize,
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// Time a new connection has to send its first frame.
+    #[serde(default = "defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// A connection that sends nothing for this long is closed; 0 = never.
+    #[serde(default = "defaults::idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    #[serde(default)]
+    pub keep_raw: bool,
+    #[serde(default)]
+    pub allow_anonymous: bool,
+}
+
+impl Default for TcpListenerConfig {
+    fn default() -> Self {
+        Self {
+            listen: defaults::tcp_listen(),
+            framing: defaults::framing(),
+            ack: defaults::ack(),
+            max_frame_bytes: defaults::max_message_bytes(),
+            max_inflight: defaults::max_inflight(),
+            max_connections: defaults::max_connections(),
+            connect_timeout_ms: defaults::connect_timeout_ms(),
+            idle_timeout_ms: defaults::idle_timeout_ms(),
+            keep_raw: false,
+            allow_anonymous: false,
+        }
+    }
+}
+
+/// `protocol = "mqtt_bridge"`: weir subscribes to an existing broker with a persistent session
+/// and QoS 1, and acks each message upstream only after its commit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeConfig {
+    /// The upstream broker, `host:port`.
+    pub broker: String,
+    /// Client id at the broker; the persistent session is keyed by it, keep it stable.
+    #[serde(default = "defaults::bridge_client_id")]
+    pub client_id: String,
+    /// Topic filters subscribed with QoS 1.
+    pub filters: Vec<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default = "defaults::payload")]
+    pub payload: PayloadConfig,
+    /// `committed` (default): acked upstream after the sink commit. `received`: on enqueue.
+    #[serde(default = "defaults::ack")]
+    pub ack: AckPoint,
+    /// Topic level (0-based) holding the device id when the payload names none; without it,
+    /// the whole topic is the device id.
+    #[serde(default)]
+    pub device_id_topic_level: Option<usize>,
+    /// Messages received from the broker and not yet acked upstream.
+    #[serde(default = "defaults::bridge_max_inflight")]
+    pub max_inflight: usize,
+    /// Largest packet accepted from the broker.
+    #[serde(default = "defaults::max_packet_bytes")]
+    pub max_packet_bytes: usize,
+    #[serde(default = "defaults::bridge_keepalive_s")]
+    pub keepalive_s: u64,
+    /// Reconnect backoff: starts here, doubles per failure (with jitter) up to the maximum.
+    #[serde(default = "defaults::reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    #[serde(default = "defaults::reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+    #[serde(default)]
+    pub keep_raw: bool,
 }
 
 /// What a sender meets when its shard is full.
@@ -391,6 +583,42 @@ mod defaults {
     pub fn mqtt_listen() -> SocketAddr {
         ([127, 0, 0, 1], 1883).into()
     }
+    pub fn ws_listen() -> SocketAddr {
+        ([127, 0, 0, 1], 8080).into()
+    }
+    pub fn tcp_listen() -> SocketAddr {
+        ([127, 0, 0, 1], 7000).into()
+    }
+    pub fn framing() -> TcpFraming {
+        TcpFraming::LengthPrefixed
+    }
+    pub fn max_message_bytes() -> usize {
+        256 << 10
+    }
+    pub fn max_frame_bytes() -> usize {
+        64 << 10
+    }
+    pub fn idle_timeout_ms() -> u64 {
+        300_000
+    }
+    pub fn device_id_header() -> String {
+        "x-device-id".into()
+    }
+    pub fn bridge_client_id() -> String {
+        "weir-bridge".into()
+    }
+    pub fn bridge_max_inflight() -> usize {
+        1000
+    }
+    pub fn bridge_keepalive_s() -> u64 {
+        30
+    }
+    pub fn reconnect_min_ms() -> u64 {
+        100
+    }
+    pub fn reconnect_max_ms() -> u64 {
+        30_000
+    }
     pub fn listeners() -> Vec<ListenerConfig> {
         vec![ListenerConfig::Mqtt(MqttListenerConfig::default())]
     }
@@ -543,9 +771,7 @@ impl Config {
             ));
         }
         if let SinkConfig::Kafka(kafka) = &self.sink {
-            let committed = self.listeners.iter().any(|l| match l {
-                ListenerConfig::Mqtt(m) => m.ack == AckPoint::Committed,
-            });
+            let committed = self.listeners.iter().any(|l| l.ack() == AckPoint::Committed);
             kafka.validate(committed).map_err(|(key, reason)| invalid(format!("sink.{key}"), reason))?;
         }
         if let SinkConfig::Postgres(pg) = &self.sink {
@@ -554,46 +780,101 @@ impl Config {
         let mut seen = HashSet::new();
         for (i, listener) in self.listeners.iter().enumerate() {
             let key = |field: &str| format!("listeners[{i}].{field}");
-            let addr = listener.listen();
-            if addr.port() != 0 && !seen.insert(addr) {
-                return Err(invalid(key("listen"), format!("{addr} is used by another listener")));
+            if listener.ack() == AckPoint::Buffered {
+                return Err(invalid(
+                    key("ack"),
+                    "\"buffered\" needs a disk buffer, which this build does not have yet; \
+                     use \"committed\" or \"received\""
+                        .into(),
+                ));
             }
+            if let Some(addr) = listener.listen() {
+                if addr.port() != 0 && !seen.insert(addr) {
+                    return Err(invalid(key("listen"), format!("{addr} is used by another listener")));
+                }
+            }
+            let check = |field: &str, value: usize, min: usize, max: usize| {
+                if value < min || value > max {
+                    Err(invalid(key(field), format!("must be between {min} and {max}")))
+                } else {
+                    Ok(())
+                }
+            };
+            let fits_fabric = |field: &str, value: usize| {
+                if value > f.max_bytes {
+                    Err(invalid(
+                        key(field),
+                        format!(
+                            "{value} is more than fabric.max_bytes ({}): such a message could never be enqueued",
+                            f.max_bytes
+                        ),
+                    ))
+                } else {
+                    Ok(())
+                }
+            };
+            let exposed = |addr: SocketAddr, allow_anonymous: bool| {
+                if !addr.ip().is_loopback() && !allow_anonymous {
+                    Err(invalid(
+                        key("listen"),
+                        format!(
+                            "{addr} is not a loopback address and no authentication is configured; \
+                             set allow_anonymous = true on this listener to accept anonymous devices"
+                        ),
+                    ))
+                } else {
+                    Ok(())
+                }
+            };
             match listener {
                 ListenerConfig::Mqtt(m) => {
-                    if m.ack == AckPoint::Buffered {
+                    exposed(m.listen, m.allow_anonymous)?;
+                    check("max_packet_bytes", m.max_packet_bytes, 64, 256 << 20)?;
+                    fits_fabric("max_packet_bytes", m.max_packet_bytes)?;
+                    check("max_inflight", m.max_inflight, 1, 65_535)?;
+                    check("max_connections", m.max_connections, 1, usize::MAX)?;
+                }
+                ListenerConfig::Ws(w) => {
+                    exposed(w.listen, w.allow_anonymous)?;
+                    check("max_message_bytes", w.max_message_bytes, 64, 256 << 20)?;
+                    check("max_frame_bytes", w.max_frame_bytes, 64, w.max_message_bytes)?;
+                    check("max_packet_bytes", w.max_packet_bytes, 64, 256 << 20)?;
+                    fits_fabric("max_message_bytes", w.max_message_bytes)?;
+                    fits_fabric("max_packet_bytes", w.max_packet_bytes)?;
+                    check("max_inflight", w.max_inflight, 1, 65_535)?;
+                    check("max_connections", w.max_connections, 1, usize::MAX)?;
+                    if w.device_id_header.parse::<hyper::header::HeaderName>().is_err() {
+                        return Err(invalid(key("device_id_header"), "not a valid HTTP header name".into()));
+                    }
+                }
+                ListenerConfig::Tcp(t) => {
+                    exposed(t.listen, t.allow_anonymous)?;
+                    check("max_frame_bytes", t.max_frame_bytes, 64, 256 << 20)?;
+                    fits_fabric("max_frame_bytes", t.max_frame_bytes)?;
+                    check("max_inflight", t.max_inflight, 1, 65_535)?;
+                    check("max_connections", t.max_connections, 1, usize::MAX)?;
+                }
+                ListenerConfig::MqttBridge(b) => {
+                    if b.broker.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
+                        return Err(invalid(key("broker"), format!("{:?} is not host:port", b.broker)));
+                    }
+                    if b.filters.is_empty() {
+                        return Err(invalid(key("filters"), "at least one topic filter is needed".into()));
+                    }
+                    if b.client_id.is_empty() {
                         return Err(invalid(
-                            key("ack"),
-                            "\"buffered\" needs a disk buffer, which this build does not have yet; \
-                             use \"committed\" or \"received\""
-                                .into(),
+                            key("client_id"),
+                            "a persistent session needs a stable, non-empty client id".into(),
                         ));
                     }
-                    if !addr.ip().is_loopback() && !m.allow_anonymous {
+                    check("max_inflight", b.max_inflight, 1, 65_535)?;
+                    check("max_packet_bytes", b.max_packet_bytes, 64, 256 << 20)?;
+                    fits_fabric("max_packet_bytes", b.max_packet_bytes)?;
+                    if b.reconnect_min_ms == 0 || b.reconnect_min_ms > b.reconnect_max_ms {
                         return Err(invalid(
-                            key("listen"),
-                            format!(
-                                "{addr} is not a loopback address and no authentication is configured; \
-                                 set allow_anonymous = true on this listener to accept anonymous devices"
-                            ),
+                            key("reconnect_min_ms"),
+                            "must be greater than 0 and at most reconnect_max_ms".into(),
                         ));
-                    }
-                    if m.max_packet_bytes < 64 || m.max_packet_bytes > 256 << 20 {
-                        return Err(invalid(
-                            key("max_packet_bytes"),
-                            "must be between 64 and 268435456".into(),
-                        ));
-                    }
-                    if m.max_packet_bytes > f.max_bytes {
-                        return Err(invalid(
-                            key("max_packet_bytes"),
-                            format!("{} is more than fabric.max_bytes ({}): such a message could never be enqueued", m.max_packet_bytes, f.max_bytes),
-                        ));
-                    }
-                    if m.max_inflight == 0 || m.max_inflight > 65_535 {
-                        return Err(invalid(key("max_inflight"), "must be between 1 and 65535".into()));
-                    }
-                    if m.max_connections == 0 {
-                        return Err(invalid(key("max_connections"), "must be greater than 0".into()));
                     }
                 }
             }
@@ -704,7 +985,7 @@ mod tests {
     fn empty_file_is_the_embedded_default() {
         let c = Config::parse("", "empty.toml").unwrap();
         assert!(matches!(c.sink, SinkConfig::Sqlite(_)));
-        assert_eq!(c.listeners[0].listen(), "127.0.0.1:1883".parse().unwrap());
+        assert_eq!(c.listeners[0].listen(), Some("127.0.0.1:1883".parse().unwrap()));
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub enum StartError {
     Bind { addr: SocketAddr, what: &'static str, source: std::io::Error },
     #[error("sink: {0}")]
     Sink(String),
+    #[error("listener protocol {0:?} is not available in this build")]
+    Unsupported(&'static str),
 }
 
 /// A running gateway. Dropping it does not stop it; call [`Gateway::shutdown`].
@@ -55,13 +57,16 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
 
     let mut bound = Vec::new();
     for listener in &config.listeners {
-        let addr = listener.listen();
+        let Some(addr) = listener.listen() else {
+            bound.push(None);
+            continue;
+        };
         let socket = TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
             addr,
             what: "device listener",
             source,
         })?;
-        bound.push(socket);
+        bound.push(Some((addr, socket)));
     }
     let ops_socket = TcpListener::bind(config.ops.listen).await.map_err(|source| StartError::Bind {
         addr: config.ops.listen,
@@ -108,14 +113,22 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     let mut listener_addrs = Vec::new();
     let mut listeners = JoinSet::new();
     for (listener, socket) in config.listeners.iter().zip(bound) {
-        listener_addrs.push(socket.local_addr().map_err(|source| StartError::Bind {
-            addr: listener.listen(),
-            what: "device listener",
-            source,
-        })?);
-        match listener {
-            ListenerConfig::Mqtt(mqtt) => {
-                let ctx = Arc::new(MqttContext::new(mqtt.clone(), fabric.clone(), Arc::clone(&metrics)));
+        if let Some((addr, socket)) = &socket {
+            listener_addrs.push(socket.local_addr().map_err(|source| StartError::Bind {
+                addr: *addr,
+                what: "device listener",
+                source,
+            })?);
+        }
+        let socket = socket.map(|(_, socket)| socket);
+        match (listener, socket) {
+            (ListenerConfig::Mqtt(mqtt), Some(socket)) => {
+                let ctx = Arc::new(MqttContext::new(
+                    mqtt.clone(),
+                    fabric.clone(),
+                    Arc::clone(&metrics),
+                    weir_proto::SourceProtocol::Mqtt,
+                ));
                 let shutdown = shutdown_rx.clone();
                 let max_connections = mqtt.max_connections;
                 listeners.spawn(listener::accept_loop(
@@ -126,6 +139,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
                     move |accepted| listener::mqtt::serve(accepted, Arc::clone(&ctx), shutdown.clone()),
                 ));
             }
+            (other, _) => return Err(StartError::Unsupported(other.protocol())),
         }
     }
     // Only the listeners hold the fabric now: when they end, the batchers see their input end.
@@ -164,7 +178,8 @@ pub struct ShutdownReport {
 }
 
 impl Gateway {
-    /// Bound addresses of the device listeners, in config order.
+    /// Bound addresses of the device listeners, in config order (bridges, which bind nothing,
+    /// are skipped).
     pub fn listener_addrs(&self) -> &[SocketAddr] {
         &self.listener_addrs
     }

@@ -3,3 +3,4 @@ pub mod mqtt;
 pub mod payload;
 pub mod record_json;
 pub mod record_sql;
+pub mod reply;

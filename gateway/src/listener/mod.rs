@@ -2,14 +2,18 @@
 //! before `accept`, accept errors back off, each connection runs in its own task and span, and
 //! one connection's failure never stops the loop.
 
+pub mod ingest;
 pub mod mqtt;
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -74,4 +78,34 @@ pub async fn accept_loop<F, Fut>(
     }
     drop(listener);
     while connections.join_next().await.is_some() {}
+}
+
+/// A device byte stream (a TCP socket, or the binary messages of a WebSocket), read without
+/// holding a buffer while it waits: wait for input with `readable`, then take what is there.
+pub trait ByteStream: Send + 'static {
+    /// Resolves when input, end of stream or an error is there to take. Cancel-safe.
+    fn readable(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Appends available input to `buf` (which has spare capacity) without waiting; `Ok(0)` is
+    /// the end of the stream, `WouldBlock` means nothing was there after all.
+    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize>;
+    fn write_all(&mut self, bytes: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+    fn shutdown(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+impl ByteStream for TcpStream {
+    async fn readable(&mut self) -> io::Result<()> {
+        TcpStream::readable(self).await
+    }
+
+    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        TcpStream::try_read_buf(self, buf)
+    }
+
+    async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        AsyncWriteExt::write_all(self, bytes).await
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        AsyncWriteExt::shutdown(self).await
+    }
 }

@@ -2,12 +2,10 @@
 //! records, enqueues them (awaiting room: backpressure), and writes acks as commits complete.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use weir_proto::{Record, SourceProtocol};
@@ -15,13 +13,13 @@ use weir_protocols::mqtt::session::{Event, InflightId, Outcome, Session, Session
 use weir_protocols::mqtt::{decode, DecodeError};
 use weir_protocols::payload::{self, DecodeContext, PayloadFormat, PayloadLimits};
 
-use super::Accepted;
+use super::ingest::now_ms;
+use super::{Accepted, ByteStream};
 use crate::ack::{AckEvent, AckToken};
 use crate::config::{AckPoint, MqttListenerConfig};
 use crate::fabric::{DeadLetter, Fabric, Item, SendError};
 use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel, ReasonLabel};
 
-const PROTOCOL: &str = "mqtt";
 /// Bytes asked of the socket per read; many small packets arrive in one read.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -30,15 +28,25 @@ pub struct MqttContext {
     config: MqttListenerConfig,
     fabric: Fabric,
     metrics: Arc<Metrics>,
+    /// Metric label: `mqtt`, or `mqtt_ws` for MQTT over WebSocket.
+    label: &'static str,
+    protocol: SourceProtocol,
     /// Per-message counter, looked up once (a family lookup per message would cost a lock).
     messages_received: Counter,
 }
 
 impl MqttContext {
-    pub fn new(config: MqttListenerConfig, fabric: Fabric, metrics: Arc<Metrics>) -> Self {
+    /// `protocol` is `Mqtt` for TCP listeners and `MqttWs` for `/mqtt` on a ws listener.
+    pub fn new(
+        config: MqttListenerConfig,
+        fabric: Fabric,
+        metrics: Arc<Metrics>,
+        protocol: SourceProtocol,
+    ) -> Self {
+        let label = if protocol == SourceProtocol::MqttWs { "mqtt_ws" } else { "mqtt" };
         let messages_received =
-            metrics.messages_received.get_or_create(&ProtocolLabel { protocol: PROTOCOL }).clone();
-        Self { config, fabric, metrics, messages_received }
+            metrics.messages_received.get_or_create(&ProtocolLabel { protocol: label }).clone();
+        Self { config, fabric, metrics, label, protocol, messages_received }
     }
 }
 
@@ -70,13 +78,23 @@ impl CloseReason {
     }
 }
 
-/// Serves one MQTT connection until it closes or shutdown drains it.
+/// Serves one MQTT connection over TCP until it closes or shutdown drains it.
 pub async fn serve(accepted: Accepted, ctx: Arc<MqttContext>, shutdown: watch::Receiver<bool>) {
-    let label = ProtocolLabel { protocol: PROTOCOL };
+    let _ = accepted.stream.set_nodelay(true);
+    serve_stream(accepted.stream, accepted.id, ctx, shutdown).await;
+    drop(accepted.permit);
+}
+
+/// Serves one MQTT connection over any byte stream (TCP, a WebSocket's binary messages).
+pub async fn serve_stream<S: ByteStream>(
+    stream: S,
+    id: u64,
+    ctx: Arc<MqttContext>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let label = ProtocolLabel { protocol: ctx.label };
     ctx.metrics.connections_opened.get_or_create(&label).inc();
     ctx.metrics.connections_active.get_or_create(&label).inc();
-    let _ = accepted.stream.set_nodelay(true);
-    let (reader, writer) = accepted.stream.into_split();
     let (acks_tx, acks_rx) = flume::bounded(ctx.config.max_inflight);
     let mut connection = Connection {
         session: Session::new(
@@ -88,28 +106,27 @@ pub async fn serve(accepted: Accepted, ctx: Arc<MqttContext>, shutdown: watch::R
             Instant::now().into_std(),
         ),
         ctx: Arc::clone(&ctx),
-        id: accepted.id,
-        writer,
+        id,
+        stream,
         acks_tx,
         acks_rx,
         client_id: String::new(),
         records: Vec::new(),
     };
-    let closed = connection.run(reader, shutdown).await;
+    let closed = connection.run(shutdown).await;
     tracing::debug!(reason = closed.label(), "connection closed");
     ctx.metrics.connections_active.get_or_create(&label).dec();
     ctx.metrics
         .connections_closed
-        .get_or_create(&ProtocolReasonLabel { protocol: PROTOCOL, reason: closed.label() })
+        .get_or_create(&ProtocolReasonLabel { protocol: ctx.label, reason: closed.label() })
         .inc();
-    drop(accepted.permit);
 }
 
-struct Connection {
+struct Connection<S> {
     ctx: Arc<MqttContext>,
     id: u64,
     session: Session,
-    writer: OwnedWriteHalf,
+    stream: S,
     acks_tx: flume::Sender<AckEvent>,
     acks_rx: flume::Receiver<AckEvent>,
     client_id: String,
@@ -117,14 +134,11 @@ struct Connection {
     records: Vec<Record>,
 }
 
-impl Connection {
-    async fn run(
-        &mut self,
-        mut reader: tokio::net::tcp::OwnedReadHalf,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> CloseReason {
+impl<S: ByteStream> Connection<S> {
+    async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> CloseReason {
         let max_packet = self.ctx.config.max_packet_bytes;
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        // Allocated when input arrives and released when drained: an idle connection holds none.
+        let mut buf = BytesMut::new();
         // Whether the socket was being read on the previous turn; resuming resets the keepalive.
         let mut was_reading = true;
         // `None` while reading; the reason once reading stopped and only acks remain to send.
@@ -166,21 +180,29 @@ impl Connection {
                 }
             }
             let reading = stopped.is_none() && self.session.can_read();
-            if reading {
-                buf.reserve(READ_CHUNK);
-                if !was_reading {
-                    self.session.note_activity(Instant::now().into_std());
-                }
+            if reading && !was_reading {
+                self.session.note_activity(Instant::now().into_std());
             }
             was_reading = reading;
+            if buf.is_empty() && buf.capacity() > 0 {
+                buf = BytesMut::new();
+            }
             let deadline = self.session.deadline().map(Instant::from_std);
             tokio::select! {
-                read = reader.read_buf(&mut buf), if reading => match read {
-                    Ok(0) => return CloseReason::PeerClosed,
-                    Ok(_) => self.session.note_activity(Instant::now().into_std()),
-                    Err(error) => {
+                ready = self.stream.readable(), if reading => {
+                    if let Err(error) = ready {
                         tracing::debug!(%error, "read failed");
                         return CloseReason::Io;
+                    }
+                    buf.reserve(READ_CHUNK);
+                    match self.stream.try_read_buf(&mut buf) {
+                        Ok(0) => return CloseReason::PeerClosed,
+                        Ok(_) => self.session.note_activity(Instant::now().into_std()),
+                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(error) => {
+                            tracing::debug!(%error, "read failed");
+                            return CloseReason::Io;
+                        }
                     }
                 },
                 event = self.acks_rx.recv_async() => {
@@ -217,7 +239,7 @@ impl Connection {
         let decoded = {
             let ctx = DecodeContext {
                 fallback_device_id: &self.client_id,
-                protocol: SourceProtocol::Mqtt,
+                protocol: self.ctx.protocol,
                 source: &topic,
                 received_ts_ms: now_ms(),
                 keep_raw: self.ctx.config.keep_raw,
@@ -241,7 +263,7 @@ impl Connection {
                 tracing::debug!(%error, topic, "payload not decodable; dead-lettered");
                 let letter = DeadLetter {
                     device_id: self.client_id.clone(),
-                    protocol: SourceProtocol::Mqtt,
+                    protocol: self.ctx.protocol,
                     source: topic,
                     error: error.to_string(),
                     raw: payload,
@@ -305,7 +327,7 @@ impl Connection {
         if out.is_empty() {
             return Ok(());
         }
-        let result = self.writer.write_all(out).await;
+        let result = self.stream.write_all(out).await;
         out.clear();
         result.map_err(|error| {
             tracing::debug!(%error, "write failed");
@@ -318,7 +340,7 @@ impl Connection {
     async fn close_for(&mut self, violation: Violation) -> CloseReason {
         let reason = self.violation_reason(violation);
         let _ = self.flush().await;
-        let _ = self.writer.shutdown().await;
+        let _ = self.stream.shutdown().await;
         reason
     }
 
@@ -354,7 +376,7 @@ impl Connection {
         self.ctx
             .metrics
             .protocol_errors
-            .get_or_create(&ProtocolReasonLabel { protocol: PROTOCOL, reason: what })
+            .get_or_create(&ProtocolReasonLabel { protocol: self.ctx.label, reason: what })
             .inc();
     }
 }
@@ -365,8 +387,4 @@ async fn sleep_until_some(deadline: Option<Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }

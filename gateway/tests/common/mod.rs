@@ -31,8 +31,9 @@ impl TestGateway {
         );
         let mut config = Config::parse(&text, "test.toml").unwrap();
         if !extra_toml.contains("[[listeners]]") {
-            let weir::config::ListenerConfig::Mqtt(m) = &mut config.listeners[0];
-            m.listen = "127.0.0.1:0".parse().unwrap();
+            if let weir::config::ListenerConfig::Mqtt(m) = &mut config.listeners[0] {
+                m.listen = "127.0.0.1:0".parse().unwrap();
+            }
         }
         let gateway = weir::start(config).await.unwrap();
         Self { gateway, dir }

@@ -57,6 +57,8 @@ pub enum PayloadError {
     NotJsonNorProtobuf(String),
     #[error("protobuf DevicePayload has no reading or batch")]
     EmptyPayload,
+    #[error("a hello (device identification) is only valid as the first frame of a raw TCP connection")]
+    UnexpectedHello,
     #[error("expected a JSON object or array of readings, found {0}")]
     UnexpectedJson(&'static str),
     #[error("field `{field}`: {reason}")]

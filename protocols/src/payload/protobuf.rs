@@ -13,6 +13,7 @@ pub(super) fn decode(
     let message = DevicePayload::decode(payload).map_err(|e| PayloadError::Protobuf(e.to_string()))?;
     match message.body {
         None => Err(PayloadError::EmptyPayload),
+        Some(Body::Hello(_)) => Err(PayloadError::UnexpectedHello),
         Some(Body::Reading(reading)) => {
             out.push(finish_record(record(reading), "", payload, ctx)?);
             Ok(())
