@@ -191,7 +191,8 @@ pub struct WsListenerConfig {
     /// on a WebSocket, a close with code 1009. Checked before the body is buffered.
     #[serde(default = "defaults::max_message_bytes")]
     pub max_message_bytes: usize,
-    /// Largest single WebSocket frame (a message may span frames).
+    /// Largest single WebSocket frame (a message may span frames); never more than
+    /// `max_message_bytes`. A bigger frame closes the connection with code 1009.
     #[serde(default = "defaults::max_frame_bytes")]
     pub max_frame_bytes: usize,
     /// Largest MQTT packet on `/mqtt`.
@@ -837,7 +838,7 @@ impl Config {
                 ListenerConfig::Ws(w) => {
                     exposed(w.listen, w.allow_anonymous)?;
                     check("max_message_bytes", w.max_message_bytes, 64, 256 << 20)?;
-                    check("max_frame_bytes", w.max_frame_bytes, 64, w.max_message_bytes)?;
+                    check("max_frame_bytes", w.max_frame_bytes, 64, 256 << 20)?;
                     check("max_packet_bytes", w.max_packet_bytes, 64, 256 << 20)?;
                     fits_fabric("max_message_bytes", w.max_message_bytes)?;
                     fits_fabric("max_packet_bytes", w.max_packet_bytes)?;

@@ -139,6 +139,18 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
                     move |accepted| listener::mqtt::serve(accepted, Arc::clone(&ctx), shutdown.clone()),
                 ));
             }
+            (ListenerConfig::Ws(ws), Some(socket)) => {
+                let ctx =
+                    Arc::new(listener::ws::WsContext::new(ws.clone(), fabric.clone(), Arc::clone(&metrics)));
+                let shutdown = shutdown_rx.clone();
+                listeners.spawn(listener::accept_loop(
+                    socket,
+                    "ws",
+                    ws.max_connections,
+                    shutdown_rx.clone(),
+                    move |accepted| listener::ws::serve(accepted, Arc::clone(&ctx), shutdown.clone()),
+                ));
+            }
             (other, _) => return Err(StartError::Unsupported(other.protocol())),
         }
     }

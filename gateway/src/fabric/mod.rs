@@ -174,10 +174,20 @@ impl Fabric {
     /// stops reading its connection meanwhile); under `drop_newest` a full shard gives the item
     /// back as [`SendError::Full`].
     pub async fn send(&self, item: Item) -> Result<(), SendError> {
+        self.send_with(item, self.when_full).await
+    }
+
+    /// Enqueues an item only if its shard has room now, whatever the policy; a full shard gives
+    /// it back as [`SendError::Full`]. For callers that answer "busy" rather than wait (HTTP).
+    pub async fn try_send(&self, item: Item) -> Result<(), SendError> {
+        self.send_with(item, WhenFull::DropNewest).await
+    }
+
+    async fn send_with(&self, item: Item, when_full: WhenFull) -> Result<(), SendError> {
         let shard = &self.shards[self.shard_of(item.device_id())];
         let budget = &shard.budget;
         let charged = budget.charge(item.bytes);
-        match self.when_full {
+        match when_full {
             WhenFull::Block => {
                 let Ok(records) = budget.records.acquire_many(1).await else {
                     return Err(SendError::Closed(item));

@@ -79,13 +79,30 @@ pub struct MessageQueue {
     acks_rx: flume::Receiver<AckEvent>,
     /// Scratch space for one message's records, reused.
     records: Vec<Record>,
+    /// Answer "unavailable" at once instead of waiting when the fabric is full (HTTP).
+    busy_is_error: bool,
 }
 
 impl MessageQueue {
     /// A queue that lets at most `max_inflight` messages await their reply.
     pub fn new(ctx: Arc<IngestContext>, max_inflight: usize) -> Self {
         let (acks_tx, acks_rx) = flume::bounded(max_inflight);
-        Self { ctx, max_inflight, next_n: 1, pending: VecDeque::new(), acks_tx, acks_rx, records: Vec::new() }
+        Self {
+            ctx,
+            max_inflight,
+            next_n: 1,
+            pending: VecDeque::new(),
+            acks_tx,
+            acks_rx,
+            records: Vec::new(),
+            busy_is_error: false,
+        }
+    }
+
+    /// A queue whose messages are refused with "unavailable" when the fabric has no room, instead
+    /// of waiting for it: for requests that must be answered promptly (HTTP webhooks).
+    pub fn answering_busy(ctx: Arc<IngestContext>, max_inflight: usize) -> Self {
+        Self { busy_is_error: true, ..Self::new(ctx, max_inflight) }
     }
 
     pub fn context(&self) -> &Arc<IngestContext> {
@@ -191,12 +208,25 @@ impl MessageQueue {
 
     async fn enqueue(&mut self, item: Item) -> Result<Outcome, Closing> {
         let fabric = self.ctx.fabric.clone();
-        let send = fabric.send(item);
+        let busy_is_error = self.busy_is_error;
+        let send = async {
+            if busy_is_error {
+                fabric.try_send(item).await
+            } else {
+                fabric.send(item).await
+            }
+        };
         tokio::pin!(send);
         loop {
             tokio::select! {
                 sent = &mut send => return match sent {
                     Ok(()) => Ok(Outcome::Stored),
+                    Err(SendError::Full(item)) if busy_is_error => {
+                        // Not a drop: the device is told to resend (HTTP 503 + Retry-After).
+                        self.ctx.count_error("busy");
+                        item.settle(Outcome::Dropped);
+                        Ok(Outcome::Dropped)
+                    }
                     Err(SendError::Full(item)) => {
                         self.ctx.metrics.records_dropped.get_or_create(&ReasonLabel { reason: "fabric_full" }).inc();
                         item.settle(Outcome::Dropped);
@@ -238,6 +268,9 @@ impl MessageQueue {
         pending.status = Some(match (outcome, pending.undecodable.take()) {
             (Outcome::Stored, None) => (Status::Ok, String::new()),
             (Outcome::Stored, Some(reason)) => (Status::Undecodable, reason),
+            (Outcome::Dropped, _) if self.busy_is_error => {
+                (Status::Unavailable, "the gateway is busy; resend after a moment".into())
+            }
             (Outcome::Dropped, _) => (
                 Status::Unavailable,
                 "dropped: the gateway is full (when_full = drop_newest); resend later".into(),
