@@ -4,6 +4,7 @@
 
 pub mod ingest;
 pub mod mqtt;
+pub mod tcp;
 
 use std::future::Future;
 use std::io;
