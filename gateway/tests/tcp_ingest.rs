@@ -100,7 +100,8 @@ impl Wire {
                 self.framed(&DevicePayload { body: Some(Body::Batch(batch)) }.encode_to_vec())
             }
             Wire::Lines => {
-                let readings: Vec<String> = seqs.iter().map(|seq| format!(r#"{{"seq":{seq},"v":1}}"#)).collect();
+                let readings: Vec<String> =
+                    seqs.iter().map(|seq| format!(r#"{{"seq":{seq},"v":1}}"#)).collect();
                 self.framed(format!("[{}]", readings.join(",")).as_bytes())
             }
         }
@@ -243,8 +244,10 @@ fn db_rows(gw: &TestGateway) -> Vec<(String, i64)> {
 }
 
 fn has_row(gw: &TestGateway, device: &str, seq: u64) -> bool {
-    count(&gw.db_path(), &format!("SELECT count(*) FROM telemetry WHERE device_id = '{device}' AND seq = {seq}"))
-        == 1
+    count(
+        &gw.db_path(),
+        &format!("SELECT count(*) FROM telemetry WHERE device_id = '{device}' AND seq = {seq}"),
+    ) == 1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,20 +269,15 @@ async fn hello_and_readings_become_rows_with_in_order_acks() {
         }
         assert_eq!(
             answers,
-            [
-                Answer::ack(1, 1),
-                Answer::ack(2, 2),
-                Answer::ack(3, 3),
-                Answer::ack(9, 4),
-                Answer::ack(11, 5)
-            ],
+            [Answer::ack(1, 1), Answer::ack(2, 2), Answer::ack(3, 3), Answer::ack(9, 4), Answer::ack(11, 5)],
             "{wire:?}: one reply per message, none for the hello or the heartbeat, n from 1"
         );
-        let expected: Vec<(String, i64)> = [("dev-a", 1), ("dev-a", 2), ("dev-a", 3), ("dev-a", 10), ("dev-a", 11)]
-            .into_iter()
-            .chain([("dev-b", 9)])
-            .map(|(d, s)| (d.to_owned(), s))
-            .collect();
+        let expected: Vec<(String, i64)> =
+            [("dev-a", 1), ("dev-a", 2), ("dev-a", 3), ("dev-a", 10), ("dev-a", 11)]
+                .into_iter()
+                .chain([("dev-b", 9)])
+                .map(|(d, s)| (d.to_owned(), s))
+                .collect();
         assert_eq!(db_rows(&gw), expected, "{wire:?}");
         let port = gw.gateway.listener_addrs()[0].port();
         assert_eq!(
@@ -346,7 +344,10 @@ async fn an_undecodable_message_is_dead_lettered_and_the_connection_goes_on() {
         assert_eq!(refused.error_kind(), Some(("undecodable", 2)), "{wire:?}: {refused:?}");
         // The error reply follows the dead letter's commit.
         assert_eq!(
-            count(&gw.db_path(), "SELECT count(*) FROM dead_letter WHERE device_id = 'dl-dev' AND protocol = 'tcp'"),
+            count(
+                &gw.db_path(),
+                "SELECT count(*) FROM dead_letter WHERE device_id = 'dl-dev' AND protocol = 'tcp'"
+            ),
             1,
             "{wire:?}"
         );
@@ -404,7 +405,11 @@ async fn an_oversized_frame_is_refused_unread_and_closes_only_its_connection() {
             // 101 bytes and no newline yet: already longer than the limit.
             Wire::Lines => device.send(&[b'x'; 101]).await,
         }
-        assert_eq!(device.recv().await, Some(Answer::ack(1, 1)), "{wire:?}: the message before it is answered");
+        assert_eq!(
+            device.recv().await,
+            Some(Answer::ack(1, 1)),
+            "{wire:?}: the message before it is answered"
+        );
         let refused = device.recv().await.unwrap();
         assert_eq!(refused.error_kind(), Some(("too_large", 2)), "{wire:?}: {refused:?}");
         let expected = match wire {
@@ -424,7 +429,10 @@ async fn an_oversized_frame_is_refused_unread_and_closes_only_its_connection() {
             text.contains(r#"weir_connections_closed_total{protocol="tcp",reason="too_large"} 1"#),
             "{text}"
         );
-        assert!(text.contains(r#"weir_protocol_errors_total{protocol="tcp",reason="too_large"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"weir_protocol_errors_total{protocol="tcp",reason="too_large"} 1"#),
+            "{text}"
+        );
         gw.gateway.shutdown().await;
     }
 }
@@ -575,10 +583,35 @@ async fn connect_deadline_and_idle_timeout_close_silent_connections() {
         let text = gw.gateway.metrics().encode();
         for reason in ["connect_timeout", "idle_timeout"] {
             assert!(
-                text.contains(&format!(r#"weir_connections_closed_total{{protocol="tcp",reason="{reason}"}} 1"#)),
+                text.contains(&format!(
+                    r#"weir_connections_closed_total{{protocol="tcp",reason="{reason}"}} 1"#
+                )),
                 "{text}"
             );
         }
+        gw.gateway.shutdown().await;
+    }
+}
+
+/// Paused time: a device waiting for replies weir owes it is not idle, however long the sink
+/// holds them back.
+#[tokio::test(start_paused = true)]
+async fn time_held_back_by_the_sink_does_not_count_as_idle() {
+    for wire in WIRES {
+        let gw = TestGateway::start(&wire.config("idle_timeout_ms = 30000")).await;
+        let lock = WriteLock::take(&gw.db_path());
+        let mut device = Device::open(&gw, wire).await;
+        let mut bytes = wire.hello("held-dev");
+        bytes.extend(wire.reading(None, 1));
+        device.send(&bytes).await;
+        // Twice the idle timeout with the reply owed: the connection stays.
+        assert_eq!(device.replies.recv_within(Duration::from_secs(60)).await, Err(()), "{wire:?}");
+        lock.release();
+        assert_eq!(device.recv().await, Some(Answer::ack(1, 1)), "{wire:?}");
+        // Once nothing is owed, the device's silence counts again.
+        let answered = tokio::time::Instant::now();
+        assert_eq!(device.replies.recv_within(Duration::from_secs(60)).await, Ok(None), "{wire:?}");
+        assert!(answered.elapsed() <= Duration::from_millis(30_100), "{wire:?}: {:?}", answered.elapsed());
         gw.gateway.shutdown().await;
     }
 }

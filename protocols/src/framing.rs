@@ -90,6 +90,7 @@ impl Framer {
         Self { framing, max_frame_bytes, scanned: 0 }
     }
 
+    /// The framing this framer cuts.
     pub fn framing(&self) -> Framing {
         self.framing
     }

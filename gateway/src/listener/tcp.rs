@@ -47,8 +47,14 @@ impl TcpContext {
             TcpFraming::LengthPrefixed => Framing::LengthPrefixed,
             TcpFraming::Lines => Framing::Lines,
         };
-        let ingest =
-            Arc::new(IngestContext::new(fabric, metrics, SourceProtocol::Tcp, LABEL, config.ack, config.keep_raw));
+        let ingest = Arc::new(IngestContext::new(
+            fabric,
+            metrics,
+            SourceProtocol::Tcp,
+            LABEL,
+            config.ack,
+            config.keep_raw,
+        ));
         Self { config, framing, ingest, source: format!("tcp://{local_addr}") }
     }
 }
@@ -113,7 +119,10 @@ pub async fn serve_stream<S: ByteStream>(stream: S, ctx: Arc<TcpContext>, shutdo
     let closed = connection.run(shutdown).await;
     tracing::debug!(reason = closed.label(), "connection closed");
     metrics.connections_active.get_or_create(&label).dec();
-    metrics.connections_closed.get_or_create(&ProtocolReasonLabel { protocol: LABEL, reason: closed.label() }).inc();
+    metrics
+        .connections_closed
+        .get_or_create(&ProtocolReasonLabel { protocol: LABEL, reason: closed.label() })
+        .inc();
 }
 
 struct Connection<S> {
@@ -173,7 +182,11 @@ impl<S: ByteStream> Connection<S> {
                     }
                     Err(error @ FrameError::TooLarge { .. }) => {
                         tracing::debug!(%error, "frame too large; answering and closing");
-                        self.queue.refuse(self.ctx.framing.reply_format(), Status::TooLarge, error.to_string());
+                        self.queue.refuse(
+                            self.ctx.framing.reply_format(),
+                            Status::TooLarge,
+                            error.to_string(),
+                        );
                         stopped = Some(CloseReason::TooLarge);
                     }
                     Err(error @ FrameError::Truncated { .. }) => {
@@ -204,7 +217,9 @@ impl<S: ByteStream> Connection<S> {
             let deadline = match stopped {
                 Some(_) => None,
                 None if !framed => Some((connect_deadline, CloseReason::ConnectTimeout)),
-                None if idle_clock_running => idle_timeout.map(|t| (last_input + t, CloseReason::IdleTimeout)),
+                None if idle_clock_running => {
+                    idle_timeout.map(|t| (last_input + t, CloseReason::IdleTimeout))
+                }
                 None => None,
             };
             if buf.is_empty() && buf.capacity() > 0 {
