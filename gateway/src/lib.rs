@@ -151,6 +151,27 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
                     move |accepted| listener::ws::serve(accepted, Arc::clone(&ctx), shutdown.clone()),
                 ));
             }
+            (ListenerConfig::Tcp(tcp), Some(socket)) => {
+                let local_addr = socket.local_addr().map_err(|source| StartError::Bind {
+                    addr: tcp.listen,
+                    what: "device listener",
+                    source,
+                })?;
+                let ctx = Arc::new(listener::tcp::TcpContext::new(
+                    tcp.clone(),
+                    fabric.clone(),
+                    Arc::clone(&metrics),
+                    local_addr,
+                ));
+                let shutdown = shutdown_rx.clone();
+                listeners.spawn(listener::accept_loop(
+                    socket,
+                    "tcp",
+                    tcp.max_connections,
+                    shutdown_rx.clone(),
+                    move |accepted| listener::tcp::serve(accepted, Arc::clone(&ctx), shutdown.clone()),
+                ));
+            }
             (other, _) => return Err(StartError::Unsupported(other.protocol())),
         }
     }

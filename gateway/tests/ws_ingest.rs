@@ -317,3 +317,26 @@ async fn unknown_paths_and_bad_upgrades_get_clear_http_errors() {
         other => panic!("a device id with a wildcard must be refused, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_device_has_at_most_max_inflight_messages_taken_while_the_sink_is_stalled() {
+    let gw = TestGateway::start(&format!("{WS}max_inflight = 5\n")).await;
+    let db = gw.db_path();
+    let mut ws = connect(&gw, "/ingest?device=bp-dev").await;
+    ws.send(text_reading(0)).await.unwrap();
+    assert_eq!(next_json(&mut ws, Duration::from_secs(10)).await.unwrap()["ack"], 0);
+    let lock = WriteLock::take(&db);
+    for seq in 1..=40 {
+        ws.send(text_reading(seq)).await.unwrap();
+    }
+    let received = || gw.metric("weir_messages_received_total");
+    assert!(eventually(Duration::from_secs(5), || received() == 6).await, "got {}", received());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(received(), 6, "exactly max_inflight messages are read while none is answered");
+    lock.release();
+    for seq in 1..=40u64 {
+        let reply = next_json(&mut ws, Duration::from_secs(10)).await.expect("ack after release");
+        assert_eq!(reply["ack"], seq, "{reply}");
+    }
+    assert_eq!(rows(&db).len(), 41);
+}

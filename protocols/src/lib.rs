@@ -1,4 +1,5 @@
 //! Pure protocol code: bytes in, typed frames and records out. No I/O, no runtime, no clock.
+pub mod framing;
 pub mod mqtt;
 pub mod payload;
 pub mod record_json;

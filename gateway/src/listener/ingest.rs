@@ -162,21 +162,64 @@ impl MessageQueue {
                 }
             }
             Err(error) => {
-                ctx.metrics.records_dead_lettered.get_or_create(&ReasonLabel { reason: "undecodable" }).inc();
-                tracing::debug!(%error, source, "message not decodable; dead-lettered");
                 let reason = error.to_string();
+                tracing::debug!(%reason, source, "message not decodable; dead-lettered");
                 pending.undecodable = Some(reason.clone());
-                let letter = DeadLetter {
-                    device_id: device_id.to_owned(),
-                    protocol: ctx.protocol,
-                    source: source.to_owned(),
-                    error: reason,
-                    raw: payload,
-                    received_ts_ms,
-                };
-                items.push(Item::dead_letter(letter, token));
+                items.push(self.dead_letter(device_id, source, payload, reason, received_ts_ms, token));
             }
         }
+        self.enqueue_message(pending, items, committed).await
+    }
+
+    /// Stores a message the listener itself found invalid (e.g. a hello out of place) as a dead
+    /// letter with `reason`, and answers it `undecodable` once that is committed.
+    pub async fn submit_dead_letter(
+        &mut self,
+        device_id: &str,
+        source: &str,
+        reply_format: ReplyFormat,
+        payload: Bytes,
+        reason: String,
+    ) -> Result<(), Closing> {
+        self.ctx.messages_received.inc();
+        let n = self.next_n;
+        self.next_n += 1;
+        let committed = self.ctx.ack == AckPoint::Committed;
+        let token = committed.then(|| AckToken::new(n, self.acks_tx.clone()));
+        let pending =
+            Pending { n, seq: None, format: reply_format, undecodable: Some(reason.clone()), status: None };
+        let item = self.dead_letter(device_id, source, payload, reason, now_ms(), token);
+        self.enqueue_message(pending, vec![item], committed).await
+    }
+
+    fn dead_letter(
+        &self,
+        device_id: &str,
+        source: &str,
+        raw: Bytes,
+        error: String,
+        received_ts_ms: i64,
+        token: Option<AckToken>,
+    ) -> Item {
+        self.ctx.metrics.records_dead_lettered.get_or_create(&ReasonLabel { reason: "undecodable" }).inc();
+        let letter = DeadLetter {
+            device_id: device_id.to_owned(),
+            protocol: self.ctx.protocol,
+            source: source.to_owned(),
+            error,
+            raw,
+            received_ts_ms,
+        };
+        Item::dead_letter(letter, token)
+    }
+
+    async fn enqueue_message(
+        &mut self,
+        pending: Pending,
+        items: Vec<Item>,
+        committed: bool,
+    ) -> Result<(), Closing> {
+        let n = pending.n;
         self.pending.push_back(pending);
         let mut worst = Outcome::Stored;
         for item in items {

@@ -4,6 +4,7 @@
 
 pub mod ingest;
 pub mod mqtt;
+pub mod tcp;
 pub mod ws;
 
 use std::future::Future;

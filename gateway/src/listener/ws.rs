@@ -26,6 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 use weir_proto::SourceProtocol;
+use weir_protocols::framing::check_device_id;
 use weir_protocols::payload::PayloadFormat;
 use weir_protocols::reply::{Reply, ReplyFormat, Status};
 
@@ -41,8 +42,6 @@ use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel};
 const WS_READ_BUFFER: usize = 4 * 1024;
 /// Replies are buffered up to this much and written together.
 const WS_WRITE_BUFFER: usize = 8 * 1024;
-/// Longest device id accepted from a URL or header (the payload decoder has the same bound).
-const MAX_DEVICE_ID: usize = 256;
 
 /// What every connection of one ws listener shares.
 pub struct WsContext {
@@ -293,23 +292,9 @@ fn device_id<B>(request: &Request<B>, ctx: &WsContext) -> Result<Option<String>,
         },
     };
     if let Some(id) = &id {
-        check_device_id(id)?;
+        check_device_id(id).map_err(|e| e.to_string())?;
     }
     Ok(id)
-}
-
-/// A device id must be 1..=256 bytes, with no MQTT wildcard and no control character.
-pub fn check_device_id(id: &str) -> Result<(), String> {
-    if id.is_empty() {
-        return Err("the device id is empty".into());
-    }
-    if id.len() > MAX_DEVICE_ID {
-        return Err(format!("the device id is {} bytes, more than {MAX_DEVICE_ID}", id.len()));
-    }
-    if id.contains(['#', '+']) || id.chars().any(char::is_control) {
-        return Err("the device id contains an MQTT wildcard (# or +) or a control character".into());
-    }
-    Ok(())
 }
 
 fn percent_decode(text: &str) -> Option<String> {
@@ -651,16 +636,6 @@ impl ByteStream for WsByteStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn device_ids_are_checked() {
-        check_device_id("sensor-1").unwrap();
-        assert!(check_device_id("").is_err());
-        assert!(check_device_id("a/#").is_err());
-        assert!(check_device_id("a+b").is_err());
-        assert!(check_device_id("a\nb").is_err());
-        assert!(check_device_id(&"x".repeat(257)).is_err());
-    }
 
     #[test]
     fn percent_decoding() {
