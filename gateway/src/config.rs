@@ -983,6 +983,49 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_config_with_every_protocol_parses() {
+        let text = include_str!("../../deploy/config/all-protocols.toml");
+        let config = Config::parse(text, "all-protocols.toml").unwrap();
+        let protocols: Vec<_> = config.listeners.iter().map(ListenerConfig::protocol).collect();
+        assert_eq!(protocols, ["mqtt", "ws", "tcp", "tcp"]);
+        // Uncomment the bridge block (from its `# [[listeners]]` to the next blank line).
+        let start = text.find("# [[listeners]]").unwrap();
+        let end = start + text[start..].find("\n\n").unwrap();
+        let bridge = format!("{}{}{}", &text[..start], text[start..end].replace("# ", ""), &text[end..]);
+        let config = Config::parse(&bridge, "all-protocols.toml").unwrap();
+        assert_eq!(config.listeners.last().map(ListenerConfig::protocol), Some("mqtt_bridge"));
+    }
+
+    #[test]
+    fn listener_limits_are_checked() {
+        let ws = "[[listeners]]\nprotocol = \"ws\"\nlisten = \"127.0.0.1:0\"\n";
+        let err = Config::parse(&format!("{ws}max_message_bytes = 10\n"), "w.toml").unwrap_err().to_string();
+        assert!(err.contains("listeners[0].max_message_bytes"), "{err}");
+        let err = Config::parse(&format!("{ws}device_id_header = \"bad header\"\n"), "w.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("device_id_header"), "{err}");
+        let tcp = "[[listeners]]\nprotocol = \"tcp\"\nlisten = \"0.0.0.0:7000\"\n";
+        let err = Config::parse(tcp, "w.toml").unwrap_err().to_string();
+        assert!(err.contains("allow_anonymous"), "{err}");
+        let err = Config::parse(&format!("{tcp}allow_anonymous = true\nframing = \"xml\"\n"), "w.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("xml"), "{err}");
+        let bridge = "[[listeners]]\nprotocol = \"mqtt_bridge\"\nfilters = [\"a/#\"]\n";
+        let err =
+            Config::parse(&format!("{bridge}broker = \"localhost\"\n"), "w.toml").unwrap_err().to_string();
+        assert!(err.contains("listeners[0].broker"), "{err}");
+        let err = Config::parse(
+            "[[listeners]]\nprotocol = \"mqtt_bridge\"\nbroker = \"h:1\"\nfilters = []\n",
+            "w.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("filters"), "{err}");
+    }
+
+    #[test]
     fn empty_file_is_the_embedded_default() {
         let c = Config::parse("", "empty.toml").unwrap();
         assert!(matches!(c.sink, SinkConfig::Sqlite(_)));
