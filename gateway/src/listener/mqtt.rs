@@ -404,7 +404,9 @@ impl<S: ByteStream> Connection<S> {
             Violation::TopicAliasInvalid { .. } => (CloseReason::ProtocolError, "topic_alias_invalid"),
             Violation::UnknownTopicAlias(_) => (CloseReason::ProtocolError, "unknown_topic_alias"),
             Violation::AliasTableFull => (CloseReason::ProtocolError, "topic_alias_table_full"),
-            Violation::BadAuthenticationMethod(_) => (CloseReason::ProtocolError, "bad_authentication_method"),
+            Violation::BadAuthenticationMethod(_) => {
+                (CloseReason::ProtocolError, "bad_authentication_method")
+            }
             Violation::NotAuthorized => (CloseReason::ProtocolError, "not_authorized"),
             Violation::NotConnected => (CloseReason::ProtocolError, "not_connected"),
             Violation::DuplicateConnect => (CloseReason::ProtocolError, "duplicate_connect"),

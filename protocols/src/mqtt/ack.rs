@@ -152,7 +152,8 @@ mod tests {
             0x00, 0x09, // packet id 9
             0x99, // payload format invalid; no property length
         ];
-        let ack = AckV5 { pkid: 9, reason: ReasonCode::PayloadFormatInvalid, properties: Properties::default() };
+        let ack =
+            AckV5 { pkid: 9, reason: ReasonCode::PayloadFormatInvalid, properties: Properties::default() };
         assert_fixture_v5(&bytes, &Packet::PubAckV5(ack));
     }
 

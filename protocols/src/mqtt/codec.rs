@@ -827,11 +827,18 @@ mod proptests {
     }
 
     fn connect_v5() -> impl Strategy<Value = Packet> {
-        (connect(), proptest::option::of(binary(8)), properties(PropertyContext::Connect), properties(PropertyContext::Will))
+        (
+            connect(),
+            proptest::option::of(binary(8)),
+            properties(PropertyContext::Connect),
+            properties(PropertyContext::Will),
+        )
             .prop_map(|(connect, password, properties, will_properties)| {
                 // MQTT 5 allows a password without a username.
-                let connect = Connect { protocol_level: 5, password: password.or(connect.password), ..connect };
-                let will_properties = if connect.will.is_some() { will_properties } else { Properties::default() };
+                let connect =
+                    Connect { protocol_level: 5, password: password.or(connect.password), ..connect };
+                let will_properties =
+                    if connect.will.is_some() { will_properties } else { Properties::default() };
                 Packet::ConnectV5(Box::new(ConnectV5 { connect, properties, will_properties }))
             })
     }
@@ -848,8 +855,11 @@ mod proptests {
     }
 
     fn ack_v5() -> impl Strategy<Value = AckV5> {
-        (pkid(), reason(), properties(PropertyContext::Ack))
-            .prop_map(|(pkid, reason, properties)| AckV5 { pkid, reason, properties })
+        (pkid(), reason(), properties(PropertyContext::Ack)).prop_map(|(pkid, reason, properties)| AckV5 {
+            pkid,
+            reason,
+            properties,
+        })
     }
 
     fn subscription_options() -> impl Strategy<Value = SubscriptionOptions> {
@@ -878,14 +888,22 @@ mod proptests {
             ack_v5().prop_map(Packet::PubRecV5),
             ack_v5().prop_map(Packet::PubRelV5),
             ack_v5().prop_map(Packet::PubCompV5),
-            (pkid(), properties(PropertyContext::Subscribe), vec((topic_filter(), subscription_options()), 1..4))
+            (
+                pkid(),
+                properties(PropertyContext::Subscribe),
+                vec((topic_filter(), subscription_options()), 1..4)
+            )
                 .prop_map(|(pkid, properties, filters)| Packet::SubscribeV5(SubscribeV5 {
                     pkid,
                     properties,
                     filters
                 })),
             (pkid(), properties(PropertyContext::SubAck), vec(reason(), 1..4)).prop_map(
-                |(pkid, properties, reason_codes)| Packet::SubAckV5(SubAckV5 { pkid, properties, reason_codes })
+                |(pkid, properties, reason_codes)| Packet::SubAckV5(SubAckV5 {
+                    pkid,
+                    properties,
+                    reason_codes
+                })
             ),
             (pkid(), properties(PropertyContext::Unsubscribe), vec(topic_filter(), 1..4)).prop_map(
                 |(pkid, properties, filters)| Packet::UnsubscribeV5(UnsubscribeV5 {
@@ -894,7 +912,11 @@ mod proptests {
                 })
             ),
             (pkid(), properties(PropertyContext::UnsubAck), vec(reason(), 1..4)).prop_map(
-                |(pkid, properties, reason_codes)| Packet::UnsubAckV5(UnsubAckV5 { pkid, properties, reason_codes })
+                |(pkid, properties, reason_codes)| Packet::UnsubAckV5(UnsubAckV5 {
+                    pkid,
+                    properties,
+                    reason_codes
+                })
             ),
             (reason(), properties(PropertyContext::Disconnect))
                 .prop_map(|(reason, properties)| Packet::DisconnectV5(DisconnectV5 { reason, properties })),

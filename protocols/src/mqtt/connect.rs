@@ -122,13 +122,14 @@ pub(crate) fn decode(mut body: Bytes, max_user_properties: usize) -> Result<Pack
     let will = if has_will {
         if v5 {
             let budget = max_user_properties - properties.user_properties.len();
-            will_properties = Properties::decode(&mut body, PropertyContext::Will, budget)
-                .map_err(|error| match error {
+            will_properties = Properties::decode(&mut body, PropertyContext::Will, budget).map_err(
+                |error| match error {
                     DecodeError::TooManyUserProperties { .. } => {
                         DecodeError::TooManyUserProperties { max: max_user_properties }
                     }
                     other => other,
-                })?;
+                },
+            )?;
         }
         let topic = read_string(&mut body)?;
         validate_topic_name(&topic)?;
@@ -142,9 +143,8 @@ pub(crate) fn decode(mut body: Bytes, max_user_properties: usize) -> Result<Pack
         None
     };
     let username = has_username.then(|| read_string(&mut body)).transpose()?;
-    let password = has_password
-        .then(|| read_bytes(&mut body).map(|raw| Bytes::copy_from_slice(&raw)))
-        .transpose()?;
+    let password =
+        has_password.then(|| read_bytes(&mut body).map(|raw| Bytes::copy_from_slice(&raw))).transpose()?;
     expect_end(&body)?;
 
     let connect = Connect {
@@ -393,8 +393,10 @@ mod tests {
             0x00, 0x01, b'w', // will topic "w"
             0x00, 0x00, // empty will payload
         ];
-        let decode_with_cap = |max| Decoder { max_user_properties: max, ..Decoder::new(ProtocolVersion::V311, MAX) }
-            .decode(&mut BytesMut::from(&bytes[..]));
+        let decode_with_cap = |max| {
+            Decoder { max_user_properties: max, ..Decoder::new(ProtocolVersion::V311, MAX) }
+                .decode(&mut BytesMut::from(&bytes[..]))
+        };
         assert!(matches!(decode_with_cap(2), Ok(Some(Packet::ConnectV5(_)))));
         assert_eq!(decode_with_cap(1), Err(DecodeError::TooManyUserProperties { max: 1 }));
     }

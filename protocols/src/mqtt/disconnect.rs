@@ -24,7 +24,8 @@ impl DisconnectV5 {
     }
 
     pub(crate) fn decode(body: Bytes, max_user_properties: usize) -> Result<Self, DecodeError> {
-        let (reason, properties) = decode_reason_tail(body, PropertyContext::Disconnect, max_user_properties)?;
+        let (reason, properties) =
+            decode_reason_tail(body, PropertyContext::Disconnect, max_user_properties)?;
         Ok(DisconnectV5 { reason, properties })
     }
 

@@ -7,8 +7,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::codec::DecodeError;
 use super::header::{
-    bytes_field_len, read_bytes, read_string, read_u16, read_u32, read_u8, read_variable_int, string_field_len,
-    variable_int_len, write_bytes, write_string, write_variable_int, MAX_REMAINING_LENGTH,
+    bytes_field_len, read_bytes, read_string, read_u16, read_u32, read_u8, read_variable_int,
+    string_field_len, variable_int_len, write_bytes, write_string, write_variable_int, MAX_REMAINING_LENGTH,
 };
 
 /// Property identifiers (§2.2.2.2).
@@ -142,19 +142,31 @@ impl PropertyContext {
         use PropertyContext as C;
         match property {
             USER_PROPERTY => true,
-            PAYLOAD_FORMAT_INDICATOR | MESSAGE_EXPIRY_INTERVAL | CONTENT_TYPE | RESPONSE_TOPIC
+            PAYLOAD_FORMAT_INDICATOR
+            | MESSAGE_EXPIRY_INTERVAL
+            | CONTENT_TYPE
+            | RESPONSE_TOPIC
             | CORRELATION_DATA => matches!(self, C::Publish | C::Will),
             SUBSCRIPTION_IDENTIFIER => matches!(self, C::Publish | C::Subscribe),
             SESSION_EXPIRY_INTERVAL => matches!(self, C::Connect | C::ConnAck | C::Disconnect),
             AUTHENTICATION_METHOD | AUTHENTICATION_DATA => matches!(self, C::Connect | C::ConnAck | C::Auth),
             REQUEST_PROBLEM_INFORMATION | REQUEST_RESPONSE_INFORMATION => self == C::Connect,
             WILL_DELAY_INTERVAL => self == C::Will,
-            RECEIVE_MAXIMUM | TOPIC_ALIAS_MAXIMUM | MAXIMUM_PACKET_SIZE => matches!(self, C::Connect | C::ConnAck),
-            ASSIGNED_CLIENT_IDENTIFIER | SERVER_KEEP_ALIVE | RESPONSE_INFORMATION | MAXIMUM_QOS
-            | RETAIN_AVAILABLE | WILDCARD_SUBSCRIPTION_AVAILABLE | SUBSCRIPTION_IDENTIFIER_AVAILABLE
+            RECEIVE_MAXIMUM | TOPIC_ALIAS_MAXIMUM | MAXIMUM_PACKET_SIZE => {
+                matches!(self, C::Connect | C::ConnAck)
+            }
+            ASSIGNED_CLIENT_IDENTIFIER
+            | SERVER_KEEP_ALIVE
+            | RESPONSE_INFORMATION
+            | MAXIMUM_QOS
+            | RETAIN_AVAILABLE
+            | WILDCARD_SUBSCRIPTION_AVAILABLE
+            | SUBSCRIPTION_IDENTIFIER_AVAILABLE
             | SHARED_SUBSCRIPTION_AVAILABLE => self == C::ConnAck,
             SERVER_REFERENCE => matches!(self, C::ConnAck | C::Disconnect),
-            REASON_STRING => !matches!(self, C::Connect | C::Will | C::Publish | C::Subscribe | C::Unsubscribe),
+            REASON_STRING => {
+                !matches!(self, C::Connect | C::Will | C::Publish | C::Subscribe | C::Unsubscribe)
+            }
             TOPIC_ALIAS => self == C::Publish,
             _ => false,
         }
@@ -251,7 +263,9 @@ impl Properties {
             SERVER_KEEP_ALIVE => set(&mut self.server_keep_alive, read_u16(body)?),
             AUTHENTICATION_METHOD => set(&mut self.authentication_method, read_string(body)?),
             AUTHENTICATION_DATA => set(&mut self.authentication_data, read_bytes(body)?),
-            REQUEST_PROBLEM_INFORMATION => set(&mut self.request_problem_information, read_flag(body, property)?),
+            REQUEST_PROBLEM_INFORMATION => {
+                set(&mut self.request_problem_information, read_flag(body, property)?)
+            }
             WILL_DELAY_INTERVAL => set(&mut self.will_delay_interval, read_u32(body)?),
             REQUEST_RESPONSE_INFORMATION => {
                 set(&mut self.request_response_information, read_flag(body, property)?)
@@ -576,7 +590,10 @@ mod tests {
         for _ in 0..6 {
             bytes.extend_from_slice(&[0x26, 0x00, 0x00, 0x00, 0x00]); // ("", "")
         }
-        assert_eq!(decode(&bytes, PropertyContext::Publish), Err(DecodeError::TooManyUserProperties { max: 4 }));
+        assert_eq!(
+            decode(&bytes, PropertyContext::Publish),
+            Err(DecodeError::TooManyUserProperties { max: 4 })
+        );
     }
 
     #[test]

@@ -92,7 +92,11 @@ impl Publish {
 }
 
 impl PublishV5 {
-    pub(crate) fn decode(flags: u8, mut body: Bytes, max_user_properties: usize) -> Result<Self, DecodeError> {
+    pub(crate) fn decode(
+        flags: u8,
+        mut body: Bytes,
+        max_user_properties: usize,
+    ) -> Result<Self, DecodeError> {
         let head = Publish::decode_head(flags, &mut body)?;
         let properties = Properties::decode(&mut body, PropertyContext::Publish, max_user_properties)?;
         // An empty topic stands for the topic of the Topic Alias [MQTT-3.3.2-1]; without an
@@ -135,7 +139,8 @@ mod tests {
     use crate::mqtt::Packet;
 
     fn decode_v5(bytes: &[u8]) -> Result<Option<Packet>, DecodeError> {
-        crate::mqtt::Decoder::new(crate::mqtt::ProtocolVersion::V5, MAX).decode(&mut bytes::BytesMut::from(bytes))
+        crate::mqtt::Decoder::new(crate::mqtt::ProtocolVersion::V5, MAX)
+            .decode(&mut bytes::BytesMut::from(bytes))
     }
 
     fn publish(qos: QoS, pkid: u16, payload: &'static [u8]) -> Packet {
@@ -312,8 +317,8 @@ mod tests {
             0x00, 0x07, // packet id 7
             0x15, // properties: 21 bytes
             0x01, 0x01, // payload format indicator: UTF-8
-            0x03, 0x00, 0x10, b'a', b'p', b'p', b'l', b'i', b'c', b'a', b't', b'i', b'o', b'n', b'/', b'j', b's',
-            b'o', b'n', // content type "application/json"
+            0x03, 0x00, 0x10, b'a', b'p', b'p', b'l', b'i', b'c', b'a', b't', b'i', b'o', b'n', b'/', b'j',
+            b's', b'o', b'n', // content type "application/json"
             b'{', b'}', // payload "{}"
         ];
         let properties = Properties {

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::{
-    encode, encoded_len, AckV5, ConnAck, ConnAckV5, Connect, ConnectReturnCode, ConnectV5, DecodeError, Decoder,
-    DisconnectV5, Packet, Properties, ProtocolVersion, Publish, PublishV5, QoS, ReasonCode, SubAck, SubAckV5,
-    UnsubAckV5,
+    encode, encoded_len, AckV5, ConnAck, ConnAckV5, Connect, ConnectReturnCode, ConnectV5, DecodeError,
+    Decoder, DisconnectV5, Packet, Properties, ProtocolVersion, Publish, PublishV5, QoS, ReasonCode, SubAck,
+    SubAckV5, UnsubAckV5,
 };
 use crate::payload::PayloadFormat;
 
@@ -119,7 +119,13 @@ pub enum Event {
     /// A message to decode and enqueue; `ack` is set for QoS 1/2 and must be completed with
     /// [`Session::complete`] once the outcome is known. `format` is the payload decoder MQTT 5
     /// properties ask for (Content Type, Payload Format Indicator), overriding the listener's.
-    Publish { topic: String, payload: Bytes, qos: QoS, ack: Option<InflightId>, format: Option<PayloadFormat> },
+    Publish {
+        topic: String,
+        payload: Bytes,
+        qos: QoS,
+        ack: Option<InflightId>,
+        format: Option<PayloadFormat>,
+    },
     /// The device said goodbye: stop reading and close.
     Disconnect,
 }
@@ -408,7 +414,8 @@ impl Session {
             }
             Packet::SubscribeV5(subscribe) => {
                 let reason_codes = vec![ReasonCode::ImplementationSpecificError; subscribe.filters.len()];
-                let properties = reason_string("weir ingests telemetry; it delivers no messages to subscribers");
+                let properties =
+                    reason_string("weir ingests telemetry; it delivers no messages to subscribers");
                 self.write(Packet::SubAckV5(SubAckV5 { pkid: subscribe.pkid, properties, reason_codes }));
                 Ok(Event::None)
             }
@@ -417,9 +424,14 @@ impl Session {
                 Ok(Event::None)
             }
             Packet::UnsubscribeV5(unsubscribe) => {
-                let reason_codes = vec![ReasonCode::NoSubscriptionExisted; unsubscribe.unsubscribe.filters.len()];
+                let reason_codes =
+                    vec![ReasonCode::NoSubscriptionExisted; unsubscribe.unsubscribe.filters.len()];
                 let pkid = unsubscribe.unsubscribe.pkid;
-                self.write(Packet::UnsubAckV5(UnsubAckV5 { pkid, properties: Properties::default(), reason_codes }));
+                self.write(Packet::UnsubAckV5(UnsubAckV5 {
+                    pkid,
+                    properties: Properties::default(),
+                    reason_codes,
+                }));
                 Ok(Event::None)
             }
             Packet::PingReq => {
@@ -431,11 +443,15 @@ impl Session {
                 let raised = disconnect.properties.session_expiry_interval.is_some_and(|s| s > 0);
                 if self.session_expiry_requested == 0 && raised {
                     // [MQTT-3.14.2-2]
-                    return Err(Violation::ProtocolError("DISCONNECT set a session expiry after CONNECT set none"));
+                    return Err(Violation::ProtocolError(
+                        "DISCONNECT set a session expiry after CONNECT set none",
+                    ));
                 }
                 Ok(Event::Disconnect)
             }
-            Packet::Auth(_) => Err(Violation::ProtocolError("AUTH without an authentication method in CONNECT")),
+            Packet::Auth(_) => {
+                Err(Violation::ProtocolError("AUTH without an authentication method in CONNECT"))
+            }
             // weir never publishes to devices, so there is nothing for these to acknowledge.
             Packet::PubAck(_)
             | Packet::PubRec(_)
@@ -716,7 +732,14 @@ impl Session {
         let ack = (qos != QoS::AtMostOnce).then(|| {
             let id = self.next_id;
             self.next_id += 1;
-            self.inflight.push_back(Inflight { id, pkid, qos, outcome: None, refusal: None, undecodable: None });
+            self.inflight.push_back(Inflight {
+                id,
+                pkid,
+                qos,
+                outcome: None,
+                refusal: None,
+                undecodable: None,
+            });
             InflightId(id)
         });
         Ok(Event::Publish { topic, payload, qos, ack, format })
@@ -1116,7 +1139,9 @@ mod tests {
     #[test]
     fn v5_server_keep_alive_caps_the_keepalive() {
         let t0 = Instant::now();
-        for (asked, given, sent) in [(0, 600, Some(600)), (601, 600, Some(600)), (30, 30, None), (600, 600, None)] {
+        for (asked, given, sent) in
+            [(0, 600, Some(600)), (601, 600, Some(600)), (30, 30, None), (600, 600, None)]
+        {
             let mut s = Session::new(limits_v5(), t0);
             let event = s.on_packet(connect_v5("d", asked, Properties::default()), 1).unwrap();
             assert!(matches!(event, Event::Connected { keep_alive_secs, .. } if keep_alive_secs == given));
@@ -1130,7 +1155,8 @@ mod tests {
     #[test]
     fn v5_authentication_method_is_refused_with_0x8c() {
         let mut s = Session::new(limits_v5(), Instant::now());
-        let properties = Properties { authentication_method: Some("SCRAM-SHA-1".into()), ..Properties::default() };
+        let properties =
+            Properties { authentication_method: Some("SCRAM-SHA-1".into()), ..Properties::default() };
         let violation = s.on_packet(connect_v5("d", 30, properties), 1).unwrap_err();
         assert_eq!(violation, Violation::BadAuthenticationMethod("SCRAM-SHA-1".into()));
         let [Packet::ConnAckV5(connack)] = &written(&mut s)[..] else { panic!("CONNACK") };
@@ -1182,7 +1208,8 @@ mod tests {
         );
         // The QoS 2 message counts until PUBCOMP: one slot is left.
         let _c = ack_id(s.on_packet(publish_v5(QoS::AtLeastOnce, 3, "t", Properties::default()), 1).unwrap());
-        let violation = s.on_packet(publish_v5(QoS::AtLeastOnce, 4, "t", Properties::default()), 1).unwrap_err();
+        let violation =
+            s.on_packet(publish_v5(QoS::AtLeastOnce, 4, "t", Properties::default()), 1).unwrap_err();
         assert_eq!(violation, Violation::ReceiveMaximumExceeded(2));
         assert_eq!(disconnect_sent(&mut s).0, ReasonCode::ReceiveMaximumExceeded);
     }
@@ -1338,7 +1365,10 @@ mod tests {
         let cases: [(Packet, Violation); 4] = [
             (connect_v5("again", 30, Properties::default()), Violation::DuplicateConnect),
             (
-                Packet::Auth(crate::mqtt::Auth { reason: ReasonCode::ReAuthenticate, properties: Properties::default() }),
+                Packet::Auth(crate::mqtt::Auth {
+                    reason: ReasonCode::ReAuthenticate,
+                    properties: Properties::default(),
+                }),
                 Violation::ProtocolError("AUTH without an authentication method in CONNECT"),
             ),
             (
@@ -1378,8 +1408,11 @@ mod tests {
             retain_as_published: false,
             retain_handling: 0,
         };
-        let subscribe =
-            SubscribeV5 { pkid: 3, properties: Properties::default(), filters: vec![("a/#".into(), options)] };
+        let subscribe = SubscribeV5 {
+            pkid: 3,
+            properties: Properties::default(),
+            filters: vec![("a/#".into(), options)],
+        };
         s.on_packet(Packet::SubscribeV5(subscribe), 1).unwrap();
         let unsubscribe = UnsubscribeV5 {
             unsubscribe: Unsubscribe { pkid: 4, filters: vec!["a/#".into(), "b".into()] },
@@ -1387,8 +1420,13 @@ mod tests {
         };
         s.on_packet(Packet::UnsubscribeV5(unsubscribe), 1).unwrap();
         let packets = written(&mut s);
-        let [Packet::SubAckV5(suback), Packet::UnsubAckV5(unsuback)] = &packets[..] else { panic!("{packets:?}") };
-        assert_eq!((suback.pkid, &suback.reason_codes[..]), (3, &[ReasonCode::ImplementationSpecificError][..]));
+        let [Packet::SubAckV5(suback), Packet::UnsubAckV5(unsuback)] = &packets[..] else {
+            panic!("{packets:?}")
+        };
+        assert_eq!(
+            (suback.pkid, &suback.reason_codes[..]),
+            (3, &[ReasonCode::ImplementationSpecificError][..])
+        );
         assert!(suback.properties.reason_string.is_some());
         assert_eq!(unsuback.reason_codes, [ReasonCode::NoSubscriptionExisted; 2]);
     }

@@ -367,7 +367,8 @@ mod tests {
     }
 
     fn decode_v5(bytes: &[u8]) -> Result<Option<Packet>, DecodeError> {
-        crate::mqtt::Decoder::new(crate::mqtt::ProtocolVersion::V5, MAX).decode(&mut bytes::BytesMut::from(bytes))
+        crate::mqtt::Decoder::new(crate::mqtt::ProtocolVersion::V5, MAX)
+            .decode(&mut bytes::BytesMut::from(bytes))
     }
 
     #[test]

@@ -189,7 +189,10 @@ mod tests {
         ];
         let unsubscribe = UnsubscribeV5 {
             unsubscribe: Unsubscribe { pkid: 3, filters: vec!["#".into()] },
-            properties: Properties { user_properties: vec![(String::new(), String::new())], ..Properties::default() },
+            properties: Properties {
+                user_properties: vec![(String::new(), String::new())],
+                ..Properties::default()
+            },
         };
         assert_fixture_v5(&bytes, &Packet::UnsubscribeV5(unsubscribe));
 
