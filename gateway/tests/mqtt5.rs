@@ -515,3 +515,38 @@ async fn connect_during_shutdown_is_told_server_busy() {
     let report = tokio::time::timeout(Duration::from_secs(15), shutdown).await.unwrap().unwrap();
     assert!(report.clean);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_newest_is_answered_quota_exceeded() {
+    let gw = TestGateway::start(
+        "[fabric]\nshards = 1\nmax_records = 3\nbatch_max_records = 3\nlinger_ms = 1\nwhen_full = \"drop_newest\"\n",
+    )
+    .await;
+    let db = gw.db_path();
+    let lock = WriteLock::take(&db);
+    let (mut client, _) = V5Client::connect(gw.mqtt_addr(), "drop5-dev", Properties::default()).await;
+    for pkid in 1..=5u16 {
+        let payload = reading("drop5-dev", pkid.into());
+        client.send(&publish_v5(QoS::AtLeastOnce, pkid, "t", payload, Properties::default())).await;
+    }
+    assert!(eventually(PROMPTLY, || gw.metric("weir_records_dropped_total") == 2).await);
+    lock.release();
+    let mut answers = Vec::new();
+    for _ in 1..=5 {
+        match client.recv_within(Duration::from_secs(10)).await {
+            Ok(Some(Packet::PubAckV5(ack))) => answers.push((ack.pkid, ack.reason)),
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+    // Unlike 3.1.1, an MQTT 5 device learns that its message was dropped.
+    let expected = [
+        (1, ReasonCode::Success),
+        (2, ReasonCode::Success),
+        (3, ReasonCode::Success),
+        (4, ReasonCode::QuotaExceeded),
+        (5, ReasonCode::QuotaExceeded),
+    ];
+    assert_eq!(answers, expected);
+    assert_eq!(rows(&db).iter().map(|r| r.1).collect::<Vec<_>>(), [1, 2, 3]);
+    gw.gateway.shutdown().await;
+}
