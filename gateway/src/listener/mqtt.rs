@@ -228,14 +228,21 @@ impl<S: ByteStream> Connection<S> {
                     // The connection holds a sender itself, so the channel never disconnects.
                     if let Ok(event) = event {
                         if let Err(closed) = self.apply_ack(event) {
+                            // Acks of stored messages queued before the failure, then (MQTT 5)
+                            // the DISCONNECT that says why.
+                            let _ = self.flush().await;
                             return closed;
                         }
                     }
                 },
                 _ = sleep_until_some(deadline), if reading => {
+                    if draining {
+                        // No CONNECT came within the shutdown grace: not the device's error.
+                        let _ = self.stream.shutdown().await;
+                        return CloseReason::Shutdown;
+                    }
                     let violation = self.session.timed_out();
-                    let closed = self.close_for(violation).await;
-                    return if draining { CloseReason::Shutdown } else { closed };
+                    return self.close_for(violation).await;
                 },
                 _ = crate::shutdown::signalled(&mut shutdown), if !draining && stopped.is_none() => {
                     draining = true;
@@ -338,8 +345,9 @@ impl<S: ByteStream> Connection<S> {
                     }
                 },
                 Ok(event) = self.acks_rx.recv_async() => {
-                    self.apply_ack(event)?;
+                    let applied = self.apply_ack(event);
                     self.flush().await?;
+                    applied?;
                 }
             }
         }
