@@ -140,12 +140,27 @@ pub struct MqttListenerConfig {
     pub payload: PayloadConfig,
     #[serde(default = "defaults::ack")]
     pub ack: AckPoint,
-    /// Largest MQTT packet accepted; a bigger one closes the connection before it is buffered.
+    /// Largest MQTT packet accepted; a bigger one closes the connection before it is buffered
+    /// (MQTT 5: after DISCONNECT 0x95). Advertised to MQTT 5 devices as Maximum Packet Size.
     #[serde(default = "defaults::max_packet_bytes")]
     pub max_packet_bytes: usize,
-    /// QoS 1/2 messages per connection awaiting their ack; at the bound weir stops reading.
+    /// QoS 1/2 messages per connection awaiting their ack. MQTT 3.1.1: at the bound weir stops
+    /// reading. MQTT 5: advertised as Receive Maximum; weir keeps reading (and answering
+    /// PINGREQ), and a device that sends more is disconnected with 0x93.
     #[serde(default = "defaults::max_inflight")]
     pub max_inflight: usize,
+    /// MQTT 5 topic aliases a device may define (Topic Alias Maximum, 0 = none, at most 1024).
+    /// An alias of 0 or above this is answered with DISCONNECT 0x94.
+    #[serde(default = "defaults::max_topic_aliases")]
+    pub max_topic_aliases: u16,
+    /// MQTT 5 User Properties accepted in one packet (at most 1024); more closes the connection
+    /// with DISCONNECT 0x97 (quota exceeded) before they are allocated.
+    #[serde(default = "defaults::max_user_properties")]
+    pub max_user_properties: usize,
+    /// Longest keepalive, in seconds, an MQTT 5 device gets: one asking for 0 (none) or more is
+    /// told this as Server Keep Alive and disconnected after 1.5 times it of silence.
+    #[serde(default = "defaults::max_keepalive_s")]
+    pub max_keepalive_s: u16,
     /// Open connections on this listener; at the bound weir stops accepting.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
@@ -168,6 +183,9 @@ impl Default for MqttListenerConfig {
             ack: defaults::ack(),
             max_packet_bytes: defaults::max_packet_bytes(),
             max_inflight: defaults::max_inflight(),
+            max_topic_aliases: defaults::max_topic_aliases(),
+            max_user_properties: defaults::max_user_properties(),
+            max_keepalive_s: defaults::max_keepalive_s(),
             max_connections: defaults::max_connections(),
             connect_timeout_ms: defaults::connect_timeout_ms(),
             keep_raw: false,
@@ -635,6 +653,15 @@ mod defaults {
     pub fn max_inflight() -> usize {
         1024
     }
+    pub fn max_topic_aliases() -> u16 {
+        16
+    }
+    pub fn max_user_properties() -> usize {
+        32
+    }
+    pub fn max_keepalive_s() -> u16 {
+        600
+    }
     pub fn max_connections() -> usize {
         10_000
     }
@@ -833,6 +860,9 @@ impl Config {
                     check("max_packet_bytes", m.max_packet_bytes, 64, 256 << 20)?;
                     fits_fabric("max_packet_bytes", m.max_packet_bytes)?;
                     check("max_inflight", m.max_inflight, 1, 65_535)?;
+                    check("max_topic_aliases", m.max_topic_aliases.into(), 0, 1024)?;
+                    check("max_user_properties", m.max_user_properties, 0, 1024)?;
+                    check("max_keepalive_s", m.max_keepalive_s.into(), 1, 65_535)?;
                     check("max_connections", m.max_connections, 1, usize::MAX)?;
                 }
                 ListenerConfig::Ws(w) => {

@@ -1,5 +1,8 @@
-//! The MQTT connection task: reads packets, drives the pure [`Session`], decodes payloads into
-//! records, enqueues them (awaiting room: backpressure), and writes acks as commits complete.
+//! The MQTT connection task (3.1, 3.1.1 and 5 on one listener): reads packets, drives the pure
+//! [`Session`], decodes payloads into records, enqueues them (awaiting room: backpressure), and
+//! writes acks as commits complete. MQTT 3.1.1 devices are held back by not reading them once
+//! `max_inflight` messages await their ack; MQTT 5 devices by their Receive Maximum, while weir
+//! keeps reading them (so PINGREQ is answered).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +13,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use weir_proto::{Record, SourceProtocol};
 use weir_protocols::mqtt::session::{Event, InflightId, Outcome, Session, SessionLimits, Violation};
-use weir_protocols::mqtt::{decode, DecodeError};
+use weir_protocols::mqtt::DecodeError;
 use weir_protocols::payload::{self, DecodeContext, PayloadFormat, PayloadLimits};
 
 use super::ingest::now_ms;
@@ -22,6 +25,11 @@ use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel, ReasonLabel};
 
 /// Bytes asked of the socket per read; many small packets arrive in one read.
 const READ_CHUNK: usize = 16 * 1024;
+
+/// When shutdown starts, a connection that has not sent CONNECT yet gets at most this long (or
+/// its connect deadline, if sooner) to send it and be told server busy (MQTT 5 CONNACK 0x89,
+/// 3.1.1 0x03), so that it does not hold shutdown up.
+const SHUTDOWN_CONNECT_GRACE: Duration = Duration::from_secs(1);
 
 /// What every connection of one MQTT listener shares.
 pub struct MqttContext {
@@ -101,6 +109,10 @@ pub async fn serve_stream<S: ByteStream>(
             SessionLimits {
                 max_inflight: ctx.config.max_inflight,
                 connect_timeout: Duration::from_millis(ctx.config.connect_timeout_ms),
+                max_packet_size: ctx.config.max_packet_bytes,
+                max_user_properties: ctx.config.max_user_properties,
+                max_topic_aliases: ctx.config.max_topic_aliases,
+                max_keepalive_secs: ctx.config.max_keepalive_s,
                 ..SessionLimits::default()
             },
             Instant::now().into_std(),
@@ -136,16 +148,19 @@ struct Connection<S> {
 
 impl<S: ByteStream> Connection<S> {
     async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> CloseReason {
-        let max_packet = self.ctx.config.max_packet_bytes;
         // Allocated when input arrives and released when drained: an idle connection holds none.
         let mut buf = BytesMut::new();
         // Whether the socket was being read on the previous turn; resuming resets the keepalive.
         let mut was_reading = true;
         // `None` while reading; the reason once reading stopped and only acks remain to send.
         let mut stopped: Option<CloseReason> = None;
+        // Shutdown was signalled (a connected device then stops being read; one without CONNECT
+        // is still read, briefly, to be told server busy).
+        let mut draining = false;
         loop {
             while stopped.is_none() && self.session.can_read() {
-                let packet = match decode(&mut buf, max_packet) {
+                // The CONNECT decides how the packets after it parse.
+                let packet = match self.session.decoder().decode(&mut buf) {
                     Ok(Some(packet)) => packet,
                     Ok(None) => break,
                     Err(error) => {
@@ -159,8 +174,8 @@ impl<S: ByteStream> Connection<S> {
                         tracing::Span::current().record("device", client_id.as_str());
                         self.client_id = client_id;
                     }
-                    Ok(Event::Publish { topic, payload, ack, .. }) => {
-                        if let Err(closed) = self.publish(topic, payload, ack).await {
+                    Ok(Event::Publish { topic, payload, ack, format, .. }) => {
+                        if let Err(closed) = self.publish(topic, payload, ack, format).await {
                             return closed;
                         }
                         // Waiting for room in the fabric is weir's delay, not the device's silence.
@@ -176,6 +191,10 @@ impl<S: ByteStream> Connection<S> {
             if let Some(reason) = stopped {
                 // Reading is over; leave once every in-flight message has its answer.
                 if self.session.pending() == 0 || reason == CloseReason::Disconnect {
+                    if reason == CloseReason::Shutdown {
+                        self.session.say_goodbye();
+                        let _ = self.flush().await;
+                    }
                     return reason;
                 }
             }
@@ -209,16 +228,29 @@ impl<S: ByteStream> Connection<S> {
                     // The connection holds a sender itself, so the channel never disconnects.
                     if let Ok(event) = event {
                         if let Err(closed) = self.apply_ack(event) {
+                            // Acks of stored messages queued before the failure, then (MQTT 5)
+                            // the DISCONNECT that says why.
+                            let _ = self.flush().await;
                             return closed;
                         }
                     }
                 },
                 _ = sleep_until_some(deadline), if reading => {
+                    if draining {
+                        // No CONNECT came within the shutdown grace: not the device's error.
+                        let _ = self.stream.shutdown().await;
+                        return CloseReason::Shutdown;
+                    }
                     let violation = self.session.timed_out();
                     return self.close_for(violation).await;
                 },
-                _ = crate::shutdown::signalled(&mut shutdown), if stopped.is_none() => {
-                    stopped = Some(CloseReason::Shutdown);
+                _ = crate::shutdown::signalled(&mut shutdown), if !draining && stopped.is_none() => {
+                    draining = true;
+                    if self.session.is_connected() {
+                        stopped = Some(CloseReason::Shutdown);
+                    } else {
+                        self.session.begin_shutdown(Instant::now().into_std(), SHUTDOWN_CONNECT_GRACE);
+                    }
                 },
             }
         }
@@ -231,6 +263,7 @@ impl<S: ByteStream> Connection<S> {
         topic: String,
         payload: Bytes,
         ack: Option<InflightId>,
+        format: Option<PayloadFormat>,
     ) -> Result<(), CloseReason> {
         let metrics = Arc::clone(&self.ctx.metrics);
         self.ctx.messages_received.inc();
@@ -245,7 +278,8 @@ impl<S: ByteStream> Connection<S> {
                 keep_raw: self.ctx.config.keep_raw,
                 limits: PayloadLimits::default(),
             };
-            payload::decode(PayloadFormat::from(self.ctx.config.payload), &payload, &ctx, &mut self.records)
+            let format = format.unwrap_or_else(|| PayloadFormat::from(self.ctx.config.payload));
+            payload::decode(format, &payload, &ctx, &mut self.records)
         };
         let mut items = Vec::new();
         match decoded {
@@ -261,11 +295,16 @@ impl<S: ByteStream> Connection<S> {
             Err(error) => {
                 metrics.records_dead_lettered.get_or_create(&ReasonLabel { reason: "undecodable" }).inc();
                 tracing::debug!(%error, topic, "payload not decodable; dead-lettered");
+                let error = error.to_string();
+                if let (Some(id), true) = (ack, self.session.version().is_v5()) {
+                    // Answered 0x99 once the dead letter is stored, so the device knows.
+                    self.session.note_undecodable(id, error.clone());
+                }
                 let letter = DeadLetter {
                     device_id: self.client_id.clone(),
                     protocol: self.ctx.protocol,
                     source: topic,
-                    error: error.to_string(),
+                    error,
                     raw: payload,
                     received_ts_ms: now_ms(),
                 };
@@ -306,8 +345,9 @@ impl<S: ByteStream> Connection<S> {
                     }
                 },
                 Ok(event) = self.acks_rx.recv_async() => {
-                    self.apply_ack(event)?;
+                    let applied = self.apply_ack(event);
                     self.flush().await?;
+                    applied?;
                 }
             }
         }
@@ -349,10 +389,33 @@ impl<S: ByteStream> Connection<S> {
             Violation::StoreFailed(_) => (CloseReason::StoreFailed, "store_failed"),
             Violation::ConnectTimeout => (CloseReason::ConnectTimeout, "connect_timeout"),
             Violation::KeepaliveTimeout => (CloseReason::KeepaliveTimeout, "keepalive_timeout"),
+            Violation::ServerBusy => {
+                // Refused because weir is going away: not the device's fault, not counted.
+                tracing::debug!(%violation, "closing connection");
+                return CloseReason::Shutdown;
+            }
             Violation::Malformed(DecodeError::PacketTooLarge { .. }) => {
                 (CloseReason::ProtocolError, "packet_too_large")
             }
+            Violation::Malformed(DecodeError::TooManyUserProperties { .. }) => {
+                (CloseReason::ProtocolError, "too_many_user_properties")
+            }
+            Violation::Malformed(
+                DecodeError::DuplicateProperty(_)
+                | DecodeError::PropertyNotAllowed { .. }
+                | DecodeError::InvalidPropertyValue { .. }
+                | DecodeError::UnknownProperty(_),
+            ) => (CloseReason::ProtocolError, "invalid_property"),
             Violation::Malformed(_) => (CloseReason::ProtocolError, "malformed_packet"),
+            Violation::ProtocolError(_) => (CloseReason::ProtocolError, "protocol_error"),
+            Violation::ReceiveMaximumExceeded(_) => (CloseReason::ProtocolError, "receive_maximum_exceeded"),
+            Violation::TopicAliasInvalid { .. } => (CloseReason::ProtocolError, "topic_alias_invalid"),
+            Violation::UnknownTopicAlias(_) => (CloseReason::ProtocolError, "unknown_topic_alias"),
+            Violation::AliasTableFull => (CloseReason::ProtocolError, "topic_alias_table_full"),
+            Violation::BadAuthenticationMethod(_) => {
+                (CloseReason::ProtocolError, "bad_authentication_method")
+            }
+            Violation::NotAuthorized => (CloseReason::ProtocolError, "not_authorized"),
             Violation::NotConnected => (CloseReason::ProtocolError, "not_connected"),
             Violation::DuplicateConnect => (CloseReason::ProtocolError, "duplicate_connect"),
             Violation::ClientIdRejected(_) => (CloseReason::ProtocolError, "client_id_rejected"),

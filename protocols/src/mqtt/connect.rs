@@ -1,20 +1,25 @@
 //! CONNECT: the client's first packet, with its identity, session options, will and credentials.
+//! It names its own protocol level, so it decodes the same way on every connection; an MQTT 5
+//! CONNECT also carries properties, and its will has properties of its own.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::codec::DecodeError;
+use super::codec::{DecodeError, Packet};
 use super::header::{
     bytes_field_len, expect_end, read_bytes, read_string, read_u16, read_u8, string_field_len, write_bytes,
     write_string, QoS,
 };
+use super::properties::{Properties, PropertyContext};
 use super::publish::validate_topic_name;
 
-/// Client → server: opens a session.
+/// Client → server: opens a session. For MQTT 5 it is the core of a [`ConnectV5`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connect {
-    /// 3 for MQTT 3.1 ("MQIsdp"), 4 for MQTT 3.1.1 ("MQTT"); selects the protocol name on encode.
+    /// 3 for MQTT 3.1 ("MQIsdp"), 4 for MQTT 3.1.1 ("MQTT"), 5 inside a [`ConnectV5`]; selects
+    /// the protocol name on encode.
     pub protocol_level: u8,
-    /// Discard any previous session and do not keep this one after disconnect.
+    /// Discard any previous session and do not keep this one after disconnect (MQTT 5: Clean
+    /// Start).
     pub clean_session: bool,
     /// Longest silence the client promises between two packets; 0 disables the keepalive.
     pub keep_alive_secs: u16,
@@ -26,6 +31,17 @@ pub struct Connect {
     pub username: Option<String>,
     /// Password, if any; 3.1.1 requires a username with it.
     pub password: Option<Bytes>,
+}
+
+/// Client → server: an MQTT 5 CONNECT (protocol level 5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectV5 {
+    /// The fields MQTT 5 shares with 3.1.1; `protocol_level` is 5.
+    pub connect: Connect,
+    /// CONNECT properties (session expiry, receive maximum, maximum packet size, ...).
+    pub properties: Properties,
+    /// Will properties; written only when `connect.will` is set.
+    pub will_properties: Properties,
 }
 
 /// The last will of a CONNECT.
@@ -56,73 +72,98 @@ const WILL_RETAIN: u8 = 0b0010_0000;
 const PASSWORD: u8 = 0b0100_0000;
 const USERNAME: u8 = 0b1000_0000;
 
-impl Connect {
-    pub(crate) fn decode(mut body: Bytes) -> Result<Self, DecodeError> {
-        // Name and level come first: an unsupported level must be answered with CONNACK 0x01,
-        // whatever follows it (for example MQTT 5 properties).
-        let name = read_bytes(&mut body)?;
-        let expected_level = match &name[..] {
-            NAME_V4 => 4,
-            NAME_V3 => 3,
-            other => {
-                let shown = &other[..other.len().min(NAME_IN_ERROR_MAX)];
-                let shown = String::from_utf8_lossy(shown).into_owned();
-                return Err(DecodeError::InvalidProtocolName(shown));
-            }
-        };
-        let protocol_level = read_u8(&mut body)?;
-        if protocol_level != expected_level {
-            return Err(DecodeError::UnsupportedProtocolLevel(protocol_level));
+/// Decodes a CONNECT body of any supported level: `Packet::Connect` for 3.1 and 3.1.1,
+/// `Packet::ConnectV5` for 5. At most `max_user_properties` User Properties in the CONNECT and
+/// its will together.
+pub(crate) fn decode(mut body: Bytes, max_user_properties: usize) -> Result<Packet, DecodeError> {
+    // Name and level come first: an unsupported level must be answered with CONNACK 0x01,
+    // whatever follows it.
+    let name = read_bytes(&mut body)?;
+    let protocol_level = read_u8(&mut body)?;
+    let supported = match &name[..] {
+        NAME_V4 => protocol_level == 4 || protocol_level == 5,
+        NAME_V3 => protocol_level == 3,
+        other => {
+            let shown = &other[..other.len().min(NAME_IN_ERROR_MAX)];
+            let shown = String::from_utf8_lossy(shown).into_owned();
+            return Err(DecodeError::InvalidProtocolName(shown));
         }
-
-        let flags = read_u8(&mut body)?;
-        let has_will = flags & WILL != 0;
-        let has_username = flags & USERNAME != 0;
-        let has_password = flags & PASSWORD != 0;
-        if flags & RESERVED != 0
-            // Will QoS and retain must be 0 without a will [MQTT-3.1.2-13, 3.1.2-15].
-            || (!has_will && flags & (WILL_QOS | WILL_RETAIN) != 0)
-            // No password without username in 3.1.1 [MQTT-3.1.2-22].
-            || (protocol_level == 4 && has_password && !has_username)
-        {
-            return Err(DecodeError::MalformedConnectFlags);
-        }
-        let will_qos_bits = (flags & WILL_QOS) >> WILL_QOS_SHIFT;
-        let will_qos = QoS::from_u8(will_qos_bits).ok_or(DecodeError::InvalidQoS(will_qos_bits))?;
-
-        let keep_alive_secs = read_u16(&mut body)?;
-        let client_id = read_string(&mut body)?;
-        // Will payload and password live as long as the session: copy them rather than pin
-        // the whole read buffer they were sliced from.
-        let will = if has_will {
-            let topic = read_string(&mut body)?;
-            validate_topic_name(&topic)?;
-            Some(Will {
-                topic,
-                payload: Bytes::copy_from_slice(&read_bytes(&mut body)?),
-                qos: will_qos,
-                retain: flags & WILL_RETAIN != 0,
-            })
-        } else {
-            None
-        };
-        let username = has_username.then(|| read_string(&mut body)).transpose()?;
-        let password = has_password
-            .then(|| read_bytes(&mut body).map(|raw| Bytes::copy_from_slice(&raw)))
-            .transpose()?;
-        expect_end(&body)?;
-
-        Ok(Connect {
-            protocol_level,
-            clean_session: flags & CLEAN_SESSION != 0,
-            keep_alive_secs,
-            client_id,
-            will,
-            username,
-            password,
-        })
+    };
+    if !supported {
+        return Err(DecodeError::UnsupportedProtocolLevel(protocol_level));
     }
+    let v5 = protocol_level == 5;
 
+    let flags = read_u8(&mut body)?;
+    let has_will = flags & WILL != 0;
+    let has_username = flags & USERNAME != 0;
+    let has_password = flags & PASSWORD != 0;
+    if flags & RESERVED != 0
+        // Will QoS and retain must be 0 without a will [MQTT-3.1.2-13, 3.1.2-15].
+        || (!has_will && flags & (WILL_QOS | WILL_RETAIN) != 0)
+        // No password without username in 3.1.1 [MQTT-3.1.2-22]; 3.1 and 5 allow it.
+        || (protocol_level == 4 && has_password && !has_username)
+    {
+        return Err(DecodeError::MalformedConnectFlags);
+    }
+    let will_qos_bits = (flags & WILL_QOS) >> WILL_QOS_SHIFT;
+    let will_qos = QoS::from_u8(will_qos_bits).ok_or(DecodeError::InvalidQoS(will_qos_bits))?;
+
+    let keep_alive_secs = read_u16(&mut body)?;
+    let properties = if v5 {
+        Properties::decode(&mut body, PropertyContext::Connect, max_user_properties)?
+    } else {
+        Properties::default()
+    };
+    let client_id = read_string(&mut body)?;
+    let mut will_properties = Properties::default();
+    // Will payload and password live as long as the session: copy them rather than pin
+    // the whole read buffer they were sliced from.
+    let will = if has_will {
+        if v5 {
+            let budget = max_user_properties - properties.user_properties.len();
+            will_properties = Properties::decode(&mut body, PropertyContext::Will, budget).map_err(
+                |error| match error {
+                    DecodeError::TooManyUserProperties { .. } => {
+                        DecodeError::TooManyUserProperties { max: max_user_properties }
+                    }
+                    other => other,
+                },
+            )?;
+        }
+        let topic = read_string(&mut body)?;
+        validate_topic_name(&topic)?;
+        Some(Will {
+            topic,
+            payload: Bytes::copy_from_slice(&read_bytes(&mut body)?),
+            qos: will_qos,
+            retain: flags & WILL_RETAIN != 0,
+        })
+    } else {
+        None
+    };
+    let username = has_username.then(|| read_string(&mut body)).transpose()?;
+    let password =
+        has_password.then(|| read_bytes(&mut body).map(|raw| Bytes::copy_from_slice(&raw))).transpose()?;
+    expect_end(&body)?;
+
+    let connect = Connect {
+        protocol_level,
+        clean_session: flags & CLEAN_SESSION != 0,
+        keep_alive_secs,
+        client_id,
+        will,
+        username,
+        password,
+    };
+    Ok(if v5 {
+        Packet::ConnectV5(Box::new(ConnectV5 { connect, properties, will_properties }))
+    } else {
+        Packet::Connect(connect)
+    })
+}
+
+impl Connect {
     fn protocol_name(&self) -> &'static [u8] {
         if self.protocol_level == 3 {
             NAME_V3
@@ -151,28 +192,38 @@ impl Connect {
         flags
     }
 
-    pub(crate) fn body_len(&self) -> usize {
-        let will = self
-            .will
-            .as_ref()
-            .map_or(0, |will| string_field_len(&will.topic) + bytes_field_len(&will.payload));
+    /// Body size; `v5` holds the CONNECT and will properties of an MQTT 5 CONNECT.
+    pub(crate) fn body_len(&self, v5: Option<(&Properties, &Properties)>) -> usize {
+        let will = self.will.as_ref().map_or(0, |will| {
+            string_field_len(&will.topic)
+                + bytes_field_len(&will.payload)
+                + v5.map_or(0, |(_, will_properties)| will_properties.encoded_len())
+        });
         bytes_field_len(self.protocol_name())
             + 1 // level
             + 1 // flags
             + 2 // keep alive
+            + v5.map_or(0, |(properties, _)| properties.encoded_len())
             + string_field_len(&self.client_id)
             + will
             + self.username.as_deref().map_or(0, string_field_len)
             + self.password.as_deref().map_or(0, bytes_field_len)
     }
 
-    pub(crate) fn encode_body(&self, out: &mut BytesMut) {
+    /// Writes the body; `v5` as for [`Connect::body_len`] (the level byte is then 5).
+    pub(crate) fn encode_body(&self, out: &mut BytesMut, v5: Option<(&Properties, &Properties)>) {
         write_bytes(out, self.protocol_name());
-        out.put_u8(self.protocol_level);
+        out.put_u8(if v5.is_some() { 5 } else { self.protocol_level });
         out.put_u8(self.flags());
         out.put_u16(self.keep_alive_secs);
+        if let Some((properties, _)) = v5 {
+            properties.encode(out);
+        }
         write_string(out, &self.client_id);
         if let Some(will) = &self.will {
+            if let Some((_, will_properties)) = v5 {
+                will_properties.encode(out);
+            }
             write_string(out, &will.topic);
             write_bytes(out, &will.payload);
         }
@@ -187,9 +238,11 @@ impl Connect {
 
 #[cfg(test)]
 mod tests {
+    use bytes::BytesMut;
+
     use super::*;
     use crate::mqtt::codec::testing::*;
-    use crate::mqtt::Packet;
+    use crate::mqtt::{Decoder, ProtocolVersion};
 
     fn minimal(protocol_level: u8) -> Connect {
         Connect {
@@ -261,16 +314,118 @@ mod tests {
     }
 
     #[test]
-    fn mqtt5_connect_is_an_unsupported_level() {
+    fn minimal_v5() {
         let bytes = [
-            0x10, 0x10, // CONNECT, remaining length 16
+            0x10, 0x0F, // CONNECT, remaining length 15
             0x00, 0x04, b'M', b'Q', b'T', b'T', // protocol name "MQTT"
             0x05, // level 5
-            0x02, // flags: clean session
+            0x02, // flags: clean start
             0x00, 0x3C, // keep alive 60 s
-            0x00, // MQTT 5 properties length 0: not a 3.1.1 field
+            0x00, // properties: none
             0x00, 0x02, b'd', b'1', // client id "d1"
-            0x00, // garbage that 3.1.1 parsing would reject
+        ];
+        let connect = ConnectV5 {
+            connect: minimal(5),
+            properties: Properties::default(),
+            will_properties: Properties::default(),
+        };
+        assert_fixture(&bytes, &Packet::ConnectV5(Box::new(connect)));
+    }
+
+    #[test]
+    fn v5_with_properties_will_properties_and_password_only() {
+        let bytes = [
+            0x10, 0x2B, // CONNECT, remaining length 43
+            0x00, 0x04, b'M', b'Q', b'T', b'T', // protocol name "MQTT"
+            0x05, // level 5
+            0x4E, // flags: password, will QoS 1, will, clean start (no username: fine in 5)
+            0x00, 0x0A, // keep alive 10 s
+            0x0D, // properties: 13 bytes
+            0x11, 0x00, 0x00, 0x0E, 0x10, // session expiry interval 3600 s
+            0x21, 0x00, 0x14, // receive maximum 20
+            0x27, 0x00, 0x00, 0x40, 0x00, // maximum packet size 16,384
+            0x00, 0x00, // empty client id
+            0x05, // will properties: 5 bytes
+            0x18, 0x00, 0x00, 0x00, 0x05, // will delay interval 5 s
+            0x00, 0x01, b'w', // will topic "w"
+            0x00, 0x02, b'b', b'y', // will payload "by"
+            0x00, 0x02, b'p', b'w', // password "pw"
+        ];
+        let connect = ConnectV5 {
+            connect: Connect {
+                protocol_level: 5,
+                clean_session: true,
+                keep_alive_secs: 10,
+                client_id: String::new(),
+                will: Some(Will {
+                    topic: "w".into(),
+                    payload: Bytes::from_static(b"by"),
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                }),
+                username: None,
+                password: Some(Bytes::from_static(b"pw")),
+            },
+            properties: Properties {
+                session_expiry_interval: Some(3600),
+                receive_maximum: Some(20),
+                maximum_packet_size: Some(16_384),
+                ..Properties::default()
+            },
+            will_properties: Properties { will_delay_interval: Some(5), ..Properties::default() },
+        };
+        assert_fixture(&bytes, &Packet::ConnectV5(Box::new(connect)));
+    }
+
+    #[test]
+    fn v5_connect_and_will_share_the_user_property_cap() {
+        let bytes = [
+            0x10, 0x1D, // CONNECT, remaining length 29
+            0x00, 0x04, b'M', b'Q', b'T', b'T', // protocol name "MQTT"
+            0x05, // level 5
+            0x06, // flags: will QoS 0, will, clean start
+            0x00, 0x0A, // keep alive 10 s
+            0x05, // properties: 5 bytes
+            0x26, 0x00, 0x00, 0x00, 0x00, // user property ("", "")
+            0x00, 0x00, // empty client id
+            0x05, // will properties: 5 bytes
+            0x26, 0x00, 0x00, 0x00, 0x00, // user property ("", "")
+            0x00, 0x01, b'w', // will topic "w"
+            0x00, 0x00, // empty will payload
+        ];
+        let decode_with_cap = |max| {
+            Decoder { max_user_properties: max, ..Decoder::new(ProtocolVersion::V311, MAX) }
+                .decode(&mut BytesMut::from(&bytes[..]))
+        };
+        assert!(matches!(decode_with_cap(2), Ok(Some(Packet::ConnectV5(_)))));
+        assert_eq!(decode_with_cap(1), Err(DecodeError::TooManyUserProperties { max: 1 }));
+    }
+
+    #[test]
+    fn v5_properties_are_checked() {
+        let bytes = [
+            0x10, 0x13, // CONNECT, remaining length 19
+            0x00, 0x04, b'M', b'Q', b'T', b'T', // protocol name "MQTT"
+            0x05, // level 5
+            0x02, // flags: clean start
+            0x00, 0x3C, // keep alive 60 s
+            0x04, // properties: 4 bytes
+            0x23, 0x00, 0x01, // topic alias 1: a PUBLISH property
+            0xAA, // one more byte of the property list
+            0x00, 0x02, b'd', b'1', // client id "d1"
+        ];
+        assert_eq!(
+            decode_bytes(&bytes),
+            Err(DecodeError::PropertyNotAllowed { property: 0x23, packet: "CONNECT" })
+        );
+    }
+
+    #[test]
+    fn level_5_is_mqtt_only() {
+        let bytes = [
+            0x10, 0x09, // CONNECT, remaining length 9
+            0x00, 0x06, b'M', b'Q', b'I', b's', b'd', b'p', // protocol name "MQIsdp"
+            0x05, // level 5 does not go with "MQIsdp"
         ];
         assert_eq!(decode_bytes(&bytes), Err(DecodeError::UnsupportedProtocolLevel(5)));
     }

@@ -1,4 +1,5 @@
-//! Wire primitives shared by every MQTT packet: fixed header, remaining length, u16s and strings.
+//! Wire primitives shared by every MQTT packet: protocol versions, fixed header, remaining
+//! length, variable byte integers, u16s/u32s and strings.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -28,6 +29,34 @@ impl QoS {
     }
 }
 
+/// The protocol a connection speaks, fixed by its CONNECT; it decides how later packets parse.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ProtocolVersion {
+    /// MQTT 3.1: protocol name "MQIsdp", level 3. Parsed like 3.1.1.
+    V31,
+    /// MQTT 3.1.1: protocol name "MQTT", level 4. Also how a connection parses before CONNECT.
+    #[default]
+    V311,
+    /// MQTT 5.0: protocol name "MQTT", level 5: properties and reason codes.
+    V5,
+}
+
+impl ProtocolVersion {
+    /// The protocol level byte of CONNECT.
+    pub fn level(self) -> u8 {
+        match self {
+            ProtocolVersion::V31 => 3,
+            ProtocolVersion::V311 => 4,
+            ProtocolVersion::V5 => 5,
+        }
+    }
+
+    /// Whether packets carry MQTT 5 properties and reason codes.
+    pub fn is_v5(self) -> bool {
+        self == ProtocolVersion::V5
+    }
+}
+
 pub(crate) const CONNECT: u8 = 1;
 pub(crate) const CONNACK: u8 = 2;
 pub(crate) const PUBLISH: u8 = 3;
@@ -42,11 +71,14 @@ pub(crate) const UNSUBACK: u8 = 11;
 pub(crate) const PINGREQ: u8 = 12;
 pub(crate) const PINGRESP: u8 = 13;
 pub(crate) const DISCONNECT: u8 = 14;
+/// MQTT 5 only; reserved (invalid) in 3.1.1.
+pub(crate) const AUTH: u8 = 15;
 
 /// Header flags that PUBREL, SUBSCRIBE and UNSUBSCRIBE must carry (MQTT 3.1.1 §2.2.2).
 pub(crate) const FLAGS_0010: u8 = 0b0010;
 
-/// Largest value four remaining-length bytes can carry (256 MiB - 1).
+/// Largest value four remaining-length bytes can carry (256 MiB - 1); also the largest variable
+/// byte integer (MQTT 5 §1.5.5).
 pub(crate) const MAX_REMAINING_LENGTH: usize = 268_435_455;
 
 /// Longest string or binary field: its length prefix is a u16.
@@ -74,20 +106,24 @@ impl FixedHeader {
     /// Everything the header alone can prove wrong (type, flags, size above `max_packet_size`,
     /// body length of fixed-size packets) is reported here, before any of the body is needed,
     /// so that the caller never buffers a packet it will reject.
-    pub fn parse(buf: &[u8], max_packet_size: usize) -> Result<Option<Self>, DecodeError> {
+    pub fn parse(
+        buf: &[u8],
+        max_packet_size: usize,
+        version: ProtocolVersion,
+    ) -> Result<Option<Self>, DecodeError> {
         let Some((&first, length_bytes)) = buf.split_first() else {
             return Ok(None);
         };
         let packet_type = first >> 4;
         let flags = first & 0x0F;
-        check_flags(packet_type, flags)?;
+        check_flags(packet_type, flags, version)?;
 
         let mut remaining_len = 0usize;
         for (index, &byte) in length_bytes.iter().take(4).enumerate() {
             remaining_len |= usize::from(byte & 0x7F) << (7 * index);
             if byte & 0x80 == 0 {
                 let header = FixedHeader { packet_type, flags, header_len: index + 2, remaining_len };
-                header.check_size(max_packet_size)?;
+                header.check_size(max_packet_size, version)?;
                 return Ok(Some(header));
             }
             if index == 3 {
@@ -97,14 +133,17 @@ impl FixedHeader {
         Ok(None)
     }
 
-    fn check_size(&self, max_packet_size: usize) -> Result<(), DecodeError> {
+    fn check_size(&self, max_packet_size: usize, version: ProtocolVersion) -> Result<(), DecodeError> {
         let size = self.packet_len();
         if size > max_packet_size {
             return Err(DecodeError::PacketTooLarge { size, max: max_packet_size });
         }
-        let expected = match self.packet_type {
-            CONNACK | PUBACK | PUBREC | PUBREL | PUBCOMP | UNSUBACK => 2,
-            PINGREQ | PINGRESP | DISCONNECT => 0,
+        // MQTT 5 acks, CONNACK and DISCONNECT carry optional reason codes and properties: their
+        // body decoders check the length.
+        let expected = match (self.packet_type, version.is_v5()) {
+            (CONNACK | PUBACK | PUBREC | PUBREL | PUBCOMP | UNSUBACK, false) => 2,
+            (DISCONNECT, false) => 0,
+            (PINGREQ | PINGRESP, _) => 0,
             _ => return Ok(()),
         };
         match self.remaining_len.cmp(&expected) {
@@ -116,10 +155,11 @@ impl FixedHeader {
 }
 
 /// Checks the low nibble of the first byte against what the packet type allows (§2.2.2).
-fn check_flags(packet_type: u8, flags: u8) -> Result<(), DecodeError> {
+fn check_flags(packet_type: u8, flags: u8, version: ProtocolVersion) -> Result<(), DecodeError> {
     let expected = match packet_type {
         CONNECT | CONNACK | PUBACK | PUBREC | PUBCOMP | SUBACK | UNSUBACK | PINGREQ | PINGRESP
         | DISCONNECT => 0,
+        AUTH if version.is_v5() => 0,
         PUBREL | SUBSCRIBE | UNSUBSCRIBE => FLAGS_0010,
         PUBLISH => {
             let qos = (flags >> 1) & 0b11;
@@ -164,6 +204,36 @@ pub(crate) fn write_remaining_length(out: &mut BytesMut, len: usize) {
         }
         out.put_u8(digit | 0x80);
     }
+}
+
+/// Number of bytes `write_variable_int` uses for `value`.
+pub(crate) fn variable_int_len(value: usize) -> usize {
+    remaining_length_len(value)
+}
+
+/// Writes a variable byte integer (the remaining-length encoding; MQTT 5 §1.5.5).
+pub(crate) fn write_variable_int(out: &mut BytesMut, value: usize) {
+    write_remaining_length(out, value);
+}
+
+/// Reads a variable byte integer of at most four bytes.
+pub(crate) fn read_variable_int(buf: &mut Bytes) -> Result<usize, DecodeError> {
+    let mut value = 0usize;
+    for index in 0..4 {
+        let byte = read_u8(buf)?;
+        value |= usize::from(byte & 0x7F) << (7 * index);
+        if byte & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err(DecodeError::MalformedVariableInteger)
+}
+
+pub(crate) fn read_u32(buf: &mut Bytes) -> Result<u32, DecodeError> {
+    if buf.len() < 4 {
+        return Err(DecodeError::Truncated);
+    }
+    Ok(buf.get_u32())
 }
 
 pub(crate) fn read_u8(buf: &mut Bytes) -> Result<u8, DecodeError> {
@@ -257,7 +327,46 @@ mod tests {
     const MAX: usize = 1 << 20;
 
     fn parse(bytes: &[u8]) -> Result<Option<FixedHeader>, DecodeError> {
-        FixedHeader::parse(bytes, usize::MAX)
+        FixedHeader::parse(bytes, usize::MAX, ProtocolVersion::V311)
+    }
+
+    fn parse_v5(bytes: &[u8]) -> Result<Option<FixedHeader>, DecodeError> {
+        FixedHeader::parse(bytes, usize::MAX, ProtocolVersion::V5)
+    }
+
+    #[test]
+    fn v5_bodies_of_acks_and_disconnect_are_checked_by_their_decoders() {
+        // PUBACK with reason code and properties: remaining length 4 is fine in MQTT 5.
+        assert_eq!(parse_v5(&[0x40, 0x04]).unwrap().unwrap().remaining_len, 4);
+        // DISCONNECT with a reason code.
+        assert_eq!(parse_v5(&[0xE0, 0x01]).unwrap().unwrap().remaining_len, 1);
+        // PINGREQ is still empty.
+        assert_eq!(parse_v5(&[0xC0, 0x01]), Err(DecodeError::TrailingBytes));
+        // AUTH exists only in MQTT 5, with flags 0.
+        assert_eq!(parse_v5(&[0xF0, 0x00]).unwrap().unwrap().packet_type, AUTH);
+        assert_eq!(
+            parse_v5(&[0xF1, 0x00]),
+            Err(DecodeError::InvalidHeaderFlags { packet_type: AUTH, flags: 1 })
+        );
+    }
+
+    #[test]
+    fn variable_int_fixtures() {
+        let mut one = Bytes::from_static(&[0x7F, 0xAA]); // 127, then another byte
+        assert_eq!(read_variable_int(&mut one), Ok(127));
+        assert_eq!(&one[..], &[0xAA]);
+        let mut two = Bytes::from_static(&[0x80, 0x01]); // 0 + 1 * 128
+        assert_eq!(read_variable_int(&mut two), Ok(128));
+        let mut max = Bytes::from_static(&[0xFF, 0xFF, 0xFF, 0x7F]);
+        assert_eq!(read_variable_int(&mut max), Ok(MAX_REMAINING_LENGTH));
+        let mut five = Bytes::from_static(&[0xFF, 0xFF, 0xFF, 0xFF, 0x01]); // a fifth byte
+        assert_eq!(read_variable_int(&mut five), Err(DecodeError::MalformedVariableInteger));
+        let mut cut = Bytes::from_static(&[0x80]); // continues, then nothing
+        assert_eq!(read_variable_int(&mut cut), Err(DecodeError::Truncated));
+        let mut out = BytesMut::new();
+        write_variable_int(&mut out, 16_384);
+        assert_eq!(&out[..], &[0x80, 0x80, 0x01]);
+        assert_eq!(variable_int_len(16_384), 3);
     }
 
     #[test]

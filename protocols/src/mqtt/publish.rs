@@ -1,9 +1,11 @@
-//! PUBLISH: an application message, with its topic, QoS and payload.
+//! PUBLISH: an application message, with its topic, QoS and payload (and, in MQTT 5, its
+//! properties: topic alias, payload format, content type, user properties, ...).
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::codec::DecodeError;
 use super::header::{read_packet_id, read_string, string_field_len, write_string, QoS};
+use super::properties::{Properties, PropertyContext};
 
 /// An application message, in either direction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,20 +25,43 @@ pub struct Publish {
     pub payload: Bytes,
 }
 
+/// An MQTT 5 application message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishV5 {
+    /// The fields MQTT 5 shares with 3.1.1. `topic` may be empty when `properties.topic_alias`
+    /// is set: the topic is then the one the alias was last given.
+    pub publish: Publish,
+    /// PUBLISH properties.
+    pub properties: Properties,
+}
+
 const DUP: u8 = 0b1000;
 const RETAIN: u8 = 0b0001;
 
 impl Publish {
     pub(crate) fn decode(flags: u8, mut body: Bytes) -> Result<Self, DecodeError> {
+        let publish = Self::decode_head(flags, &mut body)?;
+        validate_topic_name(&publish.topic)?;
+        Ok(Publish { payload: body, ..publish })
+    }
+
+    /// Reads the flags, topic (not yet validated) and packet id; the payload is left empty.
+    fn decode_head(flags: u8, body: &mut Bytes) -> Result<Self, DecodeError> {
         let qos_bits = (flags >> 1) & 0b11;
         let qos = QoS::from_u8(qos_bits).ok_or(DecodeError::InvalidQoS(qos_bits))?;
-        let topic = read_string(&mut body)?;
-        validate_topic_name(&topic)?;
+        let topic = read_string(body)?;
         let pkid = match qos {
             QoS::AtMostOnce => 0,
-            QoS::AtLeastOnce | QoS::ExactlyOnce => read_packet_id(&mut body)?,
+            QoS::AtLeastOnce | QoS::ExactlyOnce => read_packet_id(body)?,
         };
-        Ok(Publish { dup: flags & DUP != 0, qos, retain: flags & RETAIN != 0, topic, pkid, payload: body })
+        Ok(Publish {
+            dup: flags & DUP != 0,
+            qos,
+            retain: flags & RETAIN != 0,
+            topic,
+            pkid,
+            payload: Bytes::new(),
+        })
     }
 
     /// Low nibble of the first byte: DUP, QoS, RETAIN.
@@ -66,6 +91,36 @@ impl Publish {
     }
 }
 
+impl PublishV5 {
+    pub(crate) fn decode(
+        flags: u8,
+        mut body: Bytes,
+        max_user_properties: usize,
+    ) -> Result<Self, DecodeError> {
+        let head = Publish::decode_head(flags, &mut body)?;
+        let properties = Properties::decode(&mut body, PropertyContext::Publish, max_user_properties)?;
+        // An empty topic stands for the topic of the Topic Alias [MQTT-3.3.2-1]; without an
+        // alias it is a protocol error.
+        if !(head.topic.is_empty() && properties.topic_alias.is_some()) {
+            validate_topic_name(&head.topic)?;
+        }
+        Ok(PublishV5 { publish: Publish { payload: body, ..head }, properties })
+    }
+
+    pub(crate) fn body_len(&self) -> usize {
+        self.publish.body_len() + self.properties.encoded_len()
+    }
+
+    pub(crate) fn encode_body(&self, out: &mut BytesMut) {
+        write_string(out, &self.publish.topic);
+        if self.publish.pkid_len() > 0 {
+            out.put_u16(self.publish.pkid);
+        }
+        self.properties.encode(out);
+        out.put_slice(&self.publish.payload);
+    }
+}
+
 /// A topic name (PUBLISH, will) is non-empty and has no wildcard [MQTT-3.3.2-2, 4.7.3-1].
 pub(crate) fn validate_topic_name(topic: &str) -> Result<(), DecodeError> {
     if topic.is_empty() {
@@ -82,6 +137,11 @@ mod tests {
     use super::*;
     use crate::mqtt::codec::testing::*;
     use crate::mqtt::Packet;
+
+    fn decode_v5(bytes: &[u8]) -> Result<Option<Packet>, DecodeError> {
+        crate::mqtt::Decoder::new(crate::mqtt::ProtocolVersion::V5, MAX)
+            .decode(&mut bytes::BytesMut::from(bytes))
+    }
 
     fn publish(qos: QoS, pkid: u16, payload: &'static [u8]) -> Packet {
         Packet::Publish(Publish {
@@ -233,5 +293,93 @@ mod tests {
             ];
             assert_eq!(decode_bytes(&bytes), Err(DecodeError::InvalidUtf8));
         }
+    }
+
+    fn v5(qos: QoS, pkid: u16, topic: &str, properties: Properties, payload: &'static [u8]) -> Packet {
+        Packet::PublishV5(PublishV5 {
+            publish: Publish {
+                dup: false,
+                qos,
+                retain: false,
+                topic: topic.into(),
+                pkid,
+                payload: Bytes::from_static(payload),
+            },
+            properties,
+        })
+    }
+
+    #[test]
+    fn v5_qos1_with_properties() {
+        let bytes = [
+            0x32, 0x1F, // PUBLISH QoS 1, remaining length 31
+            0x00, 0x03, b'a', b'/', b'b', // topic "a/b"
+            0x00, 0x07, // packet id 7
+            0x15, // properties: 21 bytes
+            0x01, 0x01, // payload format indicator: UTF-8
+            0x03, 0x00, 0x10, b'a', b'p', b'p', b'l', b'i', b'c', b'a', b't', b'i', b'o', b'n', b'/', b'j',
+            b's', b'o', b'n', // content type "application/json"
+            b'{', b'}', // payload "{}"
+        ];
+        let properties = Properties {
+            payload_format_indicator: Some(1),
+            content_type: Some("application/json".into()),
+            ..Properties::default()
+        };
+        assert_fixture_v5(&bytes, &v5(QoS::AtLeastOnce, 7, "a/b", properties, b"{}"));
+    }
+
+    #[test]
+    fn v5_qos0_empty_topic_with_alias() {
+        let bytes = [
+            0x30, 0x08, // PUBLISH QoS 0, remaining length 8
+            0x00, 0x00, // empty topic: the alias names it
+            0x03, // properties: 3 bytes
+            0x23, 0x00, 0x02, // topic alias 2
+            b'h', b'i', // payload "hi"
+        ];
+        let properties = Properties { topic_alias: Some(2), ..Properties::default() };
+        assert_fixture_v5(&bytes, &v5(QoS::AtMostOnce, 0, "", properties, b"hi"));
+    }
+
+    #[test]
+    fn v5_empty_topic_without_alias() {
+        let bytes = [
+            0x30, 0x04, // PUBLISH QoS 0, remaining length 4
+            0x00, 0x00, // empty topic
+            0x00, // no properties
+            b'x', // payload
+        ];
+        assert_eq!(decode_v5(&bytes), Err(DecodeError::ZeroLengthTopic));
+    }
+
+    #[test]
+    fn v5_properties_running_past_the_body() {
+        let bytes = [
+            0x30, 0x05, // PUBLISH QoS 0, remaining length 5
+            0x00, 0x01, b't', // topic "t"
+            0x09, // properties claim 9 bytes
+            0x01, // one follows
+        ];
+        assert_eq!(decode_v5(&bytes), Err(DecodeError::Truncated));
+        let no_length = [
+            0x30, 0x03, // PUBLISH QoS 0, remaining length 3
+            0x00, 0x01, b't', // topic "t", then no property length at all
+        ];
+        assert_eq!(decode_v5(&no_length), Err(DecodeError::Truncated));
+    }
+
+    #[test]
+    fn v5_reason_string_is_not_a_publish_property() {
+        let bytes = [
+            0x30, 0x09, // PUBLISH QoS 0, remaining length 9
+            0x00, 0x01, b't', // topic "t"
+            0x05, // properties: 5 bytes
+            0x1F, 0x00, 0x02, b'n', b'o', // reason string "no"
+        ];
+        assert_eq!(
+            decode_v5(&bytes),
+            Err(DecodeError::PropertyNotAllowed { property: 0x1F, packet: "PUBLISH" })
+        );
     }
 }

@@ -1,31 +1,70 @@
-//! The server side of one MQTT connection as a plain state machine: packets in, events and
-//! packets to write out. The connection task does the I/O and the clock; this decides.
+//! The server side of one MQTT connection (3.1, 3.1.1 or 5) as a plain state machine: packets
+//! in, events and packets to write out. The connection task does the I/O and the clock; this
+//! decides.
+//!
+//! MQTT 5 specifics decided here: the CONNACK advertises Receive Maximum (= `max_inflight`),
+//! Maximum Packet Size, Topic Alias Maximum and, when it differs from the client's, Server Keep
+//! Alive; weir keeps no session state across connections yet, so Session Present is always 0
+//! and a requested Session Expiry Interval is answered with 0. Acks carry reason codes (0x99 for
+//! a dead-lettered payload, 0x97 for a message dropped under `drop_newest`, 0x87 for a refused
+//! one), and every violation is announced with a DISCONNECT reason code before the close.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use super::{encode, ConnAck, Connect, ConnectReturnCode, DecodeError, Packet, Publish, QoS, SubAck};
+use super::{
+    encode, encoded_len, AckV5, ConnAck, ConnAckV5, Connect, ConnectReturnCode, ConnectV5, DecodeError,
+    Decoder, DisconnectV5, Packet, Properties, ProtocolVersion, Publish, PublishV5, QoS, ReasonCode, SubAck,
+    SubAckV5, UnsubAckV5,
+};
+use crate::payload::PayloadFormat;
 
 /// Per-connection bounds, fixed when the connection starts.
 #[derive(Debug, Clone, Copy)]
 pub struct SessionLimits {
     /// QoS 1/2 messages received but not yet acknowledged (plus QoS 2 ids awaiting PUBREL).
-    /// At the bound the connection stops reading: this is the backpressure an MQTT 3.1.1
-    /// device sees, since the protocol has no Receive Maximum.
+    /// MQTT 3.1.1 has no Receive Maximum: at the bound the connection stops reading, which is
+    /// the backpressure such a device sees. MQTT 5 devices are told this bound as Receive
+    /// Maximum; weir keeps reading them (so PINGREQ is answered) and a device that exceeds it is
+    /// disconnected with 0x93.
     pub max_inflight: usize,
-    /// Longest accepted client id, in bytes.
+    /// Longest accepted client id, in bytes (MQTT 3.1 said 23; weir accepts up to this).
     pub max_client_id_len: usize,
     /// Time from the connection's start to a complete CONNECT.
     pub connect_timeout: Duration,
+    /// Largest packet accepted, fixed header included; advertised to MQTT 5 devices as
+    /// Maximum Packet Size. A larger one closes the connection (MQTT 5: DISCONNECT 0x95).
+    pub max_packet_size: usize,
+    /// User Properties accepted in one packet; more closes the connection (MQTT 5: DISCONNECT
+    /// 0x97 quota exceeded) before they are allocated.
+    pub max_user_properties: usize,
+    /// Topic aliases an MQTT 5 device may define (Topic Alias Maximum); 0 disables them.
+    pub max_topic_aliases: u16,
+    /// Longest keepalive an MQTT 5 device gets: one asking for 0 (none) or more is given this
+    /// as Server Keep Alive. 3.1.1 devices keep the keepalive they asked for.
+    pub max_keepalive_secs: u16,
 }
 
 impl Default for SessionLimits {
     fn default() -> Self {
-        Self { max_inflight: 1024, max_client_id_len: 256, connect_timeout: Duration::from_secs(10) }
+        Self {
+            max_inflight: 1024,
+            max_client_id_len: 256,
+            connect_timeout: Duration::from_secs(10),
+            max_packet_size: 1 << 20,
+            max_user_properties: 32,
+            max_topic_aliases: 16,
+            max_keepalive_secs: 600,
+        }
     }
 }
+
+/// Most bytes of topic names one connection's alias table may hold: with `max_topic_aliases`
+/// this bounds what an idle MQTT 5 connection keeps. A device that goes beyond is disconnected
+/// with 0x97 (quota exceeded).
+pub const MAX_ALIAS_TABLE_BYTES: usize = 64 * 1024;
 
 /// What the sink finally did with every record of one QoS 1/2 message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,11 +72,19 @@ pub enum Outcome {
     /// Committed (or dead-lettered, also a durable outcome): acknowledge.
     Stored,
     /// Dropped under the `drop_newest` policy, counted by the gateway. MQTT 3.1.1 has no error
-    /// PUBACK, so it is acknowledged; resending would not help.
+    /// PUBACK, so it is acknowledged (resending would not help); MQTT 5 gets 0x97.
     Dropped,
     /// Not stored (sink failed for good, shutdown before commit): close without acknowledging,
     /// so the device resends after it reconnects.
     Failed,
+}
+
+/// Why the gateway refuses a message without storing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The device may not publish there. MQTT 5: PUBACK/PUBREC 0x87; MQTT 3.1.1 has no error
+    /// ack, so the connection is closed.
+    NotAuthorized,
 }
 
 /// Identifies one QoS 1/2 message awaiting its outcome.
@@ -60,16 +107,31 @@ impl InflightId {
 pub enum Event {
     /// Nothing beyond the packets already queued for writing.
     None,
-    /// CONNECT accepted and CONNACK queued.
-    Connected { client_id: String, assigned: bool, clean_session: bool, keep_alive_secs: u16 },
+    /// CONNECT accepted and CONNACK queued. `keep_alive_secs` is the keepalive in force (MQTT 5:
+    /// the Server Keep Alive when weir imposed one).
+    Connected {
+        client_id: String,
+        assigned: bool,
+        clean_session: bool,
+        keep_alive_secs: u16,
+        version: ProtocolVersion,
+    },
     /// A message to decode and enqueue; `ack` is set for QoS 1/2 and must be completed with
-    /// [`Session::complete`] once the outcome is known.
-    Publish { topic: String, payload: Bytes, qos: QoS, ack: Option<InflightId> },
+    /// [`Session::complete`] once the outcome is known. `format` is the payload decoder MQTT 5
+    /// properties ask for (Content Type, Payload Format Indicator), overriding the listener's.
+    Publish {
+        topic: String,
+        payload: Bytes,
+        qos: QoS,
+        ack: Option<InflightId>,
+        format: Option<PayloadFormat>,
+    },
     /// The device said goodbye: stop reading and close.
     Disconnect,
 }
 
-/// Why the connection must close. The caller counts it; packets queued before it are still sent.
+/// Why the connection must close. The caller counts it; packets queued before it (a CONNACK
+/// with a refusal code, an MQTT 5 DISCONNECT with [`Violation::reason_code`]) are still sent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Violation {
     #[error("malformed packet: {0}")]
@@ -84,12 +146,54 @@ pub enum Violation {
     UnsupportedProtocolLevel(u8),
     #[error("a client must not send {0}")]
     UnexpectedPacket(&'static str),
-    #[error("a QoS {0} message could not be stored")]
+    #[error("protocol error: {0}")]
+    ProtocolError(&'static str),
+    #[error("a QoS {0} message could not be stored; resend it")]
     StoreFailed(u8),
     #[error("no CONNECT within the connect timeout")]
     ConnectTimeout,
     #[error("nothing received for 1.5 times the keepalive")]
     KeepaliveTimeout,
+    #[error("more than {0} QoS 1/2 messages unacknowledged (the Receive Maximum)")]
+    ReceiveMaximumExceeded(usize),
+    #[error("topic alias {alias} is outside 1..={max} (the Topic Alias Maximum)")]
+    TopicAliasInvalid { alias: u16, max: u16 },
+    #[error("topic alias {0} was used with an empty topic before it was defined")]
+    UnknownTopicAlias(u16),
+    #[error("the topic alias table would exceed {MAX_ALIAS_TABLE_BYTES} bytes of topics")]
+    AliasTableFull,
+    #[error("the server is shutting down; connect again later")]
+    ServerBusy,
+    #[error("authentication method {0:?} is not supported")]
+    BadAuthenticationMethod(String),
+    #[error("not authorized")]
+    NotAuthorized,
+}
+
+impl Violation {
+    /// The MQTT 5 reason code that announces this violation (DISCONNECT, or CONNACK before the
+    /// connection is accepted); `None` where the spec wants a silent close.
+    pub fn reason_code(&self) -> Option<ReasonCode> {
+        Some(match self {
+            Violation::Malformed(error) => error.reason_code(),
+            Violation::NotConnected | Violation::ConnectTimeout | Violation::UnsupportedProtocolLevel(_) => {
+                return None
+            }
+            Violation::DuplicateConnect
+            | Violation::UnexpectedPacket(_)
+            | Violation::ProtocolError(_)
+            | Violation::UnknownTopicAlias(_) => ReasonCode::ProtocolError,
+            Violation::ClientIdRejected(_) => ReasonCode::ClientIdentifierNotValid,
+            Violation::StoreFailed(_) => ReasonCode::UnspecifiedError,
+            Violation::KeepaliveTimeout => ReasonCode::KeepAliveTimeout,
+            Violation::ReceiveMaximumExceeded(_) => ReasonCode::ReceiveMaximumExceeded,
+            Violation::TopicAliasInvalid { .. } => ReasonCode::TopicAliasInvalid,
+            Violation::AliasTableFull => ReasonCode::QuotaExceeded,
+            Violation::ServerBusy => ReasonCode::ServerBusy,
+            Violation::BadAuthenticationMethod(_) => ReasonCode::BadAuthenticationMethod,
+            Violation::NotAuthorized => ReasonCode::NotAuthorized,
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -98,12 +202,17 @@ struct Inflight {
     pkid: u16,
     qos: QoS,
     outcome: Option<Outcome>,
+    refusal: Option<Refusal>,
+    /// Set when the payload was dead-lettered: why, for the MQTT 5 0x99 ack.
+    undecodable: Option<String>,
 }
 
 /// The server side of one MQTT connection.
 #[derive(Debug)]
 pub struct Session {
     limits: SessionLimits,
+    /// 3.1.1 until CONNECT says otherwise; decides how later packets parse and are answered.
+    version: ProtocolVersion,
     connected: bool,
     /// QoS 1/2 messages in the order received; acks leave in this order (MQTT 4.6).
     inflight: VecDeque<Inflight>,
@@ -112,12 +221,26 @@ pub struct Session {
     /// reusing one is a resend of a stored message: answered, not stored again.
     awaiting_rel: HashSet<u16>,
     out: BytesMut,
-    /// 1.5 × the keepalive the device asked for; `None` when it asked for none (0).
+    /// 1.5 × the keepalive in force; `None` when there is none (3.1.1 keepalive 0).
     keepalive: Option<Duration>,
     /// When the device last sent bytes (or weir last resumed reading it).
     last_activity: Instant,
     /// When the connection times out unless the device sends something.
     deadline: Option<Instant>,
+    /// MQTT 5: the largest packet the device accepts.
+    client_max_packet_size: usize,
+    /// MQTT 5: whether the device wants Reason Strings and User Properties on acks.
+    problem_information: bool,
+    /// MQTT 5: the Session Expiry Interval of the CONNECT (a DISCONNECT may not raise it from 0).
+    session_expiry_requested: u32,
+    /// MQTT 5: topic alias n is `topic_aliases[n - 1]`.
+    topic_aliases: Vec<Option<String>>,
+    alias_table_bytes: usize,
+    /// The gateway is shutting down: CONNECT is refused with server busy.
+    shutting_down: bool,
+    /// Packets not sent because they exceed the device's Maximum Packet Size even without
+    /// diagnostics.
+    unsendable: u64,
 }
 
 impl Session {
@@ -125,6 +248,7 @@ impl Session {
     pub fn new(limits: SessionLimits, now: Instant) -> Self {
         Self {
             limits,
+            version: ProtocolVersion::V311,
             connected: false,
             inflight: VecDeque::new(),
             next_id: 0,
@@ -133,7 +257,28 @@ impl Session {
             keepalive: None,
             last_activity: now,
             deadline: Some(now + limits.connect_timeout),
+            client_max_packet_size: usize::MAX,
+            problem_information: true,
+            session_expiry_requested: 0,
+            topic_aliases: Vec::new(),
+            alias_table_bytes: 0,
+            shutting_down: false,
+            unsendable: 0,
         }
+    }
+
+    /// How the next packet from the device must be decoded (its protocol version and limits).
+    pub fn decoder(&self) -> Decoder {
+        Decoder {
+            version: self.version,
+            max_packet_size: self.limits.max_packet_size,
+            max_user_properties: self.limits.max_user_properties,
+        }
+    }
+
+    /// The connection's protocol version (3.1.1 until CONNECT).
+    pub fn version(&self) -> ProtocolVersion {
+        self.version
     }
 
     /// Records that the device was heard from at `now`, or that weir resumes reading it after
@@ -151,19 +296,23 @@ impl Session {
         self.deadline
     }
 
-    /// The violation for a deadline that passed.
-    pub fn timed_out(&self) -> Violation {
-        if self.connected {
-            Violation::KeepaliveTimeout
-        } else {
-            Violation::ConnectTimeout
-        }
+    /// The violation for a deadline that passed; an MQTT 5 device is told 0x8D first.
+    pub fn timed_out(&mut self) -> Violation {
+        let violation = if self.connected { Violation::KeepaliveTimeout } else { Violation::ConnectTimeout };
+        self.announce(&violation);
+        violation
     }
 
-    /// Whether the connection may read the next packet. False while the in-flight window is
-    /// full: the socket is left unread so the device's writes block.
+    /// Whether the connection may read the next packet. For MQTT 3.1.1, false while the
+    /// in-flight window is full: the socket is left unread so the device's writes block. MQTT 5
+    /// devices are always read: their Receive Maximum holds them back, and a PINGREQ sent
+    /// meanwhile is answered.
     pub fn can_read(&self) -> bool {
-        self.inflight.len() + self.awaiting_rel.len() < self.limits.max_inflight
+        self.version.is_v5() || self.window_used() < self.limits.max_inflight
+    }
+
+    fn window_used(&self) -> usize {
+        self.inflight.len() + self.awaiting_rel.len()
     }
 
     /// QoS 1/2 messages still waiting for their outcome.
@@ -175,88 +324,241 @@ impl Session {
         self.connected
     }
 
+    /// Packets that were not sent because they exceed the device's Maximum Packet Size.
+    pub fn unsendable(&self) -> u64 {
+        self.unsendable
+    }
+
     /// Encoded packets waiting to be written; the caller writes and clears them.
     pub fn outgoing(&mut self) -> &mut BytesMut {
         &mut self.out
     }
 
+    /// The gateway is shutting down at `now`. A CONNECT from now on is answered server busy
+    /// (MQTT 5 0x89, 3.1.1 0x03); a connection still without CONNECT gets at most `grace` more
+    /// to send it.
+    pub fn begin_shutdown(&mut self, now: Instant, grace: Duration) {
+        self.shutting_down = true;
+        if !self.connected {
+            let cap = now + grace;
+            self.deadline = Some(self.deadline.map_or(cap, |d| d.min(cap)));
+        }
+    }
+
+    /// Queues the goodbye for a connection that shutdown closes after its last ack: DISCONNECT
+    /// 0x8B (server shutting down) for MQTT 5; 3.1.1 has no server DISCONNECT.
+    pub fn say_goodbye(&mut self) {
+        if self.connected && self.version.is_v5() {
+            self.write(Packet::DisconnectV5(DisconnectV5::with_reason_string(
+                ReasonCode::ServerShuttingDown,
+                "weir is shutting down; reconnect later",
+            )));
+        }
+    }
+
     /// Handles a decode error: queues the answer the spec requires (CONNACK 0x01 for an
-    /// unsupported protocol level on CONNECT) and says why the connection closes.
+    /// unsupported protocol level on CONNECT; MQTT 5: DISCONNECT with the error's reason code)
+    /// and says why the connection closes.
     pub fn on_decode_error(&mut self, error: DecodeError) -> Violation {
-        match error {
+        let violation = match error {
             DecodeError::UnsupportedProtocolLevel(level) if !self.connected => {
                 self.write_connack(ConnectReturnCode::UnacceptableProtocolVersion);
                 Violation::UnsupportedProtocolLevel(level)
             }
             other => Violation::Malformed(other),
-        }
+        };
+        self.announce(&violation);
+        violation
     }
 
     /// Handles one decoded packet from the device.
     pub fn on_packet(&mut self, packet: Packet, connection_id: u64) -> Result<Event, Violation> {
+        let result = self.handle(packet, connection_id);
+        if let Err(violation) = &result {
+            self.announce(violation);
+        }
+        result
+    }
+
+    fn handle(&mut self, packet: Packet, connection_id: u64) -> Result<Event, Violation> {
         if !self.connected {
             return match packet {
                 Packet::Connect(connect) => self.on_connect(connect, connection_id),
+                Packet::ConnectV5(connect) => self.on_connect_v5(*connect, connection_id),
                 _ => Err(Violation::NotConnected),
             };
         }
         match packet {
-            Packet::Publish(publish) => Ok(self.on_publish(publish)),
+            Packet::Publish(publish) => self.on_publish(publish, None),
+            Packet::PublishV5(publish) => self.on_publish_v5(publish),
             Packet::PubRel(pkid) => {
                 self.awaiting_rel.remove(&pkid);
-                self.write(&Packet::PubComp(pkid));
+                self.write(Packet::PubComp(pkid));
+                Ok(Event::None)
+            }
+            Packet::PubRelV5(rel) => {
+                let reason = if self.awaiting_rel.remove(&rel.pkid) {
+                    ReasonCode::Success
+                } else {
+                    ReasonCode::PacketIdentifierNotFound
+                };
+                let properties = Properties::default();
+                self.write(Packet::PubCompV5(AckV5 { pkid: rel.pkid, reason, properties }));
                 Ok(Event::None)
             }
             Packet::Subscribe(subscribe) => {
                 // weir ingests; it is not a broker. Refuse every filter, keep the connection.
-                let return_codes = vec![0x80; subscribe.filters.len()];
-                self.write(&Packet::SubAck(SubAck { pkid: subscribe.pkid, return_codes }));
+                let return_codes = vec![SubAck::FAILURE; subscribe.filters.len()];
+                self.write(Packet::SubAck(SubAck { pkid: subscribe.pkid, return_codes }));
+                Ok(Event::None)
+            }
+            Packet::SubscribeV5(subscribe) => {
+                let reason_codes = vec![ReasonCode::ImplementationSpecificError; subscribe.filters.len()];
+                let properties =
+                    reason_string("weir ingests telemetry; it delivers no messages to subscribers");
+                self.write(Packet::SubAckV5(SubAckV5 { pkid: subscribe.pkid, properties, reason_codes }));
                 Ok(Event::None)
             }
             Packet::Unsubscribe(unsubscribe) => {
-                self.write(&Packet::UnsubAck(unsubscribe.pkid));
+                self.write(Packet::UnsubAck(unsubscribe.pkid));
+                Ok(Event::None)
+            }
+            Packet::UnsubscribeV5(unsubscribe) => {
+                let reason_codes =
+                    vec![ReasonCode::NoSubscriptionExisted; unsubscribe.unsubscribe.filters.len()];
+                let pkid = unsubscribe.unsubscribe.pkid;
+                self.write(Packet::UnsubAckV5(UnsubAckV5 {
+                    pkid,
+                    properties: Properties::default(),
+                    reason_codes,
+                }));
                 Ok(Event::None)
             }
             Packet::PingReq => {
-                self.write(&Packet::PingResp);
+                self.write(Packet::PingResp);
                 Ok(Event::None)
             }
             Packet::Disconnect => Ok(Event::Disconnect),
+            Packet::DisconnectV5(disconnect) => {
+                let raised = disconnect.properties.session_expiry_interval.is_some_and(|s| s > 0);
+                if self.session_expiry_requested == 0 && raised {
+                    // [MQTT-3.14.2-2]
+                    return Err(Violation::ProtocolError(
+                        "DISCONNECT set a session expiry after CONNECT set none",
+                    ));
+                }
+                Ok(Event::Disconnect)
+            }
+            Packet::Auth(_) => {
+                Err(Violation::ProtocolError("AUTH without an authentication method in CONNECT"))
+            }
             // weir never publishes to devices, so there is nothing for these to acknowledge.
-            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => Ok(Event::None),
-            Packet::Connect(_) => Err(Violation::DuplicateConnect),
-            Packet::ConnAck(_) => Err(Violation::UnexpectedPacket("CONNACK")),
-            Packet::SubAck(_) => Err(Violation::UnexpectedPacket("SUBACK")),
-            Packet::UnsubAck(_) => Err(Violation::UnexpectedPacket("UNSUBACK")),
+            Packet::PubAck(_)
+            | Packet::PubRec(_)
+            | Packet::PubComp(_)
+            | Packet::PubAckV5(_)
+            | Packet::PubRecV5(_)
+            | Packet::PubCompV5(_) => Ok(Event::None),
+            Packet::Connect(_) | Packet::ConnectV5(_) => Err(Violation::DuplicateConnect),
+            Packet::ConnAck(_) | Packet::ConnAckV5(_) => Err(Violation::UnexpectedPacket("CONNACK")),
+            Packet::SubAck(_) | Packet::SubAckV5(_) => Err(Violation::UnexpectedPacket("SUBACK")),
+            Packet::UnsubAck(_) | Packet::UnsubAckV5(_) => Err(Violation::UnexpectedPacket("UNSUBACK")),
             Packet::PingResp => Err(Violation::UnexpectedPacket("PINGRESP")),
         }
+    }
+
+    /// Records that the payload of in-flight message `id` did not decode and was dead-lettered:
+    /// once the dead letter is stored, an MQTT 5 device gets 0x99 with `reason` (3.1.1: a plain
+    /// ack, as the dead letter is safe).
+    pub fn note_undecodable(&mut self, id: InflightId, reason: String) {
+        if let Some(entry) = self.entry(id) {
+            entry.undecodable = Some(reason);
+        }
+    }
+
+    /// Answers in-flight message `id` with `refusal` instead of storing it (in order with the
+    /// other acks). For 3.1.1, which has no error ack, the connection closes.
+    pub fn refuse(&mut self, id: InflightId, refusal: Refusal) -> Result<(), Violation> {
+        if let Some(entry) = self.entry(id) {
+            entry.refusal = Some(refusal);
+            entry.outcome = Some(Outcome::Stored);
+        }
+        self.release_acks()
     }
 
     /// Records the outcome of an in-flight message and queues every acknowledgement that is now
     /// due, in receive order. A failed message closes the connection unacknowledged.
     pub fn complete(&mut self, id: InflightId, outcome: Outcome) -> Result<(), Violation> {
-        let Some(front) = self.inflight.front() else { return Ok(()) };
-        let Some(index) = id.0.checked_sub(front.id) else { return Ok(()) };
-        let Some(entry) = self.inflight.get_mut(index as usize) else { return Ok(()) };
-        entry.outcome = Some(outcome);
+        if let Some(entry) = self.entry(id) {
+            entry.outcome = Some(outcome);
+        }
+        self.release_acks()
+    }
+
+    fn entry(&mut self, id: InflightId) -> Option<&mut Inflight> {
+        let front = self.inflight.front()?.id;
+        let index = id.0.checked_sub(front)?;
+        self.inflight.get_mut(usize::try_from(index).ok()?)
+    }
+
+    fn release_acks(&mut self) -> Result<(), Violation> {
         while let Some(entry) = self.inflight.front() {
             let Some(outcome) = entry.outcome else { break };
+            let Some(entry) = self.inflight.pop_front() else { break };
             let (pkid, qos) = (entry.pkid, entry.qos);
-            self.inflight.pop_front();
             if outcome == Outcome::Failed {
-                return Err(Violation::StoreFailed(qos as u8));
+                let violation = Violation::StoreFailed(qos as u8);
+                self.announce(&violation);
+                return Err(violation);
             }
+            let (reason, text) = match (entry.refusal, outcome, entry.undecodable) {
+                (Some(Refusal::NotAuthorized), _, _) => {
+                    (ReasonCode::NotAuthorized, "not authorized to publish to this topic".to_owned())
+                }
+                (None, Outcome::Dropped, _) => (
+                    ReasonCode::QuotaExceeded,
+                    "dropped: the gateway is full (when_full = drop_newest)".to_owned(),
+                ),
+                (None, _, Some(reason)) => {
+                    (ReasonCode::PayloadFormatInvalid, format!("stored as a dead letter: {reason}"))
+                }
+                (None, _, None) => (ReasonCode::Success, String::new()),
+            };
+            if !self.version.is_v5() {
+                if reason == ReasonCode::NotAuthorized {
+                    let violation = Violation::NotAuthorized;
+                    self.announce(&violation);
+                    return Err(violation);
+                }
+                if qos == QoS::ExactlyOnce {
+                    self.awaiting_rel.insert(pkid);
+                    self.write(Packet::PubRec(pkid));
+                } else {
+                    self.write(Packet::PubAck(pkid));
+                }
+                continue;
+            }
+            let properties = if text.is_empty() { Properties::default() } else { reason_string(text) };
+            let ack = AckV5 { pkid, reason, properties };
             if qos == QoS::ExactlyOnce {
-                self.awaiting_rel.insert(pkid);
-                self.write(&Packet::PubRec(pkid));
+                // A PUBREC with an error code ends the QoS 2 exchange: no PUBREL follows.
+                if !reason.is_error() {
+                    self.awaiting_rel.insert(pkid);
+                }
+                self.write(Packet::PubRecV5(ack));
             } else {
-                self.write(&Packet::PubAck(pkid));
+                self.write(Packet::PubAckV5(ack));
             }
         }
         Ok(())
     }
 
     fn on_connect(&mut self, connect: Connect, connection_id: u64) -> Result<Event, Violation> {
+        self.version = if connect.protocol_level == 3 { ProtocolVersion::V31 } else { ProtocolVersion::V311 };
+        if self.shutting_down {
+            self.write_connack(ConnectReturnCode::ServerUnavailable);
+            return Err(Violation::ServerBusy);
+        }
         let mut client_id = connect.client_id;
         let mut assigned = false;
         if client_id.is_empty() {
@@ -267,46 +569,180 @@ impl Session {
             client_id = format!("weir-auto-{connection_id}");
             assigned = true;
         }
-        if client_id.len() > self.limits.max_client_id_len {
-            return Err(self.reject_client_id("longer than the limit"));
-        }
-        if client_id.contains(['+', '#', '/']) || client_id.chars().any(char::is_control) {
-            return Err(self.reject_client_id("contains a wildcard, '/' or a control character"));
+        if let Err(reason) = self.check_client_id(&client_id) {
+            return Err(self.reject_client_id(reason));
         }
         self.connected = true;
         // MQTT 3.1.1 3.1.2.10: the server allows one and a half keepalive periods of silence.
-        self.keepalive = (connect.keep_alive_secs > 0)
-            .then(|| Duration::from_millis(u64::from(connect.keep_alive_secs) * 1500));
-        self.deadline = self.keepalive.map(|k| self.last_activity + k);
+        self.set_keepalive(connect.keep_alive_secs);
         self.write_connack(ConnectReturnCode::Accepted);
         Ok(Event::Connected {
             client_id,
             assigned,
             clean_session: connect.clean_session,
             keep_alive_secs: connect.keep_alive_secs,
+            version: self.version,
         })
     }
 
-    fn on_publish(&mut self, publish: Publish) -> Event {
+    fn on_connect_v5(&mut self, connect: ConnectV5, connection_id: u64) -> Result<Event, Violation> {
+        self.version = ProtocolVersion::V5;
+        let ConnectV5 { connect, properties, .. } = connect;
+        // The device's limits apply to everything weir sends it, a refusing CONNACK included.
+        if let Some(max) = properties.maximum_packet_size {
+            self.client_max_packet_size = usize::try_from(max).unwrap_or(usize::MAX);
+        }
+        self.problem_information = properties.request_problem_information != Some(0);
+        if self.shutting_down {
+            return Err(self.refuse_connect(Violation::ServerBusy));
+        }
+        if let Some(method) = properties.authentication_method {
+            return Err(self.refuse_connect(Violation::BadAuthenticationMethod(method)));
+        }
+        let mut client_id = connect.client_id;
+        let assigned = client_id.is_empty();
+        if assigned {
+            // MQTT 5 lets the server assign one whatever Clean Start says; it is returned as
+            // the Assigned Client Identifier.
+            client_id = format!("weir-auto-{connection_id}");
+        }
+        if let Err(reason) = self.check_client_id(&client_id) {
+            return Err(self.refuse_connect(Violation::ClientIdRejected(reason)));
+        }
+        self.connected = true;
+        let requested = connect.keep_alive_secs;
+        let max = self.limits.max_keepalive_secs;
+        let keep_alive_secs = if requested == 0 || requested > max { max } else { requested };
+        self.set_keepalive(keep_alive_secs);
+        self.session_expiry_requested = properties.session_expiry_interval.unwrap_or(0);
+        let advertised = Properties {
+            receive_maximum: Some(u16::try_from(self.limits.max_inflight).unwrap_or(u16::MAX)),
+            maximum_packet_size: Some(u32::try_from(self.limits.max_packet_size).unwrap_or(u32::MAX)),
+            topic_alias_maximum: (self.limits.max_topic_aliases > 0).then_some(self.limits.max_topic_aliases),
+            assigned_client_identifier: assigned.then(|| client_id.clone()),
+            server_keep_alive: (keep_alive_secs != requested).then_some(keep_alive_secs),
+            // Sessions are not kept after the connection yet: whatever expiry the device asked
+            // for, it is 0 (and Session Present is 0).
+            session_expiry_interval: (self.session_expiry_requested > 0).then_some(0),
+            ..Properties::default()
+        };
+        self.write(Packet::ConnAckV5(ConnAckV5 {
+            session_present: false,
+            reason: ReasonCode::Success,
+            properties: advertised,
+        }));
+        Ok(Event::Connected {
+            client_id,
+            assigned,
+            clean_session: connect.clean_session,
+            keep_alive_secs,
+            version: self.version,
+        })
+    }
+
+    fn check_client_id(&self, client_id: &str) -> Result<(), &'static str> {
+        if client_id.len() > self.limits.max_client_id_len {
+            return Err("longer than the limit");
+        }
+        if client_id.contains(['+', '#', '/']) || client_id.chars().any(char::is_control) {
+            return Err("contains a wildcard, '/' or a control character");
+        }
+        Ok(())
+    }
+
+    fn set_keepalive(&mut self, keep_alive_secs: u16) {
+        self.keepalive =
+            (keep_alive_secs > 0).then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500));
+        self.deadline = self.keepalive.map(|k| self.last_activity + k);
+    }
+
+    /// Queues an MQTT 5 CONNACK refusing the connection for `violation`.
+    fn refuse_connect(&mut self, violation: Violation) -> Violation {
+        let reason = violation.reason_code().unwrap_or(ReasonCode::UnspecifiedError);
+        self.write(Packet::ConnAckV5(ConnAckV5 {
+            session_present: false,
+            reason,
+            properties: reason_string(violation.to_string()),
+        }));
+        violation
+    }
+
+    fn on_publish_v5(&mut self, publish: PublishV5) -> Result<Event, Violation> {
+        let PublishV5 { mut publish, properties } = publish;
+        if !properties.subscription_identifiers.is_empty() {
+            return Err(Violation::ProtocolError("a client PUBLISH carried a subscription identifier"));
+        }
+        if let Some(alias) = properties.topic_alias {
+            let max = self.limits.max_topic_aliases;
+            if alias == 0 || alias > max {
+                return Err(Violation::TopicAliasInvalid { alias, max });
+            }
+            let slot = usize::from(alias - 1);
+            if publish.topic.is_empty() {
+                match self.topic_aliases.get(slot).and_then(Option::as_ref) {
+                    Some(topic) => publish.topic = topic.clone(),
+                    None => return Err(Violation::UnknownTopicAlias(alias)),
+                }
+            } else {
+                self.define_alias(slot, &publish.topic)?;
+            }
+        }
+        self.on_publish(publish, payload_format(&properties))
+    }
+
+    fn define_alias(&mut self, slot: usize, topic: &str) -> Result<(), Violation> {
+        if self.topic_aliases.len() <= slot {
+            self.topic_aliases.resize(slot + 1, None);
+        }
+        let old_len = match &self.topic_aliases[slot] {
+            Some(old) if old == topic => return Ok(()),
+            Some(old) => old.len(),
+            None => 0,
+        };
+        let bytes = self.alias_table_bytes - old_len + topic.len();
+        if bytes > MAX_ALIAS_TABLE_BYTES {
+            return Err(Violation::AliasTableFull);
+        }
+        self.alias_table_bytes = bytes;
+        self.topic_aliases[slot] = Some(topic.to_owned());
+        Ok(())
+    }
+
+    fn on_publish(&mut self, publish: Publish, format: Option<PayloadFormat>) -> Result<Event, Violation> {
         let Publish { qos, pkid, topic, payload, .. } = publish;
         if qos == QoS::ExactlyOnce {
             if self.awaiting_rel.contains(&pkid) {
                 // Already stored and PUBREC sent; the device missed it. Answer again, store once.
-                self.write(&Packet::PubRec(pkid));
-                return Event::None;
+                let rec = if self.version.is_v5() {
+                    Packet::PubRecV5(AckV5::success(pkid))
+                } else {
+                    Packet::PubRec(pkid)
+                };
+                self.write(rec);
+                return Ok(Event::None);
             }
             if self.inflight.iter().any(|e| e.pkid == pkid && e.qos == QoS::ExactlyOnce) {
                 // A resend of a message still being stored; its PUBREC follows the commit.
-                return Event::None;
+                return Ok(Event::None);
             }
+        }
+        if qos != QoS::AtMostOnce && self.version.is_v5() && self.window_used() >= self.limits.max_inflight {
+            return Err(Violation::ReceiveMaximumExceeded(self.limits.max_inflight));
         }
         let ack = (qos != QoS::AtMostOnce).then(|| {
             let id = self.next_id;
             self.next_id += 1;
-            self.inflight.push_back(Inflight { id, pkid, qos, outcome: None });
+            self.inflight.push_back(Inflight {
+                id,
+                pkid,
+                qos,
+                outcome: None,
+                refusal: None,
+                undecodable: None,
+            });
             InflightId(id)
         });
-        Event::Publish { topic, payload, qos, ack }
+        Ok(Event::Publish { topic, payload, qos, ack, format })
     }
 
     fn reject_client_id(&mut self, reason: &'static str) -> Violation {
@@ -315,18 +751,71 @@ impl Session {
     }
 
     fn write_connack(&mut self, code: ConnectReturnCode) {
-        self.write(&Packet::ConnAck(ConnAck { session_present: false, code }));
+        self.write(Packet::ConnAck(ConnAck { session_present: false, code }));
     }
 
-    fn write(&mut self, packet: &Packet) {
-        encode(packet, &mut self.out);
+    /// Queues the MQTT 5 DISCONNECT that announces `violation` on an accepted connection.
+    fn announce(&mut self, violation: &Violation) {
+        if !(self.connected && self.version.is_v5()) {
+            return;
+        }
+        if let Some(reason) = violation.reason_code() {
+            self.write(Packet::DisconnectV5(DisconnectV5::with_reason_string(reason, violation.to_string())));
+        }
     }
+
+    /// Encodes `packet` for the device. For MQTT 5, Reason Strings and User Properties are left
+    /// out when the device asked for no problem information (except on CONNACK and DISCONNECT)
+    /// or when they would take the packet over the device's Maximum Packet Size; a packet still
+    /// too large is not sent at all [MQTT-3.1.2-24].
+    fn write(&mut self, mut packet: Packet) {
+        if self.version.is_v5() {
+            let always_diagnosed = matches!(packet, Packet::ConnAckV5(_) | Packet::DisconnectV5(_));
+            if !self.problem_information && !always_diagnosed {
+                if let Some(properties) = packet.properties_mut() {
+                    properties.strip_diagnostics();
+                }
+            }
+            if encoded_len(&packet) > self.client_max_packet_size {
+                if let Some(properties) = packet.properties_mut() {
+                    properties.strip_diagnostics();
+                }
+                if encoded_len(&packet) > self.client_max_packet_size {
+                    self.unsendable += 1;
+                    return;
+                }
+            }
+        }
+        encode(&packet, &mut self.out);
+    }
+}
+
+fn reason_string(text: impl Into<String>) -> Properties {
+    Properties { reason_string: Some(text.into()), ..Properties::default() }
+}
+
+/// The payload decoder an MQTT 5 PUBLISH asks for: its Content Type when weir knows it
+/// (application/json; application/x-protobuf, application/protobuf,
+/// application/vnd.google.protobuf; parameters such as `; charset=utf-8` ignored), else JSON
+/// when the Payload Format Indicator says UTF-8 text, else none (the listener's setting).
+pub fn payload_format(properties: &Properties) -> Option<PayloadFormat> {
+    if let Some(content_type) = &properties.content_type {
+        let essence = content_type.split(';').next().unwrap_or_default().trim();
+        if essence.eq_ignore_ascii_case("application/json") {
+            return Some(PayloadFormat::Json);
+        }
+        let protobuf = ["application/x-protobuf", "application/protobuf", "application/vnd.google.protobuf"];
+        if protobuf.iter().any(|known| essence.eq_ignore_ascii_case(known)) {
+            return Some(PayloadFormat::Protobuf);
+        }
+    }
+    (properties.payload_format_indicator == Some(1)).then_some(PayloadFormat::Json)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mqtt::{decode, Subscribe};
+    use crate::mqtt::{Subscribe, SubscribeV5, SubscriptionOptions, Unsubscribe, UnsubscribeV5};
 
     fn connect(client_id: &str, clean_session: bool) -> Packet {
         Packet::Connect(Connect {
@@ -351,11 +840,12 @@ mod tests {
         })
     }
 
-    /// Decodes everything the session queued for writing.
+    /// Decodes everything the session queued for writing, as a client of its version would.
     fn written(session: &mut Session) -> Vec<Packet> {
+        let decoder = Decoder::new(session.version(), 1 << 20);
         let mut packets = Vec::new();
         let out = session.outgoing();
-        while let Some(p) = decode(out, 1 << 20).unwrap() {
+        while let Some(p) = decoder.decode(out).unwrap() {
             packets.push(p);
         }
         assert!(out.is_empty());
@@ -393,7 +883,8 @@ mod tests {
                 client_id: "weir-auto-42".into(),
                 assigned: true,
                 clean_session: true,
-                keep_alive_secs: 30
+                keep_alive_secs: 30,
+                version: ProtocolVersion::V311,
             }
         );
         assert_eq!(written(&mut s), [connack(ConnectReturnCode::Accepted)]);
@@ -536,5 +1027,484 @@ mod tests {
         s.complete(a, Outcome::Stored).unwrap();
         s.complete(a, Outcome::Stored).unwrap();
         assert_eq!(written(&mut s), [Packet::PubAck(1)]);
+    }
+
+    // ---- MQTT 5 ----
+
+    fn limits_v5() -> SessionLimits {
+        SessionLimits {
+            max_inflight: 2,
+            max_client_id_len: 16,
+            max_topic_aliases: 4,
+            max_keepalive_secs: 600,
+            max_packet_size: 4096,
+            ..SessionLimits::default()
+        }
+    }
+
+    fn connect_v5(client_id: &str, keep_alive_secs: u16, properties: Properties) -> Packet {
+        Packet::ConnectV5(Box::new(ConnectV5 {
+            connect: Connect {
+                protocol_level: 5,
+                clean_session: true,
+                keep_alive_secs,
+                client_id: client_id.into(),
+                will: None,
+                username: None,
+                password: None,
+            },
+            properties,
+            will_properties: Properties::default(),
+        }))
+    }
+
+    /// Connected with these CONNECT properties; the CONNACK (if it fit) is taken.
+    fn connected_v5_with(properties: Properties) -> Session {
+        let mut s = Session::new(limits_v5(), Instant::now());
+        s.on_packet(connect_v5("dev5", 30, properties), 1).unwrap();
+        written(&mut s);
+        s
+    }
+
+    fn connected_v5() -> Session {
+        let mut s = Session::new(limits_v5(), Instant::now());
+        s.on_packet(connect_v5("dev5", 30, Properties::default()), 1).unwrap();
+        assert!(matches!(written(&mut s)[..], [Packet::ConnAckV5(_)]));
+        s
+    }
+
+    fn publish_v5(qos: QoS, pkid: u16, topic: &str, properties: Properties) -> Packet {
+        Packet::PublishV5(PublishV5 {
+            publish: Publish {
+                dup: false,
+                qos,
+                retain: false,
+                topic: topic.into(),
+                pkid,
+                payload: Bytes::from_static(b"{}"),
+            },
+            properties,
+        })
+    }
+
+    fn alias(alias: u16) -> Properties {
+        Properties { topic_alias: Some(alias), ..Properties::default() }
+    }
+
+    fn ack(pkid: u16, reason: ReasonCode, text: &str) -> AckV5 {
+        let properties = if text.is_empty() { Properties::default() } else { reason_string(text) };
+        AckV5 { pkid, reason, properties }
+    }
+
+    /// The one DISCONNECT the session queued, as (reason code, reason string).
+    fn disconnect_sent(s: &mut Session) -> (ReasonCode, String) {
+        match &written(s)[..] {
+            [Packet::DisconnectV5(d)] => (d.reason, d.properties.reason_string.clone().unwrap_or_default()),
+            other => panic!("expected one DISCONNECT, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn v5_connack_advertises_the_server_limits() {
+        let mut s = Session::new(limits_v5(), Instant::now());
+        let properties = Properties { session_expiry_interval: Some(3600), ..Properties::default() };
+        let event = s.on_packet(connect_v5("", 0, properties), 9).unwrap();
+        assert_eq!(
+            event,
+            Event::Connected {
+                client_id: "weir-auto-9".into(),
+                assigned: true,
+                clean_session: true,
+                keep_alive_secs: 600,
+                version: ProtocolVersion::V5,
+            }
+        );
+        let expected = ConnAckV5 {
+            session_present: false,
+            reason: ReasonCode::Success,
+            properties: Properties {
+                receive_maximum: Some(2),
+                maximum_packet_size: Some(4096),
+                topic_alias_maximum: Some(4),
+                assigned_client_identifier: Some("weir-auto-9".into()),
+                server_keep_alive: Some(600),
+                session_expiry_interval: Some(0),
+                ..Properties::default()
+            },
+        };
+        assert_eq!(written(&mut s), [Packet::ConnAckV5(expected)]);
+        assert_eq!(s.decoder().version, ProtocolVersion::V5);
+    }
+
+    #[test]
+    fn v5_server_keep_alive_caps_the_keepalive() {
+        let t0 = Instant::now();
+        for (asked, given, sent) in
+            [(0, 600, Some(600)), (601, 600, Some(600)), (30, 30, None), (600, 600, None)]
+        {
+            let mut s = Session::new(limits_v5(), t0);
+            let event = s.on_packet(connect_v5("d", asked, Properties::default()), 1).unwrap();
+            assert!(matches!(event, Event::Connected { keep_alive_secs, .. } if keep_alive_secs == given));
+            let [Packet::ConnAckV5(connack)] = &written(&mut s)[..] else { panic!("CONNACK") };
+            assert_eq!(connack.properties.server_keep_alive, sent, "asked {asked}");
+            assert_eq!(connack.properties.session_expiry_interval, None, "not asked, not sent");
+            assert_eq!(s.deadline(), Some(t0 + Duration::from_millis(u64::from(given) * 1500)));
+        }
+    }
+
+    #[test]
+    fn v5_authentication_method_is_refused_with_0x8c() {
+        let mut s = Session::new(limits_v5(), Instant::now());
+        let properties =
+            Properties { authentication_method: Some("SCRAM-SHA-1".into()), ..Properties::default() };
+        let violation = s.on_packet(connect_v5("d", 30, properties), 1).unwrap_err();
+        assert_eq!(violation, Violation::BadAuthenticationMethod("SCRAM-SHA-1".into()));
+        let [Packet::ConnAckV5(connack)] = &written(&mut s)[..] else { panic!("CONNACK") };
+        assert_eq!(connack.reason, ReasonCode::BadAuthenticationMethod);
+        assert!(connack.properties.reason_string.as_deref().unwrap().contains("SCRAM-SHA-1"));
+        assert!(!s.is_connected());
+    }
+
+    #[test]
+    fn shutting_down_refuses_connect_as_server_busy() {
+        let t0 = Instant::now();
+        let mut s = Session::new(limits_v5(), t0);
+        s.begin_shutdown(t0, Duration::from_secs(1));
+        assert_eq!(s.deadline(), Some(t0 + Duration::from_secs(1)), "the connect deadline is cut");
+        assert_eq!(s.on_packet(connect_v5("d", 30, Properties::default()), 1), Err(Violation::ServerBusy));
+        let [Packet::ConnAckV5(busy)] = &written(&mut s)[..] else { panic!("CONNACK") };
+        assert_eq!(busy.reason, ReasonCode::ServerBusy);
+
+        let mut s = Session::new(limits_v5(), t0);
+        s.begin_shutdown(t0, Duration::from_secs(1));
+        assert_eq!(s.on_packet(connect("d", true), 1), Err(Violation::ServerBusy));
+        assert_eq!(written(&mut s), [connack(ConnectReturnCode::ServerUnavailable)]);
+    }
+
+    #[test]
+    fn v5_bad_client_id_gets_0x85() {
+        let mut s = Session::new(limits_v5(), Instant::now());
+        let violation = s.on_packet(connect_v5("a/b", 30, Properties::default()), 1).unwrap_err();
+        assert!(matches!(violation, Violation::ClientIdRejected(_)));
+        let [Packet::ConnAckV5(connack)] = &written(&mut s)[..] else { panic!("CONNACK") };
+        assert_eq!(connack.reason, ReasonCode::ClientIdentifierNotValid);
+    }
+
+    #[test]
+    fn v5_receive_maximum_is_enforced_and_reading_goes_on() {
+        let mut s = connected_v5();
+        let a = ack_id(s.on_packet(publish_v5(QoS::AtLeastOnce, 1, "t", Properties::default()), 1).unwrap());
+        let b = ack_id(s.on_packet(publish_v5(QoS::ExactlyOnce, 2, "t", Properties::default()), 1).unwrap());
+        assert!(s.can_read(), "MQTT 5 is read at its Receive Maximum, so PINGREQ is answered");
+        s.on_packet(Packet::PingReq, 1).unwrap();
+        assert_eq!(written(&mut s), [Packet::PingResp]);
+        // QoS 0 does not count against Receive Maximum.
+        assert!(s.on_packet(publish_v5(QoS::AtMostOnce, 0, "t", Properties::default()), 1).is_ok());
+        s.complete(a, Outcome::Stored).unwrap();
+        s.complete(b, Outcome::Stored).unwrap();
+        assert_eq!(
+            written(&mut s),
+            [Packet::PubAckV5(AckV5::success(1)), Packet::PubRecV5(AckV5::success(2))]
+        );
+        // The QoS 2 message counts until PUBCOMP: one slot is left.
+        let _c = ack_id(s.on_packet(publish_v5(QoS::AtLeastOnce, 3, "t", Properties::default()), 1).unwrap());
+        let violation =
+            s.on_packet(publish_v5(QoS::AtLeastOnce, 4, "t", Properties::default()), 1).unwrap_err();
+        assert_eq!(violation, Violation::ReceiveMaximumExceeded(2));
+        assert_eq!(disconnect_sent(&mut s).0, ReasonCode::ReceiveMaximumExceeded);
+    }
+
+    #[test]
+    fn v5_pubrel_completes_and_unknown_ids_get_0x92() {
+        let mut s = connected_v5();
+        let a = ack_id(s.on_packet(publish_v5(QoS::ExactlyOnce, 7, "t", Properties::default()), 1).unwrap());
+        s.complete(a, Outcome::Stored).unwrap();
+        written(&mut s);
+        s.on_packet(Packet::PubRelV5(AckV5::success(7)), 1).unwrap();
+        s.on_packet(Packet::PubRelV5(AckV5::success(8)), 1).unwrap();
+        assert_eq!(
+            written(&mut s),
+            [
+                Packet::PubCompV5(AckV5::success(7)),
+                Packet::PubCompV5(ack(8, ReasonCode::PacketIdentifierNotFound, ""))
+            ]
+        );
+    }
+
+    #[test]
+    fn v5_topic_aliases() {
+        let mut s = connected_v5();
+        let event = s.on_packet(publish_v5(QoS::AtMostOnce, 0, "a/b", alias(1)), 1).unwrap();
+        assert!(matches!(event, Event::Publish { ref topic, .. } if topic == "a/b"));
+        let event = s.on_packet(publish_v5(QoS::AtMostOnce, 0, "", alias(1)), 1).unwrap();
+        assert!(matches!(event, Event::Publish { ref topic, .. } if topic == "a/b"), "alias resolved");
+        // Redefined.
+        s.on_packet(publish_v5(QoS::AtMostOnce, 0, "c", alias(1)), 1).unwrap();
+        let event = s.on_packet(publish_v5(QoS::AtMostOnce, 0, "", alias(1)), 1).unwrap();
+        assert!(matches!(event, Event::Publish { ref topic, .. } if topic == "c"));
+
+        for bad in [0, 5] {
+            let mut s = connected_v5();
+            let violation = s.on_packet(publish_v5(QoS::AtMostOnce, 0, "t", alias(bad)), 1).unwrap_err();
+            assert_eq!(violation, Violation::TopicAliasInvalid { alias: bad, max: 4 });
+            assert_eq!(disconnect_sent(&mut s).0, ReasonCode::TopicAliasInvalid, "alias {bad}");
+        }
+
+        let mut s = connected_v5();
+        let violation = s.on_packet(publish_v5(QoS::AtMostOnce, 0, "", alias(2)), 1).unwrap_err();
+        assert_eq!(violation, Violation::UnknownTopicAlias(2));
+        assert_eq!(disconnect_sent(&mut s).0, ReasonCode::ProtocolError);
+    }
+
+    #[test]
+    fn v5_alias_table_is_bounded_in_bytes() {
+        let mut s = connected_v5();
+        let long = "x".repeat(MAX_ALIAS_TABLE_BYTES / 2);
+        s.on_packet(publish_v5(QoS::AtMostOnce, 0, &long, alias(1)), 1).unwrap();
+        s.on_packet(publish_v5(QoS::AtMostOnce, 0, &long, alias(2)), 1).unwrap();
+        // Replacing an alias frees its bytes first.
+        s.on_packet(publish_v5(QoS::AtMostOnce, 0, &format!("{long}y")[1..], alias(2)), 1).unwrap();
+        let violation = s.on_packet(publish_v5(QoS::AtMostOnce, 0, "z", alias(3)), 1).unwrap_err();
+        assert_eq!(violation, Violation::AliasTableFull);
+        assert_eq!(disconnect_sent(&mut s).0, ReasonCode::QuotaExceeded);
+    }
+
+    #[test]
+    fn v5_undecodable_payload_is_answered_0x99_after_its_dead_letter_is_stored() {
+        let mut s = connected_v5();
+        let a = ack_id(s.on_packet(publish_v5(QoS::AtLeastOnce, 1, "t", Properties::default()), 1).unwrap());
+        let b = ack_id(s.on_packet(publish_v5(QoS::ExactlyOnce, 2, "t", Properties::default()), 1).unwrap());
+        s.note_undecodable(a, "invalid JSON".into());
+        s.note_undecodable(b, "invalid JSON".into());
+        assert!(written(&mut s).is_empty(), "nothing before the dead letter is stored");
+        s.complete(a, Outcome::Stored).unwrap();
+        s.complete(b, Outcome::Stored).unwrap();
+        let text = "stored as a dead letter: invalid JSON";
+        assert_eq!(
+            written(&mut s),
+            [
+                Packet::PubAckV5(ack(1, ReasonCode::PayloadFormatInvalid, text)),
+                Packet::PubRecV5(ack(2, ReasonCode::PayloadFormatInvalid, text))
+            ]
+        );
+        // An error PUBREC ends the QoS 2 exchange: the id is free and takes no window slot.
+        assert_eq!(s.window_used(), 0);
+    }
+
+    #[test]
+    fn v3_undecodable_payload_is_acked_plainly() {
+        let mut s = connected();
+        let a = ack_id(s.on_packet(publish(QoS::AtLeastOnce, 1), 1).unwrap());
+        s.note_undecodable(a, "invalid JSON".into());
+        s.complete(a, Outcome::Stored).unwrap();
+        assert_eq!(written(&mut s), [Packet::PubAck(1)]);
+    }
+
+    #[test]
+    fn v5_dropped_is_0x97_and_not_authorized_is_0x87() {
+        let mut s = connected_v5();
+        let a = ack_id(s.on_packet(publish_v5(QoS::AtLeastOnce, 1, "t", Properties::default()), 1).unwrap());
+        let b = ack_id(s.on_packet(publish_v5(QoS::AtLeastOnce, 2, "t", Properties::default()), 1).unwrap());
+        s.refuse(b, Refusal::NotAuthorized).unwrap();
+        assert!(written(&mut s).is_empty(), "acks leave in order");
+        s.complete(a, Outcome::Dropped).unwrap();
+        let packets = written(&mut s);
+        let codes: Vec<_> = packets
+            .iter()
+            .map(|p| match p {
+                Packet::PubAckV5(ack) => (ack.pkid, ack.reason),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(codes, [(1, ReasonCode::QuotaExceeded), (2, ReasonCode::NotAuthorized)]);
+    }
+
+    #[test]
+    fn v3_refusal_closes_the_connection() {
+        let mut s = connected();
+        let a = ack_id(s.on_packet(publish(QoS::AtLeastOnce, 1), 1).unwrap());
+        assert_eq!(s.refuse(a, Refusal::NotAuthorized), Err(Violation::NotAuthorized));
+        assert!(written(&mut s).is_empty());
+    }
+
+    #[test]
+    fn v5_failed_store_disconnects_without_ack() {
+        let mut s = connected_v5();
+        let a = ack_id(s.on_packet(publish_v5(QoS::AtLeastOnce, 1, "t", Properties::default()), 1).unwrap());
+        assert_eq!(s.complete(a, Outcome::Failed), Err(Violation::StoreFailed(1)));
+        assert_eq!(disconnect_sent(&mut s).0, ReasonCode::UnspecifiedError);
+    }
+
+    #[test]
+    fn v5_decode_errors_and_timeouts_are_announced() {
+        let cases = [
+            (DecodeError::PacketTooLarge { size: 5000, max: 4096 }, ReasonCode::PacketTooLarge),
+            (DecodeError::Truncated, ReasonCode::MalformedPacket),
+            (DecodeError::DuplicateProperty(0x23), ReasonCode::ProtocolError),
+            (DecodeError::TooManyUserProperties { max: 32 }, ReasonCode::QuotaExceeded),
+        ];
+        for (error, reason) in cases {
+            let mut s = connected_v5();
+            let text = error.to_string();
+            assert_eq!(s.on_decode_error(error.clone()), Violation::Malformed(error));
+            let (sent, string) = disconnect_sent(&mut s);
+            assert_eq!(sent, reason);
+            assert!(string.contains(&text), "{string}");
+        }
+        let mut s = connected_v5();
+        assert_eq!(s.timed_out(), Violation::KeepaliveTimeout);
+        assert_eq!(disconnect_sent(&mut s).0, ReasonCode::KeepAliveTimeout);
+        // Before CONNECT nothing is announced.
+        let mut s = Session::new(limits_v5(), Instant::now());
+        assert_eq!(s.timed_out(), Violation::ConnectTimeout);
+        assert!(written(&mut s).is_empty());
+    }
+
+    #[test]
+    fn v5_protocol_errors_after_connect() {
+        let cases: [(Packet, Violation); 4] = [
+            (connect_v5("again", 30, Properties::default()), Violation::DuplicateConnect),
+            (
+                Packet::Auth(crate::mqtt::Auth {
+                    reason: ReasonCode::ReAuthenticate,
+                    properties: Properties::default(),
+                }),
+                Violation::ProtocolError("AUTH without an authentication method in CONNECT"),
+            ),
+            (
+                Packet::DisconnectV5(DisconnectV5 {
+                    reason: ReasonCode::Success,
+                    properties: Properties { session_expiry_interval: Some(60), ..Properties::default() },
+                }),
+                Violation::ProtocolError("DISCONNECT set a session expiry after CONNECT set none"),
+            ),
+            (
+                publish_v5(
+                    QoS::AtMostOnce,
+                    0,
+                    "t",
+                    Properties { subscription_identifiers: vec![1], ..Properties::default() },
+                ),
+                Violation::ProtocolError("a client PUBLISH carried a subscription identifier"),
+            ),
+        ];
+        for (packet, violation) in cases {
+            let mut s = connected_v5();
+            assert_eq!(s.on_packet(packet, 1), Err(violation.clone()));
+            assert_eq!(disconnect_sent(&mut s).0, ReasonCode::ProtocolError, "{violation}");
+        }
+        // A normal DISCONNECT just ends the connection.
+        let mut s = connected_v5();
+        let bye = DisconnectV5 { reason: ReasonCode::Success, properties: Properties::default() };
+        assert_eq!(s.on_packet(Packet::DisconnectV5(bye), 1), Ok(Event::Disconnect));
+    }
+
+    #[test]
+    fn v5_subscribe_and_unsubscribe_are_answered() {
+        let mut s = connected_v5();
+        let options = SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: 0,
+        };
+        let subscribe = SubscribeV5 {
+            pkid: 3,
+            properties: Properties::default(),
+            filters: vec![("a/#".into(), options)],
+        };
+        s.on_packet(Packet::SubscribeV5(subscribe), 1).unwrap();
+        let unsubscribe = UnsubscribeV5 {
+            unsubscribe: Unsubscribe { pkid: 4, filters: vec!["a/#".into(), "b".into()] },
+            properties: Properties::default(),
+        };
+        s.on_packet(Packet::UnsubscribeV5(unsubscribe), 1).unwrap();
+        let packets = written(&mut s);
+        let [Packet::SubAckV5(suback), Packet::UnsubAckV5(unsuback)] = &packets[..] else {
+            panic!("{packets:?}")
+        };
+        assert_eq!(
+            (suback.pkid, &suback.reason_codes[..]),
+            (3, &[ReasonCode::ImplementationSpecificError][..])
+        );
+        assert!(suback.properties.reason_string.is_some());
+        assert_eq!(unsuback.reason_codes, [ReasonCode::NoSubscriptionExisted; 2]);
+    }
+
+    #[test]
+    fn v5_diagnostics_respect_the_client_maximum_packet_size_and_problem_information() {
+        // 12 bytes fit a PUBACK with its reason code, not its reason string.
+        let mut s = connected_v5_with(Properties { maximum_packet_size: Some(12), ..Properties::default() });
+        assert_eq!(s.unsendable(), 1, "the CONNACK with its properties does not fit 12 bytes");
+        let a = ack_id(s.on_packet(publish_v5(QoS::AtLeastOnce, 1, "t", Properties::default()), 1).unwrap());
+        s.complete(a, Outcome::Dropped).unwrap();
+        assert_eq!(written(&mut s), [Packet::PubAckV5(ack(1, ReasonCode::QuotaExceeded, ""))]);
+        assert_eq!(s.unsendable(), 1);
+
+        let no_problems = Properties { request_problem_information: Some(0), ..Properties::default() };
+        let mut s = connected_v5_with(no_problems);
+        let a = ack_id(s.on_packet(publish_v5(QoS::AtLeastOnce, 1, "t", Properties::default()), 1).unwrap());
+        s.complete(a, Outcome::Dropped).unwrap();
+        assert_eq!(written(&mut s), [Packet::PubAckV5(ack(1, ReasonCode::QuotaExceeded, ""))]);
+        // DISCONNECT keeps its reason string.
+        s.timed_out();
+        assert!(!disconnect_sent(&mut s).1.is_empty());
+
+        // A packet that cannot fit at all is not sent.
+        let mut s = connected_v5_with(Properties { maximum_packet_size: Some(3), ..Properties::default() });
+        s.on_packet(Packet::PingReq, 1).unwrap();
+        assert_eq!(written(&mut s), [Packet::PingResp], "2 bytes fit");
+        let a = ack_id(s.on_packet(publish_v5(QoS::AtLeastOnce, 1, "t", Properties::default()), 1).unwrap());
+        s.complete(a, Outcome::Stored).unwrap();
+        assert!(written(&mut s).is_empty());
+        assert_eq!(s.unsendable(), 2, "the CONNACK and the PUBACK");
+    }
+
+    #[test]
+    fn v5_shutdown_says_goodbye_with_0x8b() {
+        let mut s = connected_v5();
+        s.begin_shutdown(Instant::now(), Duration::from_secs(1));
+        s.say_goodbye();
+        assert_eq!(disconnect_sent(&mut s).0, ReasonCode::ServerShuttingDown);
+        let mut s = connected();
+        s.say_goodbye();
+        assert!(written(&mut s).is_empty(), "3.1.1 has no server DISCONNECT");
+    }
+
+    #[test]
+    fn payload_format_from_properties() {
+        let with = |content_type: Option<&str>, indicator: Option<u8>| Properties {
+            content_type: content_type.map(Into::into),
+            payload_format_indicator: indicator,
+            ..Properties::default()
+        };
+        let cases = [
+            (with(Some("application/json"), None), Some(PayloadFormat::Json)),
+            (with(Some("Application/JSON; charset=utf-8"), None), Some(PayloadFormat::Json)),
+            (with(Some("application/x-protobuf"), Some(1)), Some(PayloadFormat::Protobuf)),
+            (with(Some("application/protobuf"), None), Some(PayloadFormat::Protobuf)),
+            (with(Some("application/vnd.google.protobuf"), None), Some(PayloadFormat::Protobuf)),
+            (with(Some("text/plain"), Some(1)), Some(PayloadFormat::Json)),
+            (with(Some("text/plain"), None), None),
+            (with(None, Some(0)), None),
+            (with(None, None), None),
+        ];
+        for (properties, expected) in cases {
+            assert_eq!(payload_format(&properties), expected, "{properties:?}");
+        }
+        let mut s = connected_v5();
+        let event = s.on_packet(publish_v5(QoS::AtMostOnce, 0, "t", with(Some("application/json"), None)), 1);
+        assert!(matches!(event, Ok(Event::Publish { format: Some(PayloadFormat::Json), .. })));
+    }
+
+    #[test]
+    fn mqtt_3_1_connects_as_3_1() {
+        let mut s = Session::new(SessionLimits::default(), Instant::now());
+        let Packet::Connect(mut c) = connect("a-31-client-id-longer-than-23", true) else { unreachable!() };
+        c.protocol_level = 3;
+        let event = s.on_packet(Packet::Connect(c), 1).unwrap();
+        assert!(matches!(event, Event::Connected { version: ProtocolVersion::V31, .. }));
+        assert_eq!(written(&mut s), [connack(ConnectReturnCode::Accepted)]);
+        assert_eq!(s.decoder().version, ProtocolVersion::V31);
     }
 }
