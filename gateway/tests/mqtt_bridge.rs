@@ -438,7 +438,7 @@ async fn broker_down_at_start_and_restarted_mid_stream_weir_reconnects_and_loses
         port,
         &id,
         &filter,
-        "max_inflight = 50\nreconnect_min_ms = 50\nreconnect_max_ms = 400\nkeepalive_s = 5\n",
+        "max_inflight = 50\nreconnect_min_ms = 50\nreconnect_max_ms = 400\nkeepalive_s = 2\n",
     );
     let gateway = start_gateway(dir.path(), &listener, "").await;
     let failures = |g: &Gateway| {
@@ -501,4 +501,41 @@ async fn broker_down_at_start_and_restarted_mid_stream_weir_reconnects_and_loses
     assert!(duplicates >= 50, "the 50 messages in flight at the restart were redelivered ({duplicates})");
     assert!(gateway.shutdown().await.clean);
     broker.stop();
+}
+
+/// Throughput of the bridge draining a backlog: 20 000 messages wait in the broker (the sink is
+/// stalled while they are published), then the sink is released and the time until every row
+/// is committed (and acked) is measured. Run with
+/// `cargo test --release -p weir --test mqtt_bridge -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check"]
+async fn backlog_drain_throughput() {
+    let Some(port) = shared_broker().await else { return };
+    let id = unique("bridge-throughput");
+    let prefix = format!("weir-test/{id}");
+    let filter = format!("{prefix}/#");
+    prepare_session(port, &id, &filter).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = start_gateway(dir.path(), &bridge_toml(port, &id, &filter, ""), "").await;
+    let path = db(dir.path());
+    let lock = WriteLock::take(&path);
+    let total = 20_000u64;
+    let messages = (0..8).flat_map(|d| (1..=total / 8).map(move |s| (d, s)));
+    publish_all(port, messages.map(|(d, s)| message(&prefix, d, s)).collect()).await;
+    let started = std::time::Instant::now();
+    lock.release();
+    assert!(eventually(Duration::from_secs(120), || telemetry_rows(&path) == total as i64).await);
+    let elapsed = started.elapsed();
+    assert!(eventually(WAIT, || all_committed(&gateway)).await);
+    eprintln!(
+        "bridge backlog drain: {total} messages in {:.2} s = {:.0} msg/s (max_inflight 1000, SQLite sink)",
+        elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64()
+    );
+    assert!(gateway.shutdown().await.clean);
+}
+
+/// True once every message the bridge received has its record committed.
+fn all_committed(gateway: &Gateway) -> bool {
+    received(gateway) == metric(gateway, "weir_records_committed_total")
 }

@@ -159,12 +159,11 @@ impl Bridge {
     /// the session.
     async fn open(&self) -> Result<(TcpStream, BytesMut, bool), ConnectError> {
         let config = &self.config;
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(config.broker.as_str()))
+        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(config.broker.as_str()))
             .await
             .map_err(|_| ConnectError::Timeout)?
             .map_err(ConnectError::Unreachable)?;
         let _ = stream.set_nodelay(true);
-        let mut stream = stream;
         let connect = Packet::Connect(Connect {
             protocol_level: 4,
             clean_session: false,
@@ -850,6 +849,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// Delays between `min` and `max` (a `max` below `min` is taken as `min`).
     pub fn new(min: Duration, max: Duration) -> Self {
         Self { min, max: max.max(min), failures: 0 }
     }
@@ -887,6 +887,7 @@ pub struct Keepalive {
 }
 
 impl Keepalive {
+    /// Keepalive with `interval` (zero: off), counting from `now`.
     pub fn new(interval: Duration, now: Instant) -> Self {
         Self { interval: (!interval.is_zero()).then_some(interval), last_sent: now, unanswered_since: None }
     }
