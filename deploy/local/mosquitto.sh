@@ -103,10 +103,15 @@ allow_anonymous true
 # Stay as the invoking user (when root, mosquitto would otherwise switch to "mosquitto" and
 # lose access to this state dir).
 user $user
+# Sessions live as long as this broker process (tests that restart a broker run their own).
 persistence false
-# Benchmarks and tests must not lose messages to a queue limit.
+# Benchmarks and tests must not lose messages to a queue limit. Mosquitto's default keeps
+# 1000 queued QoS 1 messages per client and drops the rest; the mqtt_bridge tests leave
+# thousands queued for weir's persistent session while weir is stopped.
 max_queued_messages 1000000
 max_queued_bytes 0
+# No broker-side cap on unacknowledged deliveries (default 20): weir's bridge bounds what it
+# takes itself (max_inflight) by not reading further, and the tests check that bound.
 max_inflight_messages 0
 # Acks are small writes; do not let Nagle hold them back (latency is measured).
 set_tcp_nodelay true

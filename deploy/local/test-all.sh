@@ -16,7 +16,7 @@ stop_started() {
     done
 }
 trap stop_started EXIT
-for service in kafka postgres; do
+for service in kafka postgres mosquitto; do
     if ! deploy/local/"$service".sh status >/dev/null; then
         deploy/local/"$service".sh start
         started+=("$service")

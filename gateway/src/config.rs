@@ -326,10 +326,13 @@ pub struct BridgeConfig {
     pub client_id: String,
     /// Topic filters subscribed with QoS 1.
     pub filters: Vec<String>,
+    /// User name at the broker, if it wants one.
     #[serde(default)]
     pub username: Option<String>,
+    /// Password at the broker; needs `username` (MQTT 3.1.1 has no password without a user).
     #[serde(default)]
     pub password: Option<String>,
+    /// How payloads are decoded: json | protobuf | auto.
     #[serde(default = "defaults::payload")]
     pub payload: PayloadConfig,
     /// `committed` (default): acked upstream after the sink commit. `received`: on enqueue.
@@ -339,12 +342,15 @@ pub struct BridgeConfig {
     /// the whole topic is the device id.
     #[serde(default)]
     pub device_id_topic_level: Option<usize>,
-    /// Messages received from the broker and not yet acked upstream.
+    /// Messages received from the broker and not yet acked upstream; at the bound weir stops
+    /// reading from the broker (which holds the rest).
     #[serde(default = "defaults::bridge_max_inflight")]
     pub max_inflight: usize,
-    /// Largest packet accepted from the broker.
+    /// Largest packet accepted from the broker; a bigger message is dead-lettered without its
+    /// payload (never buffered) and acked, so it is not redelivered forever.
     #[serde(default = "defaults::max_packet_bytes")]
     pub max_packet_bytes: usize,
+    /// MQTT keepalive toward the broker, in seconds (1..=65535).
     #[serde(default = "defaults::bridge_keepalive_s")]
     pub keepalive_s: u64,
     /// Reconnect backoff: starts here, doubles per failure (with jitter) up to the maximum.
@@ -352,6 +358,7 @@ pub struct BridgeConfig {
     pub reconnect_min_ms: u64,
     #[serde(default = "defaults::reconnect_max_ms")]
     pub reconnect_max_ms: u64,
+    /// Keep each raw payload in the record.
     #[serde(default)]
     pub keep_raw: bool,
 }
@@ -900,6 +907,13 @@ impl Config {
                     }
                     check("max_inflight", b.max_inflight, 1, 65_535)?;
                     check("max_packet_bytes", b.max_packet_bytes, 64, 256 << 20)?;
+                    check("keepalive_s", b.keepalive_s as usize, 1, 65_535)?;
+                    if b.password.is_some() && b.username.is_none() {
+                        return Err(invalid(
+                            key("password"),
+                            "a password needs a username (MQTT 3.1.1)".into(),
+                        ));
+                    }
                     fits_fabric("max_packet_bytes", b.max_packet_bytes)?;
                     if b.reconnect_min_ms == 0 || b.reconnect_min_ms > b.reconnect_max_ms {
                         return Err(invalid(

@@ -172,6 +172,14 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
                     move |accepted| listener::tcp::serve(accepted, Arc::clone(&ctx), shutdown.clone()),
                 ));
             }
+            (ListenerConfig::MqttBridge(bridge), None) => {
+                listeners.spawn(listener::bridge::run(
+                    bridge.clone(),
+                    fabric.clone(),
+                    Arc::clone(&metrics),
+                    shutdown_rx.clone(),
+                ));
+            }
             (other, _) => return Err(StartError::Unsupported(other.protocol())),
         }
     }

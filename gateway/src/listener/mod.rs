@@ -2,6 +2,7 @@
 //! before `accept`, accept errors back off, each connection runs in its own task and span, and
 //! one connection's failure never stops the loop.
 
+pub mod bridge;
 pub mod ingest;
 pub mod mqtt;
 pub mod tcp;
