@@ -1,13 +1,14 @@
 //! weir-load as a library: simulated MQTT devices (`flood`), the raw Kafka producer baseline
-//! (`baseline`), the raw PostgreSQL COPY baseline (`copy_baseline`), and the end-to-end
-//! verifier (`verify`), so weir's integration tests can drive the same code as the `weir-load`
-//! CLI.
+//! (`baseline`), the raw PostgreSQL COPY baseline (`copy_baseline`), the end-to-end verifier
+//! (`verify`) and the idle-connection memory scenario (`idle`), so weir's integration tests can
+//! drive the same code as the `weir-load` CLI.
 
 mod device;
 
 pub mod baseline;
 pub mod copy_baseline;
 pub mod flood;
+pub mod idle;
 pub mod kafka;
 pub mod payload;
 pub mod postgres;

@@ -1,6 +1,6 @@
 //! weir-load: simulated devices that load an MQTT server (weir or a baseline), the raw Kafka
-//! producer and PostgreSQL COPY baselines, and the Kafka and PostgreSQL verifiers; each prints
-//! JSON.
+//! producer and PostgreSQL COPY baselines, the Kafka and PostgreSQL verifiers, and weir's memory
+//! per idle connection; each prints JSON.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use weir_load::report::{self, read_device_counts, write_device_counts, DeviceCounts, FloodReport};
-use weir_load::{baseline, copy_baseline, flood, kafka, postgres, verify};
+use weir_load::{baseline, copy_baseline, flood, idle, kafka, postgres, verify};
 
 /// weir's device simulator and benchmark tool.
 #[derive(Debug, Parser)]
@@ -43,6 +43,10 @@ enum Command {
     CreateTable(CreateTableArgs),
     /// Print one summary line comparing two reports (e.g. weir against Mosquitto).
     Compare(CompareArgs),
+    /// Measure weir's memory per idle connection: open N connections over one protocol, each
+    /// doing one acknowledged message, leave them idle, and compare weir's RSS before and after.
+    /// Prints one JSON object and one SUMMARY line; exit 0 within the protocol's target, 3 over.
+    Idle(idle::IdleParams),
 }
 
 #[derive(Debug, clap::Args)]
@@ -230,6 +234,12 @@ async fn main() -> anyhow::Result<ExitCode> {
             };
             println!("{line}");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Idle(params) => {
+            let report = idle::run(params).await?;
+            println!("{}", serde_json::to_string(&report)?);
+            println!("{}", report.summary_line());
+            Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::from(3) })
         }
     }
 }

@@ -1,0 +1,337 @@
+#!/usr/bin/env bash
+# weir's memory per idle device connection, per protocol.
+#
+#   load-tests/idle.sh [--connections 10000] [--protocols mqtt,ws,tcp] [--no-build]
+#                      [-- IDLE_ARGS...]
+#
+# IDLE_ARGS go to every `weir-load idle` run, e.g. `-- --settle-secs 10 --warmup 200`.
+# Builds release weir and weir-load (cargo build --release -j2 -p weir -p weir-load), raises the
+# open-file soft limit to the hard limit (ulimit -n), then for each protocol in turn: writes a
+# config with that protocol's listener (mqtt 127.0.0.1:21883, ws 127.0.0.1:28080, tcp
+# 127.0.0.1:27000 with length_prefixed framing; max_connections 20000; no idle timeout), the
+# blackhole sink and ops on 127.0.0.1:29100; starts target/release/weir; waits for /readyz; runs
+# `weir-load idle` (N connections spread over source addresses 127.0.0.2-127.0.0.5, each doing
+# one acknowledged message, then idle; weir's RSS before and after); stops weir.
+#
+# Each protocol gets a fresh weir: memory that one protocol's closed connections leave in weir's
+# allocator (freed, but still resident) would otherwise be reused by the next protocol's
+# connections and hide their cost; and a protocol weir does not serve yet (weir refuses to start
+# with it) does not keep the others from being measured.
+#
+# stdout: a header (machine, date, commit), each run's JSON line and SUMMARY line, then a table.
+# stderr: build output and progress. weir is stopped on exit, whatever happens.
+# Exit: 0 every protocol within its target (2048 B mqtt/tcp, 8192 B ws); 3 one was over its
+# target; 1 setup failed or a protocol could not be measured (weir did not start or get ready,
+# a listener did not answer or closed connections).
+set -euo pipefail
+
+readonly HOST=127.0.0.1
+readonly OPS_PORT=29100
+readonly SOURCE_ADDRS=127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5
+readonly MAX_CONNECTIONS=20000
+readonly WEIR_READY_TIMEOUT=${WEIR_READY_TIMEOUT:-30}
+readonly WEIR_STOP_TIMEOUT=${WEIR_STOP_TIMEOUT:-30}
+readonly ALL_PROTOCOLS="mqtt ws tcp"
+# Warm-up connections and spare descriptors on top of --connections (see `weir-load idle --help`).
+readonly FD_MARGIN=1000
+
+connections=10000
+protocols=$ALL_PROTOCOLS
+build=1
+idle_args=()
+
+usage() {
+    echo "usage: $0 [--connections N] [--protocols mqtt,ws,tcp] [--no-build] [-- IDLE_ARGS...]" >&2
+    exit 64
+}
+
+while (($# > 0)); do
+    case $1 in
+    --connections)
+        (($# >= 2)) || usage
+        [[ $2 =~ ^[0-9]+$ && $2 -gt 0 ]] || {
+            echo "idle: --connections needs a positive integer, got '$2'" >&2
+            exit 64
+        }
+        connections=$2
+        shift 2
+        ;;
+    --protocols)
+        (($# >= 2)) || usage
+        protocols=${2//,/ }
+        for protocol in $protocols; do
+            [[ " $ALL_PROTOCOLS " == *" $protocol "* ]] || {
+                echo "idle: unknown protocol '$protocol' (known: ${ALL_PROTOCOLS// /,})" >&2
+                exit 64
+            }
+        done
+        [[ -n ${protocols// /} ]] || usage
+        shift 2
+        ;;
+    --no-build)
+        build=0
+        shift
+        ;;
+    --)
+        shift
+        idle_args=("$@")
+        break
+        ;;
+    -h | --help) usage ;;
+    *)
+        echo "idle: unknown argument '$1'" >&2
+        usage
+        ;;
+    esac
+done
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+readonly ROOT
+readonly TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+readonly LOAD=$TARGET_DIR/release/weir-load
+readonly WEIR=$TARGET_DIR/release/weir
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/weir-idle.XXXXXX")
+readonly WORK
+
+weir_pid=
+weir_failure= # why the last start_weir failed, for the table
+failed=0
+over_target=0
+declare -a rows=()
+
+log() {
+    echo "idle: $*" >&2
+}
+
+die() {
+    log "$*"
+    exit 1
+}
+
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    stop_weir || true
+    if ((status == 0)); then
+        rm -rf "$WORK"
+    else
+        log "logs and configs kept in $WORK"
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+listener_port() {
+    case $1 in
+    mqtt) echo 21883 ;;
+    ws) echo 28080 ;;
+    tcp) echo 27000 ;;
+    esac
+}
+
+# The listener's TOML table for a protocol.
+listener_config() {
+    local protocol=$1 port
+    port=$(listener_port "$1")
+    echo "[[listeners]]"
+    echo "protocol = \"$protocol\""
+    echo "listen = \"$HOST:$port\""
+    echo "max_connections = $MAX_CONNECTIONS"
+    case $protocol in
+    ws) echo "idle_timeout_ms = 0" ;;
+    tcp)
+        echo "framing = \"length_prefixed\""
+        echo "idle_timeout_ms = 0"
+        ;;
+    esac
+}
+
+# 0 when an HTTP GET of http://$HOST:$OPS_PORT$1 returns 2xx.
+ops_ok() {
+    local path=$1 reply
+    if command -v curl >/dev/null; then
+        curl -fsS -o /dev/null --max-time 2 "http://$HOST:$OPS_PORT$path" 2>/dev/null
+        return
+    fi
+    reply=$(
+        exec 3<>"/dev/tcp/$HOST/$OPS_PORT" || exit 1
+        printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$path" "$HOST" >&3
+        timeout 2 head -n 1 <&3
+    ) 2>/dev/null || return 1
+    [[ $reply == HTTP/1.?" 2"* ]]
+}
+
+# 0 when something accepts TCP connections on the port.
+port_taken() {
+    (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null
+}
+
+header() {
+    local model mem_kib commit
+    model=$(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//') || true
+    mem_kib=$(awk '/^MemTotal:/ { print $2 }' /proc/meminfo 2>/dev/null) || true
+    commit=$(git -C "$ROOT" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+    if [[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null) ]]; then
+        commit+=-dirty
+    fi
+    echo "# weir idle connections $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "# machine: nproc=$(nproc) cpu=\"${model:-unknown}\" mem=$((${mem_kib:-0} / 1024))MiB kernel=$(uname -r)"
+    echo "# commit: $commit"
+    echo "# scenario: $connections idle connections per protocol ($protocols), sources $SOURCE_ADDRS," \
+        "open-file limit $(ulimit -n), extra idle args: ${idle_args[*]:-none}"
+}
+
+# start_weir PROTOCOL: writes the config, starts weir, waits for /readyz. Fails (after printing
+# weir's last log lines) if weir exits or is not ready in time.
+start_weir() {
+    local protocol=$1 port config=$WORK/weir-$1.toml weir_log=$WORK/weir-$1.log waited=0
+    port=$(listener_port "$protocol")
+    weir_failure=
+    for taken in "$port" "$OPS_PORT"; do
+        if port_taken "$taken"; then
+            weir_failure="port $taken on $HOST is already in use (another weir?)"
+            log "$weir_failure"
+            return 1
+        fi
+    done
+    mkdir -p "$WORK/data-$protocol"
+    {
+        echo "data_dir = \"$WORK/data-$protocol\""
+        echo
+        echo "[ops]"
+        echo "listen = \"$HOST:$OPS_PORT\""
+        echo
+        listener_config "$protocol"
+        echo
+        echo "[sink]"
+        echo "kind = \"blackhole\""
+    } >"$config"
+    log "starting weir for $protocol (config $config, log $weir_log)"
+    "$WEIR" run --config "$config" >"$weir_log" 2>&1 &
+    weir_pid=$!
+    until ops_ok /readyz; do
+        if ! kill -0 "$weir_pid" 2>/dev/null; then
+            wait "$weir_pid" 2>/dev/null || true
+            weir_pid=
+            weir_failure="weir exited: $(tail -n 1 "$weir_log" | sed 's/^weir: //')"
+            log "weir exited before /readyz answered ($protocol); last log lines:"
+            tail -n 20 "$weir_log" >&2 || true
+            return 1
+        fi
+        if ((waited >= WEIR_READY_TIMEOUT * 10)); then
+            weir_failure="weir not ready within ${WEIR_READY_TIMEOUT}s"
+            log "weir not ready within ${WEIR_READY_TIMEOUT}s ($protocol); last log lines:"
+            tail -n 20 "$weir_log" >&2 || true
+            stop_weir
+            return 1
+        fi
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    log "weir is ready (pid $weir_pid, $protocol on $HOST:$port)"
+}
+
+# SIGTERM, then SIGKILL after WEIR_STOP_TIMEOUT.
+stop_weir() {
+    local waited=0
+    [[ -n $weir_pid ]] || return 0
+    if kill -TERM "$weir_pid" 2>/dev/null; then
+        while kill -0 "$weir_pid" 2>/dev/null; do
+            if ((waited >= WEIR_STOP_TIMEOUT * 10)); then
+                log "weir (pid $weir_pid) still running ${WEIR_STOP_TIMEOUT}s after SIGTERM; killing it"
+                kill -KILL "$weir_pid" 2>/dev/null || true
+                break
+            fi
+            sleep 0.1
+            waited=$((waited + 1))
+        done
+    fi
+    wait "$weir_pid" 2>/dev/null || true
+    log "weir stopped (pid $weir_pid)"
+    weir_pid=
+}
+
+# json_number FILE KEY: the top-level number KEY of the JSON line in FILE.
+json_number() {
+    sed -n "s/.*\"$2\":\(-\{0,1\}[0-9][0-9.]*\).*/\1/p" "$1" | head -n 1
+}
+
+# row PROTOCOL RESULT [JSON_FILE]
+row() {
+    local protocol=$1 result=$2 json=${3:-} before=- after=- per=- anon=- target=-
+    if [[ -n $json && -s $json ]]; then
+        before=$(($(json_number "$json" rss_before) / 1024))KiB
+        after=$(($(json_number "$json" rss_after) / 1024))KiB
+        per=$(json_number "$json" bytes_per_connection)
+        anon=$(json_number "$json" anon_bytes_per_connection)
+        target=$(json_number "$json" target_bytes)
+    fi
+    rows+=("$(printf '%-8s %11s %14s %14s %9s %9s %8s  %s' \
+        "$protocol" "$connections" "$before" "$after" "$per" "$anon" "$target" "$result")")
+}
+
+# measure PROTOCOL: one fresh weir, one `weir-load idle` run, one table row.
+measure() {
+    local protocol=$1 port status=0 out=$WORK/idle-$1.json err=$WORK/idle-$1.err reason
+    port=$(listener_port "$protocol")
+    if ! start_weir "$protocol"; then
+        failed=1
+        row "$protocol" "ERROR: $weir_failure"
+        echo "SUMMARY idle-$protocol: not measured: $weir_failure"
+        return
+    fi
+    log "weir-load idle --protocol $protocol --connections $connections"
+    RUST_LIB_BACKTRACE=0 "$LOAD" idle --protocol "$protocol" --connections "$connections" --target "$HOST:$port" \
+        --weir-pid "$weir_pid" --source-addrs "$SOURCE_ADDRS" "${idle_args[@]}" >"$out" 2>"$err" ||
+        status=$?
+    cat "$err" >&2
+    stop_weir
+    cat "$out"
+    case $status in
+    0) row "$protocol" PASS "$out" ;;
+    3)
+        over_target=1
+        row "$protocol" "FAIL: over target" "$out"
+        ;;
+    *)
+        failed=1
+        # anyhow's error and its causes, on one line.
+        reason=$(awk '/^Error: /{found=1} found' "$err" | grep -v -e '^\s*$' -e '^Caused by:' |
+            sed 's/^Error: //; s/^ *//; s/^[0-9]*: //' | sed ':a;N;$!ba;s/\n/: /g')
+        row "$protocol" "ERROR: ${reason:-weir-load idle exited $status}"
+        echo "SUMMARY idle-$protocol: not measured: ${reason:-weir-load idle exited $status}"
+        ;;
+    esac
+    sleep 2 # let the closed sockets' TIME_WAITs and weir's port go before the next run
+}
+
+hard_limit=$(ulimit -Hn)
+if [[ $hard_limit != unlimited ]] && ((hard_limit < connections + FD_MARGIN)); then
+    die "--connections $connections needs about $((connections + FD_MARGIN)) open files per process," \
+        "but the hard limit is $hard_limit; lower --connections or raise the hard limit"
+fi
+ulimit -n "$hard_limit"
+
+if ((build)); then
+    log "building release binaries (cargo build --release -j2 -p weir -p weir-load)"
+    (cd "$ROOT" && cargo build --release -j2 -p weir -p weir-load >&2) || die "the release build failed"
+fi
+[[ -x $WEIR && -x $LOAD ]] || die "$WEIR or $LOAD is missing; run without --no-build"
+
+header
+for protocol in $protocols; do
+    measure "$protocol"
+done
+
+echo
+printf '%-8s %11s %14s %14s %9s %9s %8s  %s\n' protocol connections rss_before rss_after B/conn \
+    anon_B/conn target result
+printf '%s\n' "${rows[@]}"
+
+if ((failed)); then
+    exit 1
+elif ((over_target)); then
+    exit 3
+fi
