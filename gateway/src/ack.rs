@@ -1,13 +1,76 @@
 //! Ack tokens: the thread from a device message through the fabric and sink back to its
 //! connection. A message's acknowledgement is sent when every record of it has an outcome.
 
+use std::future::poll_fn;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 
 use weir_protocols::mqtt::session::Outcome;
 
 /// An outcome report for one message: the connection's in-flight id and what happened.
 pub type AckEvent = (u64, Outcome);
+
+/// Where one connection's outcome reports arrive. Each in-flight message reports exactly once,
+/// so the inbox never holds more reports than the connection has messages in flight (which the
+/// connection bounds): it needs no capacity of its own. Cheaper than a channel for an idle
+/// connection: one small allocation, and waiting keeps the waker here, not in a future.
+#[derive(Debug, Default)]
+pub struct AckInbox {
+    inner: Mutex<InboxInner>,
+}
+
+#[derive(Debug, Default)]
+struct InboxInner {
+    events: Vec<AckEvent>,
+    waker: Option<Waker>,
+}
+
+impl AckInbox {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn report(&self, event: AckEvent) {
+        let waker = {
+            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            inner.events.push(event);
+            inner.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Takes one report if there is one (in no particular order).
+    pub fn try_next(&self) -> Option<AckEvent> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner).events.pop()
+    }
+
+    fn poll_next(&self, cx: &mut Context<'_>) -> Poll<AckEvent> {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(event) = inner.events.pop() {
+            return Poll::Ready(event);
+        }
+        if !inner.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            inner.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Waits for the next report. Cancel-safe: a report is only taken when it is returned.
+    pub async fn next(&self) -> AckEvent {
+        poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// Gives back the room a busy moment left, once no report is waiting.
+    pub fn release_idle_memory(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if inner.events.is_empty() && inner.events.capacity() > 0 {
+            inner.events = Vec::new();
+        }
+    }
+}
 
 /// One record's share of a message's acknowledgement. Settle it with the record's outcome;
 /// dropping it unsettled (a task died, shutdown before the commit) counts as `Failed`, so a
@@ -23,16 +86,14 @@ struct Shared {
     id: u64,
     /// The worst outcome reported so far (`Outcome` ranked Stored < Dropped < Failed).
     worst: AtomicU8,
-    acks_tx: flume::Sender<AckEvent>,
+    inbox: Arc<AckInbox>,
 }
 
 impl AckToken {
-    /// A token for in-flight message `id` whose outcome goes to `acks_tx`. The channel must have
-    /// room for one event per message in flight (the connection bounds how many that is), so
-    /// reporting never waits.
-    pub fn new(id: u64, acks_tx: flume::Sender<AckEvent>) -> Self {
+    /// A token for in-flight message `id` whose outcome is reported to `inbox`.
+    pub fn new(id: u64, inbox: Arc<AckInbox>) -> Self {
         Self {
-            shared: Arc::new(Shared { id, worst: AtomicU8::new(rank(Outcome::Stored)), acks_tx }),
+            shared: Arc::new(Shared { id, worst: AtomicU8::new(rank(Outcome::Stored)), inbox }),
             settled: false,
         }
     }
@@ -74,8 +135,8 @@ impl Drop for Shared {
             1 => Outcome::Dropped,
             _ => Outcome::Failed,
         };
-        // The connection may be gone (device disconnected); then nobody needs the ack.
-        let _ = self.acks_tx.try_send((self.id, outcome));
+        // The connection may be gone (device disconnected); then nobody reads the report.
+        self.inbox.report((self.id, outcome));
     }
 }
 
@@ -93,29 +154,43 @@ mod tests {
 
     #[test]
     fn message_is_reported_once_after_its_last_record() {
-        let (tx, rx) = flume::bounded(4);
-        let mut shares = AckToken::new(7, tx).split(3);
+        let rx = AckInbox::new();
+        let mut shares = AckToken::new(7, Arc::clone(&rx)).split(3);
         shares.pop().unwrap().settle(Outcome::Stored);
         shares.pop().unwrap().settle(Outcome::Stored);
-        assert!(rx.try_recv().is_err());
+        assert!(rx.try_next().is_none());
         shares.pop().unwrap().settle(Outcome::Stored);
-        assert_eq!(rx.try_recv().unwrap(), (7, Outcome::Stored));
-        assert!(rx.try_recv().is_err());
+        assert_eq!(rx.try_next().unwrap(), (7, Outcome::Stored));
+        assert!(rx.try_next().is_none());
     }
 
     #[test]
     fn worst_outcome_wins_and_unsettled_drop_is_failure() {
-        let (tx, rx) = flume::bounded(4);
-        let mut shares = AckToken::new(1, tx.clone()).split(2);
+        let rx = AckInbox::new();
+        let mut shares = AckToken::new(1, Arc::clone(&rx)).split(2);
         shares.pop().unwrap().settle(Outcome::Dropped);
         shares.pop().unwrap().settle(Outcome::Stored);
-        assert_eq!(rx.try_recv().unwrap(), (1, Outcome::Dropped));
+        assert_eq!(rx.try_next().unwrap(), (1, Outcome::Dropped));
 
-        let shares = AckToken::new(2, tx.clone()).split(2);
+        let shares = AckToken::new(2, Arc::clone(&rx)).split(2);
         drop(shares);
-        assert_eq!(rx.try_recv().unwrap(), (2, Outcome::Failed));
+        assert_eq!(rx.try_next().unwrap(), (2, Outcome::Failed));
 
-        assert!(AckToken::new(3, tx).split(0).is_empty());
-        assert_eq!(rx.try_recv().unwrap(), (3, Outcome::Stored));
+        assert!(AckToken::new(3, Arc::clone(&rx)).split(0).is_empty());
+        assert_eq!(rx.try_next().unwrap(), (3, Outcome::Stored));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_connection_is_woken_by_the_report() {
+        let inbox = AckInbox::new();
+        let waiter = tokio::spawn({
+            let inbox = Arc::clone(&inbox);
+            async move { inbox.next().await }
+        });
+        tokio::task::yield_now().await;
+        AckToken::new(9, Arc::clone(&inbox)).settle(Outcome::Stored);
+        assert_eq!(waiter.await.unwrap(), (9, Outcome::Stored));
+        inbox.release_idle_memory();
+        assert!(inbox.try_next().is_none());
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, TryAcquireError};
 use weir_proto::{Record, SourceProtocol};
 use weir_protocols::mqtt::session::Outcome;
 
@@ -184,39 +184,62 @@ impl Fabric {
     }
 
     async fn send_with(&self, item: Item, when_full: WhenFull) -> Result<(), SendError> {
+        let item = match self.try_send_now(item) {
+            Err(SendError::Full(item)) if when_full == WhenFull::Block => item,
+            done => return done,
+        };
         let shard = &self.shards[self.shard_of(item.device_id())];
         let budget = &shard.budget;
         let charged = budget.charge(item.bytes);
-        match when_full {
-            WhenFull::Block => {
-                let Ok(records) = budget.records.acquire_many(1).await else {
-                    return Err(SendError::Closed(item));
-                };
-                let Ok(bytes) = budget.bytes.acquire_many(charged as u32).await else {
-                    return Err(SendError::Closed(item));
-                };
-                records.forget();
-                bytes.forget();
-            }
-            WhenFull::DropNewest => {
-                let Ok(records) = budget.records.try_acquire_many(1) else {
-                    return Err(SendError::Full(item));
-                };
-                let Ok(bytes) = budget.bytes.try_acquire_many(charged as u32) else {
-                    return Err(SendError::Full(item));
-                };
-                records.forget();
-                bytes.forget();
-            }
-        }
+        let Ok(records) = budget.records.acquire_many(1).await else {
+            return Err(SendError::Closed(item));
+        };
+        let Ok(bytes) = budget.bytes.acquire_many(charged as u32).await else {
+            return Err(SendError::Closed(item));
+        };
+        records.forget();
+        bytes.forget();
+        self.push(shard, item, charged)
+    }
+
+    /// Enqueues an item if its shard has room now, without waiting; a full shard gives it back
+    /// as [`SendError::Full`] whatever the policy (the caller then waits with [`Fabric::send`]
+    /// or answers busy). The hot path: no future, no allocation.
+    pub fn try_send_now(&self, item: Item) -> Result<(), SendError> {
+        let shard = &self.shards[self.shard_of(item.device_id())];
+        let budget = &shard.budget;
+        let charged = budget.charge(item.bytes);
+        let records = match budget.records.try_acquire_many(1) {
+            Ok(permit) => permit,
+            Err(TryAcquireError::NoPermits) => return Err(SendError::Full(item)),
+            Err(TryAcquireError::Closed) => return Err(SendError::Closed(item)),
+        };
+        let bytes = match budget.bytes.try_acquire_many(charged as u32) {
+            Ok(permit) => permit,
+            Err(TryAcquireError::NoPermits) => return Err(SendError::Full(item)),
+            Err(TryAcquireError::Closed) => return Err(SendError::Closed(item)),
+        };
+        records.forget();
+        bytes.forget();
+        self.push(shard, item, charged)
+    }
+
+    /// Puts an item whose budget is taken into its shard's channel. The budget bounds the items
+    /// in the fabric, and the channel holds as many as the budget, so it always has room.
+    fn push(&self, shard: &Shard, item: Item, charged: usize) -> Result<(), SendError> {
+        let budget = &shard.budget;
         budget.records_gauge.inc();
         budget.bytes_gauge.inc_by(charged as i64);
-        match shard.items_tx.send_async(item).await {
+        match shard.items_tx.try_send(item) {
             Ok(()) => {
                 self.metrics.records_enqueued.inc();
                 Ok(())
             }
-            Err(flume::SendError(item)) => {
+            Err(flume::TrySendError::Full(item)) => {
+                budget.release(1, charged);
+                Err(SendError::Full(item))
+            }
+            Err(flume::TrySendError::Disconnected(item)) => {
                 budget.release(1, charged);
                 Err(SendError::Closed(item))
             }
@@ -267,6 +290,24 @@ mod tests {
         let _ = rx[0].items_rx.try_recv().unwrap();
         rx[0].budget.release(1, rx[0].budget.charge(item("a").bytes));
         blocked.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn try_send_now_never_waits_and_keeps_the_bound() {
+        let (fabric, rx) = Fabric::new(1, 2, 1 << 20, WhenFull::Block, Arc::new(Metrics::new()));
+        fabric.try_send_now(item("a")).unwrap();
+        fabric.try_send_now(item("a")).unwrap();
+        assert!(matches!(fabric.try_send_now(item("a")), Err(SendError::Full(_))), "full under block too");
+        assert_eq!(rx[0].items_rx.len(), 2);
+        // Room returns when a batch that held a record is done with it.
+        let _ = rx[0].items_rx.try_recv().unwrap();
+        rx[0].budget.release(1, rx[0].budget.charge(item("a").bytes));
+        fabric.try_send_now(item("a")).unwrap();
+        assert!(matches!(fabric.try_send_now(item("a")), Err(SendError::Full(_))));
+        // With the batchers gone (shutdown), an item with room is given back as closed.
+        let (closing, rx) = Fabric::new(1, 2, 1 << 20, WhenFull::Block, Arc::new(Metrics::new()));
+        drop(rx);
+        assert!(matches!(closing.try_send_now(item("a")), Err(SendError::Closed(_))));
     }
 
     #[test]

@@ -29,7 +29,7 @@ use weir_protocols::mqtt::{
 use weir_protocols::payload::{self, DecodeContext, PayloadFormat, PayloadLimits};
 
 use super::ingest::now_ms;
-use crate::ack::{AckEvent, AckToken};
+use crate::ack::{AckEvent, AckInbox, AckToken};
 use crate::config::{AckPoint, BridgeConfig};
 use crate::fabric::{DeadLetter, Fabric, Item, SendError};
 use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel, ReasonLabel};
@@ -218,7 +218,6 @@ impl Bridge {
         self.metrics.connections_active.get_or_create(&label).inc();
         tracing::info!(session_present, subscribe, "connected to the broker");
         let max_inflight = self.config.max_inflight;
-        let (acks_tx, acks_rx) = flume::bounded(max_inflight);
         let keepalive = Duration::from_secs(self.config.keepalive_s);
         let mut connection = Connection {
             bridge: self,
@@ -226,8 +225,7 @@ impl Bridge {
             buf: leftover,
             out: BytesMut::new(),
             ledger: AckLedger::new(max_inflight),
-            acks_tx,
-            acks_rx,
+            inbox: AckInbox::new(),
             keepalive: Keepalive::new(keepalive, Instant::now()),
             write_timeout: keepalive.max(MIN_WRITE_TIMEOUT),
             awaiting_suback: None,
@@ -322,8 +320,8 @@ struct Connection<'a> {
     /// Packets encoded and not yet written.
     out: BytesMut,
     ledger: AckLedger,
-    acks_tx: flume::Sender<AckEvent>,
-    acks_rx: flume::Receiver<AckEvent>,
+    /// Outcome reports of the messages in flight.
+    inbox: Arc<AckInbox>,
     keepalive: Keepalive,
     write_timeout: Duration,
     awaiting_suback: Option<u16>,
@@ -413,12 +411,7 @@ impl Connection<'_> {
                         return End::Io;
                     }
                 },
-                event = self.acks_rx.recv_async() => {
-                    // The connection holds a sender itself, so the channel never disconnects.
-                    if let Ok(event) = event {
-                        self.apply(event);
-                    }
-                },
+                event = self.inbox.next() => self.apply(event),
                 _ = sleep_until_some(ping_due) => self.ping(),
                 _ = sleep_until_some(dead_at), if reading => {
                     self.bridge.count_error("keepalive_timeout");
@@ -504,7 +497,7 @@ impl Connection<'_> {
         bridge.messages_received.inc();
         let id = self.ledger.take(pkid);
         let committed = bridge.config.ack == AckPoint::Committed;
-        let token = committed.then(|| AckToken::new(id, self.acks_tx.clone()));
+        let token = committed.then(|| AckToken::new(id, Arc::clone(&self.inbox)));
         let device_id = device_from_topic(&topic, bridge.config.device_id_topic_level);
         let received_ts_ms = now_ms();
         let decoded = {
@@ -582,7 +575,7 @@ impl Connection<'_> {
         );
         let id = self.ledger.take(pkid);
         let committed = bridge.config.ack == AckPoint::Committed;
-        let token = committed.then(|| AckToken::new(id, self.acks_tx.clone()));
+        let token = committed.then(|| AckToken::new(id, Arc::clone(&self.inbox)));
         let letter = DeadLetter {
             device_id: device_from_topic(&topic, bridge.config.device_id_topic_level).to_owned(),
             protocol: SourceProtocol::MqttBridge,
@@ -640,7 +633,7 @@ impl Connection<'_> {
                         Err(End::FabricClosed)
                     }
                 },
-                Ok(event) = self.acks_rx.recv_async() => {
+                event = self.inbox.next() => {
                     self.apply(event);
                     self.release_and_flush().await?;
                 }
@@ -655,7 +648,7 @@ impl Connection<'_> {
     /// Records an outcome report, and every other one already waiting.
     fn apply(&mut self, (id, outcome): AckEvent) {
         self.ledger.complete(id, outcome);
-        while let Ok((id, outcome)) = self.acks_rx.try_recv() {
+        while let Some((id, outcome)) = self.inbox.try_next() {
             self.ledger.complete(id, outcome);
         }
     }

@@ -13,7 +13,7 @@ use weir_protocols::mqtt::session::Outcome;
 use weir_protocols::payload::{self, DecodeContext, PayloadFormat, PayloadLimits};
 use weir_protocols::reply::{Reply, ReplyFormat, Status};
 
-use crate::ack::{AckEvent, AckToken};
+use crate::ack::{AckEvent, AckInbox, AckToken};
 use crate::config::AckPoint;
 use crate::fabric::{DeadLetter, Fabric, Item, SendError};
 use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel, ReasonLabel};
@@ -75,8 +75,8 @@ pub struct MessageQueue {
     max_inflight: usize,
     next_n: u64,
     pending: VecDeque<Pending>,
-    acks_tx: flume::Sender<AckEvent>,
-    acks_rx: flume::Receiver<AckEvent>,
+    /// Outcome reports of this connection's messages.
+    inbox: Arc<AckInbox>,
     /// Scratch space for one message's records, reused.
     records: Vec<Record>,
     /// Answer "unavailable" at once instead of waiting when the fabric is full (HTTP).
@@ -86,14 +86,12 @@ pub struct MessageQueue {
 impl MessageQueue {
     /// A queue that lets at most `max_inflight` messages await their reply.
     pub fn new(ctx: Arc<IngestContext>, max_inflight: usize) -> Self {
-        let (acks_tx, acks_rx) = flume::bounded(max_inflight);
         Self {
             ctx,
             max_inflight,
             next_n: 1,
             pending: VecDeque::new(),
-            acks_tx,
-            acks_rx,
+            inbox: AckInbox::new(),
             records: Vec::new(),
             busy_is_error: false,
         }
@@ -107,6 +105,18 @@ impl MessageQueue {
 
     pub fn context(&self) -> &Arc<IngestContext> {
         &self.ctx
+    }
+
+    /// Gives back the room a busy moment left in the queue's buffers, once nothing is in
+    /// flight. Call it when the connection goes idle.
+    pub fn release_idle_memory(&mut self) {
+        if self.pending.is_empty() && self.pending.capacity() > 0 {
+            self.pending = VecDeque::new();
+        }
+        if self.records.capacity() > 0 {
+            self.records = Vec::new();
+        }
+        self.inbox.release_idle_memory();
     }
 
     /// Whether another message may be read: fewer than `max_inflight` await their reply.
@@ -135,7 +145,7 @@ impl MessageQueue {
         let n = self.next_n;
         self.next_n += 1;
         let committed = ctx.ack == AckPoint::Committed;
-        let token = committed.then(|| AckToken::new(n, self.acks_tx.clone()));
+        let token = committed.then(|| AckToken::new(n, Arc::clone(&self.inbox)));
         let received_ts_ms = now_ms();
         let decoded = {
             let decode_ctx = DecodeContext {
@@ -185,7 +195,7 @@ impl MessageQueue {
         let n = self.next_n;
         self.next_n += 1;
         let committed = self.ctx.ack == AckPoint::Committed;
-        let token = committed.then(|| AckToken::new(n, self.acks_tx.clone()));
+        let token = committed.then(|| AckToken::new(n, Arc::clone(&self.inbox)));
         let pending =
             Pending { n, seq: None, format: reply_format, undecodable: Some(reason.clone()), status: None };
         let item = self.dead_letter(device_id, source, payload, reason, now_ms(), token);
@@ -223,9 +233,18 @@ impl MessageQueue {
         self.pending.push_back(pending);
         let mut worst = Outcome::Stored;
         for item in items {
-            match self.enqueue(item).await? {
-                Outcome::Stored => {}
-                other => worst = other,
+            let stored = match self.ctx.fabric.try_send_now(item) {
+                Ok(()) => Outcome::Stored,
+                // No room now: wait for it (or answer busy). Boxed, so that every connection's
+                // task does not carry this rarely used future inline while it idles.
+                Err(SendError::Full(item)) => Box::pin(self.enqueue(item)).await?,
+                Err(SendError::Closed(item)) => {
+                    item.settle(Outcome::Failed);
+                    return Err(Closing);
+                }
+            };
+            if stored != Outcome::Stored {
+                worst = stored;
             }
         }
         if !committed {
@@ -281,24 +300,20 @@ impl MessageQueue {
                     }
                 },
                 // Outcomes of earlier messages keep arriving while this one waits for room.
-                Ok(event) = self.acks_rx.recv_async() => self.apply(event),
+                event = self.inbox.next() => self.apply(event),
             }
         }
     }
 
     /// Waits for the next outcome report; apply it with [`MessageQueue::apply`].
     pub async fn next_outcome(&self) -> AckEvent {
-        // The queue holds a sender itself, so the channel never disconnects.
-        match self.acks_rx.recv_async().await {
-            Ok(event) => event,
-            Err(_) => std::future::pending().await,
-        }
+        self.inbox.next().await
     }
 
     /// Records an outcome report, and every other one already waiting.
     pub fn apply(&mut self, (n, outcome): AckEvent) {
         self.complete(n, outcome);
-        while let Ok((n, outcome)) = self.acks_rx.try_recv() {
+        while let Some((n, outcome)) = self.inbox.try_next() {
             self.complete(n, outcome);
         }
     }

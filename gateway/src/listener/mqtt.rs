@@ -4,6 +4,7 @@
 //! `max_inflight` messages await their ack; MQTT 5 devices by their Receive Maximum, while weir
 //! keeps reading them (so PINGREQ is answered).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use weir_protocols::payload::{self, DecodeContext, PayloadFormat, PayloadLimits}
 
 use super::ingest::now_ms;
 use super::{Accepted, ByteStream};
-use crate::ack::{AckEvent, AckToken};
+use crate::ack::{AckEvent, AckInbox, AckToken};
 use crate::config::{AckPoint, MqttListenerConfig};
 use crate::fabric::{DeadLetter, Fabric, Item, SendError};
 use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel, ReasonLabel};
@@ -87,10 +88,19 @@ impl CloseReason {
 }
 
 /// Serves one MQTT connection over TCP until it closes or shutdown drains it.
-pub async fn serve(accepted: Accepted, ctx: Arc<MqttContext>, shutdown: watch::Receiver<bool>) {
-    let _ = accepted.stream.set_nodelay(true);
-    serve_stream(accepted.stream, accepted.id, ctx, shutdown).await;
-    drop(accepted.permit);
+pub fn serve(
+    accepted: Accepted,
+    ctx: Arc<MqttContext>,
+    shutdown: watch::Receiver<bool>,
+) -> impl Future<Output = ()> + Send {
+    let Accepted { stream, id, permit, .. } = accepted;
+    let _ = stream.set_nodelay(true);
+    // Built here rather than in an `async fn`, so the task does not also keep `accepted`.
+    let connection = serve_stream(stream, id, ctx, shutdown);
+    async move {
+        connection.await;
+        drop(permit);
+    }
 }
 
 /// Serves one MQTT connection over any byte stream (TCP, a WebSocket's binary messages).
@@ -103,7 +113,7 @@ pub async fn serve_stream<S: ByteStream>(
     let label = ProtocolLabel { protocol: ctx.label };
     ctx.metrics.connections_opened.get_or_create(&label).inc();
     ctx.metrics.connections_active.get_or_create(&label).inc();
-    let (acks_tx, acks_rx) = flume::bounded(ctx.config.max_inflight);
+    let inbox = AckInbox::new();
     let mut connection = Connection {
         session: Session::new(
             SessionLimits {
@@ -120,8 +130,7 @@ pub async fn serve_stream<S: ByteStream>(
         ctx: Arc::clone(&ctx),
         id,
         stream,
-        acks_tx,
-        acks_rx,
+        inbox,
         client_id: String::new(),
         records: Vec::new(),
     };
@@ -134,13 +143,29 @@ pub async fn serve_stream<S: ByteStream>(
         .inc();
 }
 
+/// What one packet asks of the connection task.
+enum Step {
+    /// No whole packet buffered.
+    NeedMore,
+    /// Handled; read on.
+    Continue,
+    Publish {
+        topic: String,
+        payload: Bytes,
+        ack: Option<InflightId>,
+        format: Option<PayloadFormat>,
+    },
+    Disconnect,
+    Violation(Violation),
+}
+
 struct Connection<S> {
     ctx: Arc<MqttContext>,
     id: u64,
     session: Session,
     stream: S,
-    acks_tx: flume::Sender<AckEvent>,
-    acks_rx: flume::Receiver<AckEvent>,
+    /// Outcome reports of this connection's messages.
+    inbox: Arc<AckInbox>,
     client_id: String,
     /// Scratch space for one message's records, reused.
     records: Vec<Record>,
@@ -159,30 +184,18 @@ impl<S: ByteStream> Connection<S> {
         let mut draining = false;
         loop {
             while stopped.is_none() && self.session.can_read() {
-                // The CONNECT decides how the packets after it parse.
-                let packet = match self.session.decoder().decode(&mut buf) {
-                    Ok(Some(packet)) => packet,
-                    Ok(None) => break,
-                    Err(error) => {
-                        let violation = self.session.on_decode_error(error);
-                        return self.close_for(violation).await;
-                    }
-                };
-                match self.session.on_packet(packet, self.id) {
-                    Ok(Event::None) => {}
-                    Ok(Event::Connected { client_id, .. }) => {
-                        tracing::Span::current().record("device", client_id.as_str());
-                        self.client_id = client_id;
-                    }
-                    Ok(Event::Publish { topic, payload, ack, format, .. }) => {
+                match self.step(&mut buf) {
+                    Step::NeedMore => break,
+                    Step::Continue => {}
+                    Step::Publish { topic, payload, ack, format } => {
                         if let Err(closed) = self.publish(topic, payload, ack, format).await {
                             return closed;
                         }
                         // Waiting for room in the fabric is weir's delay, not the device's silence.
                         self.session.note_activity(Instant::now().into_std());
                     }
-                    Ok(Event::Disconnect) => stopped = Some(CloseReason::Disconnect),
-                    Err(violation) => return self.close_for(violation).await,
+                    Step::Disconnect => stopped = Some(CloseReason::Disconnect),
+                    Step::Violation(violation) => return Box::pin(self.close_for(violation)).await,
                 }
             }
             if let Err(closed) = self.flush().await {
@@ -203,8 +216,17 @@ impl<S: ByteStream> Connection<S> {
                 self.session.note_activity(Instant::now().into_std());
             }
             was_reading = reading;
-            if buf.is_empty() && buf.capacity() > 0 {
-                buf = BytesMut::new();
+            if buf.is_empty() {
+                // Keep nothing from a busy moment while waiting: an idle connection holds only
+                // its state.
+                if buf.capacity() > 0 {
+                    buf = BytesMut::new();
+                }
+                if self.records.capacity() > 0 {
+                    self.records = Vec::new();
+                }
+                self.session.release_idle_memory();
+                self.inbox.release_idle_memory();
             }
             let deadline = self.session.deadline().map(Instant::from_std);
             tokio::select! {
@@ -224,15 +246,12 @@ impl<S: ByteStream> Connection<S> {
                         }
                     }
                 },
-                event = self.acks_rx.recv_async() => {
-                    // The connection holds a sender itself, so the channel never disconnects.
-                    if let Ok(event) = event {
-                        if let Err(closed) = self.apply_ack(event) {
-                            // Acks of stored messages queued before the failure, then (MQTT 5)
-                            // the DISCONNECT that says why.
-                            let _ = self.flush().await;
-                            return closed;
-                        }
+                event = self.inbox.next() => {
+                    if let Err(closed) = self.apply_ack(event) {
+                        // Acks of stored messages queued before the failure, then (MQTT 5)
+                        // the DISCONNECT that says why.
+                        let _ = self.flush().await;
+                        return closed;
                     }
                 },
                 _ = sleep_until_some(deadline), if reading => {
@@ -242,7 +261,7 @@ impl<S: ByteStream> Connection<S> {
                         return CloseReason::Shutdown;
                     }
                     let violation = self.session.timed_out();
-                    return self.close_for(violation).await;
+                    return Box::pin(self.close_for(violation)).await;
                 },
                 _ = crate::shutdown::signalled(&mut shutdown), if !draining && stopped.is_none() => {
                     draining = true;
@@ -253,6 +272,31 @@ impl<S: ByteStream> Connection<S> {
                     }
                 },
             }
+        }
+    }
+
+    /// Decodes the next packet and runs it through the session. Synchronous on purpose: a
+    /// packet is large, and only what a publish needs is carried across its await (this keeps
+    /// every connection's task small).
+    fn step(&mut self, buf: &mut BytesMut) -> Step {
+        // The CONNECT decides how the packets after it parse.
+        let packet = match self.session.decoder().decode(buf) {
+            Ok(Some(packet)) => packet,
+            Ok(None) => return Step::NeedMore,
+            Err(error) => return Step::Violation(self.session.on_decode_error(error)),
+        };
+        match self.session.on_packet(packet, self.id) {
+            Ok(Event::None) => Step::Continue,
+            Ok(Event::Connected { client_id, .. }) => {
+                tracing::Span::current().record("device", client_id.as_str());
+                self.client_id = client_id;
+                Step::Continue
+            }
+            Ok(Event::Publish { topic, payload, ack, format, .. }) => {
+                Step::Publish { topic, payload, ack, format }
+            }
+            Ok(Event::Disconnect) => Step::Disconnect,
+            Err(violation) => Step::Violation(violation),
         }
     }
 
@@ -268,7 +312,7 @@ impl<S: ByteStream> Connection<S> {
         let metrics = Arc::clone(&self.ctx.metrics);
         self.ctx.messages_received.inc();
         let committed = self.ctx.config.ack == AckPoint::Committed;
-        let token = ack.filter(|_| committed).map(|id| AckToken::new(id.get(), self.acks_tx.clone()));
+        let token = ack.filter(|_| committed).map(|id| AckToken::new(id.get(), Arc::clone(&self.inbox)));
         let decoded = {
             let ctx = DecodeContext {
                 fallback_device_id: &self.client_id,
@@ -313,9 +357,18 @@ impl<S: ByteStream> Connection<S> {
         }
         let mut outcome = Outcome::Stored;
         for item in items {
-            match self.enqueue(item).await? {
-                Outcome::Stored => {}
-                other => outcome = other,
+            let stored = match self.ctx.fabric.try_send_now(item) {
+                Ok(()) => Outcome::Stored,
+                // No room now: wait for it. Boxed, so that every connection's task does not carry
+                // this rarely used future inline while it idles.
+                Err(SendError::Full(item)) => Box::pin(self.enqueue(item)).await?,
+                Err(SendError::Closed(item)) => {
+                    item.settle(Outcome::Failed);
+                    return Err(CloseReason::Shutdown);
+                }
+            };
+            if stored != Outcome::Stored {
+                outcome = stored;
             }
         }
         if let (Some(id), false) = (ack, committed) {
@@ -344,7 +397,7 @@ impl<S: ByteStream> Connection<S> {
                         Err(CloseReason::Shutdown)
                     }
                 },
-                Ok(event) = self.acks_rx.recv_async() => {
+                event = self.inbox.next() => {
                     let applied = self.apply_ack(event);
                     self.flush().await?;
                     applied?;
@@ -356,7 +409,7 @@ impl<S: ByteStream> Connection<S> {
     fn apply_ack(&mut self, (id, outcome): AckEvent) -> Result<(), CloseReason> {
         self.session.complete(InflightId::from_raw(id), outcome).map_err(|v| self.violation_reason(v))?;
         // Take every ack already waiting, so they leave in one write.
-        while let Ok((id, outcome)) = self.acks_rx.try_recv() {
+        while let Some((id, outcome)) = self.inbox.try_next() {
             self.session.complete(InflightId::from_raw(id), outcome).map_err(|v| self.violation_reason(v))?;
         }
         Ok(())
@@ -449,5 +502,28 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connection's task holds this future for its whole life: its size is most of what
+    /// an idle connection costs (the rarely used slow paths are boxed to keep it small). A
+    /// regression guard, loose enough for compiler changes; `load-tests/idle.sh` measures the
+    /// real cost.
+    #[tokio::test]
+    async fn the_connection_future_stays_small() {
+        let metrics = Arc::new(Metrics::new());
+        let (fabric, _rx) = Fabric::new(1, 10, 1 << 20, crate::config::WhenFull::Block, Arc::clone(&metrics));
+        let ctx =
+            Arc::new(MqttContext::new(MqttListenerConfig::default(), fabric, metrics, SourceProtocol::Mqtt));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (_shutdown_tx, shutdown_rx) = watch::channel(false);
+        let future = serve_stream(stream, 1, ctx, shutdown_rx);
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 1600, "the MQTT connection future grew to {size} bytes");
     }
 }

@@ -94,11 +94,20 @@ impl CloseReason {
 }
 
 /// Serves one raw TCP connection until it closes or shutdown drains it.
-pub async fn serve(accepted: Accepted, ctx: Arc<TcpContext>, shutdown: watch::Receiver<bool>) {
+pub fn serve(
+    accepted: Accepted,
+    ctx: Arc<TcpContext>,
+    shutdown: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send {
+    let Accepted { stream, permit, .. } = accepted;
     // Replies are small and latency matters more than packet count.
-    let _ = accepted.stream.set_nodelay(true);
-    serve_stream(accepted.stream, ctx, shutdown).await;
-    drop(accepted.permit);
+    let _ = stream.set_nodelay(true);
+    // Built here rather than in an `async fn`, so the task does not also keep `accepted`.
+    let connection = serve_stream(stream, ctx, shutdown);
+    async move {
+        connection.await;
+        drop(permit);
+    }
 }
 
 /// Serves one raw TCP connection over any byte stream.
@@ -222,8 +231,16 @@ impl<S: ByteStream> Connection<S> {
                 }
                 None => None,
             };
-            if buf.is_empty() && buf.capacity() > 0 {
-                buf = BytesMut::new();
+            if buf.is_empty() {
+                // Keep nothing from a busy moment while waiting: an idle connection holds only
+                // its state.
+                if buf.capacity() > 0 {
+                    buf = BytesMut::new();
+                }
+                if self.replies.capacity() > 0 {
+                    self.replies = Vec::new();
+                }
+                self.queue.release_idle_memory();
             }
             tokio::select! {
                 ready = self.stream.readable(), if reading => {

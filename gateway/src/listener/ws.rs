@@ -39,7 +39,7 @@ use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel};
 
 /// Bytes tungstenite reads from the socket at a time. It is allocated per connection for the
 /// connection's life, so it is kept small: idle WebSocket connections must stay cheap.
-const WS_READ_BUFFER: usize = 4 * 1024;
+const WS_READ_BUFFER: usize = 2 * 1024;
 /// Replies are buffered up to this much and written together.
 const WS_WRITE_BUFFER: usize = 8 * 1024;
 
@@ -111,37 +111,11 @@ enum Upgrade {
 }
 
 /// Serves one connection: HTTP requests until it upgrades to a WebSocket, then that.
-pub async fn serve(accepted: Accepted, ctx: Arc<WsContext>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(accepted: Accepted, ctx: Arc<WsContext>, shutdown: watch::Receiver<bool>) {
     let _ = accepted.stream.set_nodelay(true);
-    let upgrade: Arc<Mutex<Option<Upgrade>>> = Arc::new(Mutex::new(None));
-    let service = {
-        let ctx = Arc::clone(&ctx);
-        let upgrade = Arc::clone(&upgrade);
-        service_fn(move |request| {
-            let ctx = Arc::clone(&ctx);
-            let upgrade = Arc::clone(&upgrade);
-            async move { Ok::<_, Infallible>(route(request, &ctx, &upgrade).await) }
-        })
-    };
-    let connection = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(ctx.config.connect_timeout_ms))
-        .serve_connection(TokioIo::new(accepted.stream), service)
-        .with_upgrades();
-    tokio::pin!(connection);
-    let served = tokio::select! {
-        served = &mut connection => served,
-        _ = crate::shutdown::signalled(&mut shutdown) => {
-            // Requests in flight finish (and get their answers); no new ones are read.
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
-    if let Err(error) = served {
-        tracing::debug!(%error, "http connection ended with an error");
-    }
-    let taken = upgrade.lock().map(|mut u| u.take()).unwrap_or(None);
-    match taken {
+    // The HTTP phase is its own future, so its state is gone once the WebSocket phase runs.
+    let upgrade = Box::pin(serve_http(accepted.stream, &ctx, shutdown.clone())).await;
+    match upgrade {
         Some(Upgrade::Ingest { on, device }) => {
             if let Some(ws) = upgraded(on, &ctx, ctx.config.max_message_bytes).await {
                 run_ingest(ws, device, &ctx, shutdown).await;
@@ -157,6 +131,42 @@ pub async fn serve(accepted: Accepted, ctx: Arc<WsContext>, mut shutdown: watch:
         None => {}
     }
     drop(accepted.permit);
+}
+
+/// HTTP/1.1 requests until the connection closes or upgrades; returns the upgrade, if any.
+async fn serve_http(
+    stream: tokio::net::TcpStream,
+    ctx: &Arc<WsContext>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Option<Upgrade> {
+    let upgrade: Arc<Mutex<Option<Upgrade>>> = Arc::new(Mutex::new(None));
+    let service = {
+        let ctx = Arc::clone(ctx);
+        let upgrade = Arc::clone(&upgrade);
+        service_fn(move |request| {
+            let ctx = Arc::clone(&ctx);
+            let upgrade = Arc::clone(&upgrade);
+            async move { Ok::<_, Infallible>(route(request, &ctx, &upgrade).await) }
+        })
+    };
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(ctx.config.connect_timeout_ms))
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    let served = tokio::select! {
+        served = &mut connection => served,
+        _ = crate::shutdown::signalled(&mut shutdown) => {
+            // Requests in flight finish (and get their answers); no new ones are read.
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = served {
+        tracing::debug!(%error, "http connection ended with an error");
+    }
+    upgrade.lock().map(|mut u| u.take()).unwrap_or(None)
 }
 
 async fn upgraded(
@@ -374,6 +384,10 @@ async fn run_ingest(
                 break ending.map_or(Closed::Peer, |(reason, _)| reason);
             }
         }
+        if replies.capacity() > 0 {
+            replies = Vec::new();
+        }
+        queue.release_idle_memory();
         let reading = ending.is_none() && queue.can_read();
         let idle_deadline = idle.filter(|_| reading && queue.pending() == 0).map(|d| last_input + d);
         tokio::select! {

@@ -334,6 +334,20 @@ impl Session {
         &mut self.out
     }
 
+    /// Gives back the room that busy moments left in the session's buffers once they are empty,
+    /// so an idle connection holds only its state. Call it when the connection goes idle.
+    pub fn release_idle_memory(&mut self) {
+        if self.out.is_empty() && self.out.capacity() > 0 {
+            self.out = BytesMut::new();
+        }
+        if self.inflight.is_empty() && self.inflight.capacity() > 0 {
+            self.inflight = VecDeque::new();
+        }
+        if self.awaiting_rel.is_empty() && self.awaiting_rel.capacity() > 0 {
+            self.awaiting_rel = HashSet::new();
+        }
+    }
+
     /// The gateway is shutting down at `now`. A CONNECT from now on is answered server busy
     /// (MQTT 5 0x89, 3.1.1 0x03); a connection still without CONNECT gets at most `grace` more
     /// to send it.
