@@ -23,6 +23,7 @@ use crate::config::{Config, ListenerConfig, SinkConfig};
 use crate::fabric::{run_batcher, BatchLimits, Fabric};
 use crate::listener::mqtt::MqttContext;
 use crate::metrics::Metrics;
+use crate::shutdown::ShutdownSignal;
 use crate::sink::{run_sink_driver, BlackholeSink, KafkaSink, PostgresSink, SqliteSink};
 
 /// Why the gateway could not start.
@@ -43,6 +44,7 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     grace: Duration,
     shutdown_tx: watch::Sender<bool>,
+    shutdown_signal: Arc<ShutdownSignal>,
     abort_tx: watch::Sender<bool>,
     listeners: JoinSet<()>,
     pipeline: JoinSet<()>,
@@ -53,6 +55,8 @@ pub struct Gateway {
 pub async fn start(config: Config) -> Result<Gateway, StartError> {
     let metrics = Arc::new(Metrics::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Fired with `shutdown_tx`; what device connections wait on (cheaper per connection).
+    let shutdown_signal = ShutdownSignal::new();
     let (abort_tx, abort_rx) = watch::channel(false);
 
     let mut bound = Vec::new();
@@ -129,19 +133,23 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
                     Arc::clone(&metrics),
                     weir_proto::SourceProtocol::Mqtt,
                 ));
-                let shutdown = shutdown_rx.clone();
+                let signal = Arc::clone(&shutdown_signal);
                 let max_connections = mqtt.max_connections;
                 listeners.spawn(listener::accept_loop(
                     socket,
                     "mqtt",
                     max_connections,
                     shutdown_rx.clone(),
-                    move |accepted| listener::mqtt::serve(accepted, Arc::clone(&ctx), shutdown.clone()),
+                    move |accepted| listener::mqtt::serve(accepted, Arc::clone(&ctx), signal.subscribe()),
                 ));
             }
             (ListenerConfig::Ws(ws), Some(socket)) => {
-                let ctx =
-                    Arc::new(listener::ws::WsContext::new(ws.clone(), fabric.clone(), Arc::clone(&metrics)));
+                let ctx = Arc::new(listener::ws::WsContext::new(
+                    ws.clone(),
+                    fabric.clone(),
+                    Arc::clone(&metrics),
+                    Arc::clone(&shutdown_signal),
+                ));
                 let shutdown = shutdown_rx.clone();
                 listeners.spawn(listener::accept_loop(
                     socket,
@@ -163,13 +171,13 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
                     Arc::clone(&metrics),
                     local_addr,
                 ));
-                let shutdown = shutdown_rx.clone();
+                let signal = Arc::clone(&shutdown_signal);
                 listeners.spawn(listener::accept_loop(
                     socket,
                     "tcp",
                     tcp.max_connections,
                     shutdown_rx.clone(),
-                    move |accepted| listener::tcp::serve(accepted, Arc::clone(&ctx), shutdown.clone()),
+                    move |accepted| listener::tcp::serve(accepted, Arc::clone(&ctx), signal.subscribe()),
                 ));
             }
             (ListenerConfig::MqttBridge(bridge), None) => {
@@ -198,6 +206,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         metrics,
         grace: Duration::from_millis(config.shutdown.grace_ms),
         shutdown_tx,
+        shutdown_signal,
         abort_tx,
         listeners,
         pipeline,
@@ -239,6 +248,7 @@ impl Gateway {
     pub async fn shutdown(mut self) -> ShutdownReport {
         tracing::info!(grace_ms = self.grace.as_millis() as u64, "shutting down");
         let _ = self.shutdown_tx.send(true);
+        self.shutdown_signal.fire();
         let deadline = tokio::time::Instant::now() + self.grace;
         let drained = tokio::time::timeout_at(deadline, async {
             while self.listeners.join_next().await.is_some() {}

@@ -57,6 +57,14 @@ impl IngestContext {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Closing;
 
+/// A message whose items did not all fit in the fabric at once: the rest wait for room, with
+/// [`MessageQueue::enqueue_waiting`].
+pub struct Waiting {
+    n: u64,
+    items: Vec<Item>,
+    committed: bool,
+}
+
 /// One message awaiting its outcome.
 #[derive(Debug)]
 struct Pending {
@@ -140,6 +148,24 @@ impl MessageQueue {
         reply_format: ReplyFormat,
         payload: Bytes,
     ) -> Result<(), Closing> {
+        match self.submit_now(device_id, source, format, reply_format, payload)? {
+            None => Ok(()),
+            // The fabric is full: wait for room (boxed, so that every connection's task does not
+            // carry this rarely used future inline while it idles).
+            Some(waiting) => Box::pin(self.enqueue_waiting(waiting)).await,
+        }
+    }
+
+    /// [`MessageQueue::submit`] up to the first record the fabric has no room for now; the
+    /// synchronous hot path.
+    pub fn submit_now(
+        &mut self,
+        device_id: &str,
+        source: &str,
+        format: PayloadFormat,
+        reply_format: ReplyFormat,
+        payload: Bytes,
+    ) -> Result<Option<Waiting>, Closing> {
         let ctx = Arc::clone(&self.ctx);
         ctx.messages_received.inc();
         let n = self.next_n;
@@ -178,19 +204,20 @@ impl MessageQueue {
                 items.push(self.dead_letter(device_id, source, payload, reason, received_ts_ms, token));
             }
         }
-        self.enqueue_message(pending, items, committed).await
+        self.enqueue_now(pending, items, committed)
     }
 
     /// Stores a message the listener itself found invalid (e.g. a hello out of place) as a dead
-    /// letter with `reason`, and answers it `undecodable` once that is committed.
-    pub async fn submit_dead_letter(
+    /// letter with `reason`, and answers it `undecodable` once that is committed. Synchronous, as
+    /// [`MessageQueue::submit_now`]: what has to wait for room is returned.
+    pub fn dead_letter_now(
         &mut self,
         device_id: &str,
         source: &str,
         reply_format: ReplyFormat,
         payload: Bytes,
         reason: String,
-    ) -> Result<(), Closing> {
+    ) -> Result<Option<Waiting>, Closing> {
         self.ctx.messages_received.inc();
         let n = self.next_n;
         self.next_n += 1;
@@ -199,7 +226,7 @@ impl MessageQueue {
         let pending =
             Pending { n, seq: None, format: reply_format, undecodable: Some(reason.clone()), status: None };
         let item = self.dead_letter(device_id, source, payload, reason, now_ms(), token);
-        self.enqueue_message(pending, vec![item], committed).await
+        self.enqueue_now(pending, vec![item], committed)
     }
 
     fn dead_letter(
@@ -223,32 +250,49 @@ impl MessageQueue {
         Item::dead_letter(letter, token)
     }
 
-    async fn enqueue_message(
+    /// Registers the message and enqueues its items where the fabric has room now; returns
+    /// the rest, to wait for room.
+    fn enqueue_now(
         &mut self,
         pending: Pending,
         items: Vec<Item>,
         committed: bool,
-    ) -> Result<(), Closing> {
+    ) -> Result<Option<Waiting>, Closing> {
         let n = pending.n;
         self.pending.push_back(pending);
-        let mut worst = Outcome::Stored;
-        for item in items {
-            let stored = match self.ctx.fabric.try_send_now(item) {
-                Ok(()) => Outcome::Stored,
-                // No room now: wait for it (or answer busy). Boxed, so that every connection's
-                // task does not carry this rarely used future inline while it idles.
-                Err(SendError::Full(item)) => Box::pin(self.enqueue(item)).await?,
+        let mut items = items.into_iter();
+        while let Some(item) = items.next() {
+            match self.ctx.fabric.try_send_now(item) {
+                Ok(()) => {}
+                Err(SendError::Full(item)) => {
+                    let rest = std::iter::once(item).chain(items).collect();
+                    return Ok(Some(Waiting { n, items: rest, committed }));
+                }
                 Err(SendError::Closed(item)) => {
                     item.settle(Outcome::Failed);
                     return Err(Closing);
                 }
-            };
+            }
+        }
+        if !committed {
+            // `ack = "received"`: answered once the message is in the fabric.
+            self.complete(n, Outcome::Stored);
+        }
+        Ok(None)
+    }
+
+    /// Enqueues what [`MessageQueue::enqueue_now`] could not, waiting for room (or answering
+    /// busy), while outcomes of earlier messages keep being applied.
+    pub async fn enqueue_waiting(&mut self, waiting: Waiting) -> Result<(), Closing> {
+        let Waiting { n, items, committed } = waiting;
+        let mut worst = Outcome::Stored;
+        for item in items {
+            let stored = self.enqueue(item).await?;
             if stored != Outcome::Stored {
                 worst = stored;
             }
         }
         if !committed {
-            // `ack = "received"`: answered once the message is in the fabric.
             self.complete(n, worst);
         }
         Ok(())

@@ -8,17 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use weir_proto::SourceProtocol;
 use weir_protocols::framing::{parse_hello, write_reply, Frame, FrameError, Framer, Framing};
 use weir_protocols::reply::{Reply, Status};
 
-use super::ingest::{IngestContext, MessageQueue};
+use super::ingest::{IngestContext, MessageQueue, Waiting};
 use super::{Accepted, ByteStream};
 use crate::config::{TcpFraming, TcpListenerConfig};
 use crate::fabric::Fabric;
 use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel};
+use crate::shutdown::ShutdownWatch;
 
 /// Bytes asked of the socket per read; many small frames arrive in one read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -97,21 +97,24 @@ impl CloseReason {
 pub fn serve(
     accepted: Accepted,
     ctx: Arc<TcpContext>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: ShutdownWatch,
 ) -> impl std::future::Future<Output = ()> + Send {
     let Accepted { stream, permit, .. } = accepted;
     // Replies are small and latency matters more than packet count.
     let _ = stream.set_nodelay(true);
-    // Built here rather than in an `async fn`, so the task does not also keep `accepted`.
-    let connection = serve_stream(stream, ctx, shutdown);
-    async move {
-        connection.await;
-        drop(permit);
-    }
+    // The connection future is the task itself (no async wrapper keeping `accepted` or a second
+    // copy of the future): its size is what every idle connection costs.
+    serve_stream(stream, ctx, shutdown, Some(permit))
 }
 
 /// Serves one raw TCP connection over any byte stream.
-pub async fn serve_stream<S: ByteStream>(stream: S, ctx: Arc<TcpContext>, shutdown: watch::Receiver<bool>) {
+/// `permit` (the listener's connection slot) is released when the connection ends.
+pub async fn serve_stream<S: ByteStream>(
+    stream: S,
+    ctx: Arc<TcpContext>,
+    shutdown: ShutdownWatch,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
     let metrics = Arc::clone(&ctx.ingest.metrics);
     let label = ProtocolLabel { protocol: LABEL };
     metrics.connections_opened.get_or_create(&label).inc();
@@ -132,6 +135,7 @@ pub async fn serve_stream<S: ByteStream>(stream: S, ctx: Arc<TcpContext>, shutdo
         .connections_closed
         .get_or_create(&ProtocolReasonLabel { protocol: LABEL, reason: closed.label() })
         .inc();
+    drop(permit);
 }
 
 struct Connection<S> {
@@ -148,7 +152,7 @@ struct Connection<S> {
 }
 
 impl<S: ByteStream> Connection<S> {
-    async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> CloseReason {
+    async fn run(&mut self, mut shutdown: ShutdownWatch) -> CloseReason {
         let connect_deadline = Instant::now() + Duration::from_millis(self.ctx.config.connect_timeout_ms);
         let idle_timeout =
             Some(self.ctx.config.idle_timeout_ms).filter(|&ms| ms > 0).map(Duration::from_millis);
@@ -183,11 +187,19 @@ impl<S: ByteStream> Connection<S> {
                     Ok(None) => break,
                     Ok(Some(frame)) => {
                         framed = true;
-                        if let Err(reason) = self.on_frame(frame).await {
-                            stopped = Some(reason);
+                        match self.on_frame(frame) {
+                            Ok(None) => {}
+                            Ok(Some(waiting)) => {
+                                // The fabric is full: wait for room (boxed, so that every
+                                // connection's task does not carry this future while it idles).
+                                if Box::pin(self.queue.enqueue_waiting(waiting)).await.is_err() {
+                                    stopped = Some(CloseReason::Shutdown);
+                                }
+                                // Waiting for room is weir's delay, not the device's silence.
+                                last_input = Instant::now();
+                            }
+                            Err(reason) => stopped = Some(reason),
                         }
-                        // Waiting for room in the fabric is weir's delay, not the device's silence.
-                        last_input = Instant::now();
                     }
                     Err(error @ FrameError::TooLarge { .. }) => {
                         tracing::debug!(%error, "frame too large; answering and closing");
@@ -267,7 +279,7 @@ impl<S: ByteStream> Connection<S> {
                     let _ = self.stream.shutdown().await;
                     return reason;
                 },
-                _ = crate::shutdown::signalled(&mut shutdown), if stopped.is_none() => {
+                _ = shutdown.fired(), if stopped.is_none() => {
                     stopped = Some(CloseReason::Shutdown);
                 },
             }
@@ -276,8 +288,8 @@ impl<S: ByteStream> Connection<S> {
 
     /// Handles one frame: a heartbeat, the hello, or a message to submit (which waits for room
     /// in the fabric, so frame n+1 is not read before frame n is in).
-    async fn on_frame(&mut self, frame: Frame) -> Result<(), CloseReason> {
-        let Frame::Message(body) = frame else { return Ok(()) };
+    fn on_frame(&mut self, frame: Frame) -> Result<Option<Waiting>, CloseReason> {
+        let Frame::Message(body) = frame else { return Ok(None) };
         let framing = self.ctx.framing;
         let first = !self.seen_first_message;
         self.seen_first_message = true;
@@ -289,12 +301,12 @@ impl<S: ByteStream> Connection<S> {
                 Ok(Some(device)) if first => {
                     tracing::Span::current().record("device", device.as_str());
                     self.device = device;
-                    return Ok(());
+                    return Ok(None);
                 }
                 Ok(Some(_)) => {
                     let reason =
                         "a hello (device identification) is only valid as the first line of a connection";
-                    return self.dead_letter(body, reason.to_owned()).await;
+                    return self.dead_letter(body, reason.to_owned());
                 }
                 Err(error) if first => {
                     tracing::debug!(%error, "hello refused");
@@ -302,26 +314,26 @@ impl<S: ByteStream> Connection<S> {
                     // Without a usable identity the device's readings would be nobody's.
                     return Err(CloseReason::InvalidHello);
                 }
-                Err(error) => return self.dead_letter(body, error.to_string()).await,
+                Err(error) => return self.dead_letter(body, error.to_string()),
             }
         }
-        self.submit(body).await
-    }
-
-    async fn submit(&mut self, body: Bytes) -> Result<(), CloseReason> {
         let framing = self.ctx.framing;
         self.queue
-            .submit(&self.device, &self.ctx.source, framing.payload_format(), framing.reply_format(), body)
-            .await
+            .submit_now(
+                &self.device,
+                &self.ctx.source,
+                framing.payload_format(),
+                framing.reply_format(),
+                body,
+            )
             .map_err(|_closing| CloseReason::Shutdown)
     }
 
     /// Stores an out-of-place frame as a dead letter and answers it `undecodable`.
-    async fn dead_letter(&mut self, body: Bytes, reason: String) -> Result<(), CloseReason> {
+    fn dead_letter(&mut self, body: Bytes, reason: String) -> Result<Option<Waiting>, CloseReason> {
         let reply_format = self.ctx.framing.reply_format();
         self.queue
-            .submit_dead_letter(&self.device, &self.ctx.source, reply_format, body, reason)
-            .await
+            .dead_letter_now(&self.device, &self.ctx.source, reply_format, body, reason)
             .map_err(|_closing| CloseReason::Shutdown)
     }
 
@@ -351,5 +363,33 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::WhenFull;
+    use crate::fabric::Fabric;
+    use crate::metrics::Metrics;
+
+    /// Every connection's task holds this future for its whole life: its size is most of what
+    /// an idle connection costs (the rarely used slow paths are boxed to keep it small). A
+    /// regression guard, loose enough for compiler changes; `load-tests/idle.sh` measures the
+    /// real cost.
+    #[tokio::test]
+    async fn the_connection_future_stays_small() {
+        let metrics = Arc::new(Metrics::new());
+        let (fabric, _rx) = Fabric::new(1, 10, 1 << 20, WhenFull::Block, Arc::clone(&metrics));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ctx = Arc::new(TcpContext::new(TcpListenerConfig::default(), fabric, metrics, addr));
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let shutdown_rx = crate::shutdown::ShutdownSignal::new().subscribe();
+        let permit = Arc::new(tokio::sync::Semaphore::new(1)).acquire_owned().await.unwrap();
+        let future = serve(Accepted { stream, peer: addr, id: 1, permit }, ctx, shutdown_rx);
+        let size = std::mem::size_of_val(&future);
+        eprintln!("SIZE {size}");
+        assert!(size <= 1152, "the TCP connection future grew to {size} bytes");
     }
 }

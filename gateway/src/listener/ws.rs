@@ -36,6 +36,7 @@ use super::{Accepted, ByteStream};
 use crate::config::{MqttListenerConfig, WsListenerConfig};
 use crate::fabric::Fabric;
 use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel};
+use crate::shutdown::ShutdownSignal;
 
 /// Bytes tungstenite reads from the socket at a time. It is allocated per connection for the
 /// connection's life, so it is kept small: idle WebSocket connections must stay cheap.
@@ -51,10 +52,17 @@ pub struct WsContext {
     mqtt: Arc<MqttContext>,
     metrics: Arc<Metrics>,
     device_header: HeaderName,
+    /// What MQTT-over-WebSocket sessions wait on at shutdown.
+    shutdown_signal: Arc<ShutdownSignal>,
 }
 
 impl WsContext {
-    pub fn new(config: WsListenerConfig, fabric: Fabric, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: WsListenerConfig,
+        fabric: Fabric,
+        metrics: Arc<Metrics>,
+        shutdown_signal: Arc<ShutdownSignal>,
+    ) -> Self {
         let ws_ingest = Arc::new(IngestContext::new(
             fabric.clone(),
             Arc::clone(&metrics),
@@ -90,7 +98,7 @@ impl WsContext {
         // Validated with the config.
         let device_header =
             config.device_id_header.parse().unwrap_or_else(|_| HeaderName::from_static("x-device-id"));
-        Self { config, ws_ingest, http_ingest, mqtt, metrics, device_header }
+        Self { config, ws_ingest, http_ingest, mqtt, metrics, device_header, shutdown_signal }
     }
 
     fn ws_config(&self, max_message: usize) -> WebSocketConfig {
@@ -125,7 +133,8 @@ pub async fn serve(accepted: Accepted, ctx: Arc<WsContext>, shutdown: watch::Rec
             let max = ctx.config.max_packet_bytes.max(ctx.config.max_message_bytes);
             if let Some(ws) = upgraded(on, &ctx, max).await {
                 let stream = WsByteStream { ws, pending: None, eof: false };
-                super::mqtt::serve_stream(stream, accepted.id, Arc::clone(&ctx.mqtt), shutdown).await;
+                let watch = ctx.shutdown_signal.subscribe();
+                super::mqtt::serve_stream(stream, accepted.id, Arc::clone(&ctx.mqtt), watch, None).await;
             }
         }
         None => {}
