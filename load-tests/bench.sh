@@ -282,25 +282,9 @@ EOF
     log "weir is healthy (pid $weir_pid)"
 }
 
-# SIGTERM lets weir flush and ack what it holds; SIGKILL only after the grace period.
-stop_weir() {
-    local waited=0
-    [[ -n $weir_pid ]] || return 0
-    if kill -TERM "$weir_pid" 2>/dev/null; then
-        while kill -0 "$weir_pid" 2>/dev/null; do
-            if ((waited >= WEIR_STOP_TIMEOUT * 10)); then
-                log "weir (pid $weir_pid) still running ${WEIR_STOP_TIMEOUT}s after SIGTERM; killing it"
-                kill -KILL "$weir_pid" 2>/dev/null || true
-                break
-            fi
-            sleep 0.1
-            waited=$((waited + 1))
-        done
-    fi
-    wait "$weir_pid" 2>/dev/null || true
-    log "weir stopped (pid $weir_pid)"
-    weir_pid=
-}
+# stop_weir: see weir-process.sh.
+# shellcheck source=weir-process.sh
+source "$(dirname "${BASH_SOURCE[0]}")/weir-process.sh"
 
 # flood LABEL PORT QOS [NAME [ARGS...]]: runs one flood, prints its JSON line, keeps it in
 # $WORK/NAME.json (NAME defaults to LABEL-qosQOS; it also names the devices); ARGS go to the flood

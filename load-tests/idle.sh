@@ -233,25 +233,9 @@ start_weir() {
     log "weir is ready (pid $weir_pid, $protocol on $HOST:$port)"
 }
 
-# SIGTERM, then SIGKILL after WEIR_STOP_TIMEOUT.
-stop_weir() {
-    local waited=0
-    [[ -n $weir_pid ]] || return 0
-    if kill -TERM "$weir_pid" 2>/dev/null; then
-        while kill -0 "$weir_pid" 2>/dev/null; do
-            if ((waited >= WEIR_STOP_TIMEOUT * 10)); then
-                log "weir (pid $weir_pid) still running ${WEIR_STOP_TIMEOUT}s after SIGTERM; killing it"
-                kill -KILL "$weir_pid" 2>/dev/null || true
-                break
-            fi
-            sleep 0.1
-            waited=$((waited + 1))
-        done
-    fi
-    wait "$weir_pid" 2>/dev/null || true
-    log "weir stopped (pid $weir_pid)"
-    weir_pid=
-}
+# stop_weir: see weir-process.sh.
+# shellcheck source=weir-process.sh
+source "$(dirname "${BASH_SOURCE[0]}")/weir-process.sh"
 
 # json_number FILE KEY: the top-level number KEY of the JSON line in FILE.
 json_number() {

@@ -16,7 +16,7 @@ pub use batcher::{run_batcher, Batch, BatchLimits};
 
 use crate::ack::AckToken;
 use crate::config::WhenFull;
-use crate::metrics::{Metrics, ShardLabel};
+use crate::metrics::{Metrics, ReasonLabel, ShardLabel};
 
 /// A message that could not be decoded, kept with its raw bytes and the reason.
 #[derive(Debug, Clone)]
@@ -76,6 +76,21 @@ fn record_bytes(r: &Record) -> usize {
     let tags: usize = r.tags.iter().map(|(k, v)| k.len() + v.len() + 48).sum();
     128 + r.device_id.len() + r.source.len() + r.raw.len() + metrics + tags
 }
+
+/// Turns one message's decoded records (drained from `records`) into fabric items, each with
+/// its share of the message's ack token: the message is acknowledged when its last record is.
+pub fn message_items(records: &mut Vec<Record>, token: Option<AckToken>, items: &mut Vec<Item>) {
+    let mut shares = token.map(|t| t.split(records.len()));
+    items.reserve(records.len());
+    for record in records.drain(..) {
+        let share = shares.as_mut().and_then(Vec::pop);
+        items.push(Item::record(record, share));
+    }
+}
+
+/// The fabric is shutting down: the connection stops reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FabricClosed;
 
 /// Why [`Fabric::send`] gave the item back.
 #[derive(Debug)]
@@ -200,6 +215,24 @@ impl Fabric {
         records.forget();
         bytes.forget();
         self.push(shard, item, charged)
+    }
+
+    /// What a connection makes of a finished [`Fabric::send`]: stored; dropped under
+    /// `drop_newest` (counted, the item settled `Dropped`); or the fabric is closing (the item
+    /// settled `Failed`, so its device is not acked).
+    pub fn settle_send(&self, sent: Result<(), SendError>) -> Result<Outcome, FabricClosed> {
+        match sent {
+            Ok(()) => Ok(Outcome::Stored),
+            Err(SendError::Full(item)) => {
+                self.metrics.records_dropped.get_or_create(&ReasonLabel { reason: "fabric_full" }).inc();
+                item.settle(Outcome::Dropped);
+                Ok(Outcome::Dropped)
+            }
+            Err(SendError::Closed(item)) => {
+                item.settle(Outcome::Failed);
+                Err(FabricClosed)
+            }
+        }
     }
 
     /// Enqueues an item if its shard has room now, without waiting; a full shard gives it back

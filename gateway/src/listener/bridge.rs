@@ -31,7 +31,7 @@ use weir_protocols::payload::{self, DecodeContext, PayloadFormat, PayloadLimits}
 use super::ingest::now_ms;
 use crate::ack::{AckEvent, AckInbox, AckToken};
 use crate::config::{AckPoint, BridgeConfig};
-use crate::fabric::{DeadLetter, Fabric, Item, SendError};
+use crate::fabric::{message_items, DeadLetter, Fabric, Item};
 use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel, ReasonLabel};
 
 /// The protocol label of the bridge's metrics.
@@ -515,12 +515,7 @@ impl Connection<'_> {
         match decoded {
             Ok(()) => {
                 bridge.metrics.records_decoded.inc_by(self.records.len() as u64);
-                let mut shares = token.map(|t| t.split(self.records.len()));
-                items.reserve(self.records.len());
-                for record in self.records.drain(..) {
-                    let share = shares.as_mut().and_then(Vec::pop);
-                    items.push(Item::record(record, share));
-                }
+                message_items(&mut self.records, token, &mut items);
             }
             Err(error) => {
                 bridge
@@ -621,18 +616,7 @@ impl Connection<'_> {
         loop {
             let ping_due = self.keepalive.ping_due();
             tokio::select! {
-                sent = &mut send => return match sent {
-                    Ok(()) => Ok(Outcome::Stored),
-                    Err(SendError::Full(item)) => {
-                        self.bridge.metrics.records_dropped.get_or_create(&ReasonLabel { reason: "fabric_full" }).inc();
-                        item.settle(Outcome::Dropped);
-                        Ok(Outcome::Dropped)
-                    }
-                    Err(SendError::Closed(item)) => {
-                        item.settle(Outcome::Failed);
-                        Err(End::FabricClosed)
-                    }
-                },
+                sent = &mut send => return fabric.settle_send(sent).map_err(|_| End::FabricClosed),
                 event = self.inbox.next() => {
                     self.apply(event);
                     self.release_and_flush().await?;

@@ -15,7 +15,7 @@ use weir_protocols::reply::{Reply, ReplyFormat, Status};
 
 use crate::ack::{AckEvent, AckInbox, AckToken};
 use crate::config::AckPoint;
-use crate::fabric::{DeadLetter, Fabric, Item, SendError};
+use crate::fabric::{message_items, DeadLetter, Fabric, Item, SendError};
 use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel, ReasonLabel};
 
 /// What every connection of one message-oriented listener shares.
@@ -190,12 +190,7 @@ impl MessageQueue {
             Ok(()) => {
                 ctx.metrics.records_decoded.inc_by(self.records.len() as u64);
                 pending.seq = self.records.iter().filter_map(|r| r.seq).max();
-                let mut shares = token.map(|t| t.split(self.records.len()));
-                items.reserve(self.records.len());
-                for record in self.records.drain(..) {
-                    let share = shares.as_mut().and_then(Vec::pop);
-                    items.push(Item::record(record, share));
-                }
+                message_items(&mut self.records, token, &mut items);
             }
             Err(error) => {
                 let reason = error.to_string();
@@ -333,15 +328,7 @@ impl MessageQueue {
                         item.settle(Outcome::Dropped);
                         Ok(Outcome::Dropped)
                     }
-                    Err(SendError::Full(item)) => {
-                        self.ctx.metrics.records_dropped.get_or_create(&ReasonLabel { reason: "fabric_full" }).inc();
-                        item.settle(Outcome::Dropped);
-                        Ok(Outcome::Dropped)
-                    }
-                    Err(SendError::Closed(item)) => {
-                        item.settle(Outcome::Failed);
-                        Err(Closing)
-                    }
+                    other => fabric.settle_send(other).map_err(|_| Closing),
                 },
                 // Outcomes of earlier messages keep arriving while this one waits for room.
                 event = self.inbox.next() => self.apply(event),

@@ -21,7 +21,7 @@ use super::ingest::now_ms;
 use super::{Accepted, ByteStream};
 use crate::ack::{AckEvent, AckInbox, AckToken};
 use crate::config::{AckPoint, MqttListenerConfig};
-use crate::fabric::{DeadLetter, Fabric, Item, SendError};
+use crate::fabric::{message_items, DeadLetter, Fabric, Item, SendError};
 use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel, ReasonLabel};
 use crate::shutdown::ShutdownWatch;
 
@@ -362,12 +362,7 @@ impl<S: ByteStream> Connection<S> {
         match decoded {
             Ok(()) => {
                 metrics.records_decoded.inc_by(self.records.len() as u64);
-                let mut shares = token.map(|t| t.split(self.records.len()));
-                items.reserve(self.records.len());
-                for record in self.records.drain(..) {
-                    let share = shares.as_mut().and_then(Vec::pop);
-                    items.push(Item::record(record, share));
-                }
+                message_items(&mut self.records, token, &mut items);
             }
             Err(error) => {
                 metrics.records_dead_lettered.get_or_create(&ReasonLabel { reason: "undecodable" }).inc();
@@ -440,18 +435,7 @@ impl<S: ByteStream> Connection<S> {
         tokio::pin!(send);
         loop {
             tokio::select! {
-                sent = &mut send => return match sent {
-                    Ok(()) => Ok(Outcome::Stored),
-                    Err(SendError::Full(item)) => {
-                        self.ctx.metrics.records_dropped.get_or_create(&ReasonLabel { reason: "fabric_full" }).inc();
-                        item.settle(Outcome::Dropped);
-                        Ok(Outcome::Dropped)
-                    }
-                    Err(SendError::Closed(item)) => {
-                        item.settle(Outcome::Failed);
-                        Err(CloseReason::Shutdown)
-                    }
-                },
+                sent = &mut send => return fabric.settle_send(sent).map_err(|_| CloseReason::Shutdown),
                 event = self.inbox.next() => {
                     let applied = self.apply_ack(event);
                     self.flush().await?;
