@@ -552,7 +552,7 @@ struct Model {
     next_seq: u64,
 }
 
-const MODEL_OPTIONS: WalOptions = WalOptions { segment_bytes: 200, max_bytes: 1000 };
+const MODEL_OPTIONS: WalOptions = WalOptions { segment_bytes: 200, max_bytes: 600 };
 
 /// Segment lengths as of the last sync (or open): what a power loss leaves.
 fn durable_lengths(dir: &Path) -> HashMap<PathBuf, u64> {
@@ -681,7 +681,7 @@ proptest! {
     /// Random appends, syncs, acknowledgements, reads, crashes (with and without power loss)
     /// and reopens against an in-memory model.
     #[test]
-    fn model(ops in proptest::collection::vec(op(), 1..80)) {
+    fn model(ops in proptest::collection::vec(op(), 1..120)) {
         run_model(ops)?;
     }
 }
