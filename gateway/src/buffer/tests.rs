@@ -604,6 +604,7 @@ fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 match wal.append(&payload) {
                     Ok(seq) => {
                         prop_assert_eq!(seq, model.next_seq);
+                        prop_assert!(wal.used_bytes() <= MODEL_OPTIONS.max_bytes);
                         model.entries.push_back(Entry { seq, payload });
                         model.next_seq += 1;
                     }
