@@ -59,7 +59,10 @@ pub(crate) enum HeaderCheck {
 }
 
 /// Checks a segment header against the first sequence taken from the file name.
-pub(crate) fn check_segment_header(header: &[u8; SEGMENT_HEADER_LEN as usize], first_seq: u64) -> HeaderCheck {
+pub(crate) fn check_segment_header(
+    header: &[u8; SEGMENT_HEADER_LEN as usize],
+    first_seq: u64,
+) -> HeaderCheck {
     let crc = u32::from_le_bytes([header[20], header[21], header[22], header[23]]);
     if header[0..8] != SEGMENT_MAGIC || crc32c::crc32c(&header[0..20]) != crc {
         return HeaderCheck::Invalid;

@@ -369,7 +369,10 @@ mod tests {
         let scan = scan(&bytes, 1, Some(3));
         assert_eq!(scan.last_seq, Some(2));
         assert_eq!(scan.corruptions[0].offset, offsets[2]);
-        assert_eq!(scan.corruptions[0].reason, CorruptionReason::BeyondNextSegment { seq: 3, next_segment: 3 });
+        assert_eq!(
+            scan.corruptions[0].reason,
+            CorruptionReason::BeyondNextSegment { seq: 3, next_segment: 3 }
+        );
     }
 
     #[test]

@@ -160,7 +160,10 @@ fn torn_tail_at_every_offset() {
             let expected_reason = if cut < 24 {
                 CorruptionReason::TornHeader
             } else {
-                CorruptionReason::PartialEntry { needed: if cut - torn_from < 16 { 16 } else { 36 }, available: cut - torn_from }
+                CorruptionReason::PartialEntry {
+                    needed: if cut - torn_from < 16 { 16 } else { 36 },
+                    available: cut - torn_from,
+                }
             };
             assert_eq!(c.reason, expected_reason, "cut at {cut}");
             assert_eq!(c.repair, if kept == 0 { Repair::Deleted } else { Repair::Truncated }, "cut at {cut}");
@@ -519,7 +522,9 @@ fn disk_full_is_backpressure_and_the_log_resumes() {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { len: usize },
+    Append {
+        len: usize,
+    },
     Sync,
     /// Acknowledge a point chosen by this number among the unacknowledged entries.
     Ack(u16),
@@ -527,7 +532,10 @@ enum Op {
     Read,
     /// Drop the log without sync. With `power_loss`, also cut every file back to what the last
     /// sync made durable; files created since are emptied (`zero_new_files`) or removed.
-    Crash { power_loss: bool, zero_new_files: bool },
+    Crash {
+        power_loss: bool,
+        zero_new_files: bool,
+    },
     /// Sync, close, open.
     Reopen,
 }
@@ -623,7 +631,8 @@ fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Ack(pick) => {
                 let unacked = model.next_seq - 1 - model.acked;
-                let up_to = if unacked == 0 { model.acked } else { model.acked + 1 + u64::from(pick) % unacked };
+                let up_to =
+                    if unacked == 0 { model.acked } else { model.acked + 1 + u64::from(pick) % unacked };
                 wal.ack(up_to).unwrap();
                 let beyond = matches!(wal.ack(model.next_seq), Err(WalError::AckBeyondEnd { .. }));
                 prop_assert!(beyond, "acknowledging past the end is refused");

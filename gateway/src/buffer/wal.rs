@@ -261,7 +261,8 @@ impl Wal {
         while scanned.last().is_some_and(|(_, _, _, scan)| scan.last_seq.is_none_or(|last| last <= acked)) {
             let Some((_, path, _, scan)) = scanned.pop() else { break };
             remove_segment(&path)?;
-            trailing.extend(scan.corruptions.into_iter().map(|c| Corruption { repair: Repair::Deleted, ..c }));
+            trailing
+                .extend(scan.corruptions.into_iter().map(|c| Corruption { repair: Repair::Deleted, ..c }));
             deleted_segments.push(path);
         }
         trailing.reverse();
@@ -270,7 +271,8 @@ impl Wal {
             next_seq = next_seq.max(scan.last_seq.map_or(0, |last_seq| last_seq + 1));
             // Cut a torn tail so the file ends with whole entries, and make durable what this
             // open has seen (it may have been written but not fsynced before a crash).
-            let file = OpenOptions::new().write(true).open(&*path).map_err(|e| WalError::io("open", path, e))?;
+            let file =
+                OpenOptions::new().write(true).open(&*path).map_err(|e| WalError::io("open", path, e))?;
             if let Some(at) = scan.tail_lost_at {
                 file.set_len(at).map_err(|e| WalError::io("truncate", path, e))?;
                 for corruption in scan.corruptions.iter_mut().filter(|c| c.offset == at) {
@@ -410,12 +412,18 @@ impl Wal {
     /// (entries still buffered by [`append`](Wal::append) are not included: [`flush`](Wal::flush)
     /// or [`sync`](Wal::sync) first). It reads from disk independently of later appends.
     pub fn read_from(&self, from_seq: u64) -> Reader {
-        let mut plans: Vec<SegmentPlan> =
-            self.segments.iter().map(|s| SegmentPlan { path: s.path.clone(), runs: s.runs.clone() }).collect();
+        let mut plans: Vec<SegmentPlan> = self
+            .segments
+            .iter()
+            .map(|s| SegmentPlan { path: s.path.clone(), runs: s.runs.clone() })
+            .collect();
         let mut end_seq = self.next_seq;
         if let Some(active) = &self.active {
             end_seq = self.next_seq - active.pending_entries;
-            plans.push(SegmentPlan { path: active.path.clone(), runs: active.run(self.next_seq).into_iter().collect() });
+            plans.push(SegmentPlan {
+                path: active.path.clone(),
+                runs: active.run(self.next_seq).into_iter().collect(),
+            });
         }
         Reader::new(plans, from_seq, end_seq)
     }
@@ -465,18 +473,34 @@ impl Wal {
             }
             let runs = old.run(self.next_seq).into_iter().collect();
             self.closed_bytes += old.written;
-            self.segments.push_back(Segment { first_seq: old.first_seq, path: old.path, bytes: old.written, runs });
+            self.segments.push_back(Segment {
+                first_seq: old.first_seq,
+                path: old.path,
+                bytes: old.written,
+                runs,
+            });
             if let Err(e) = self.delete_acked_segments() {
                 tracing::warn!("write-ahead log: {e} (retried at the next acknowledgement)");
             }
         }
         let path = self.dir.join(segment_file_name(self.next_seq));
-        let file =
-            OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| WalError::io("create", &path, e))?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| WalError::io("create", &path, e))?;
         self.dir_needs_sync = true;
         let mut pending = Vec::with_capacity(WRITE_BUFFER_BYTES as usize);
         pending.extend_from_slice(&encode_segment_header(self.next_seq));
-        Ok(ActiveSegment { first_seq: self.next_seq, path, file, written: 0, synced: 0, pending, pending_entries: 0 })
+        Ok(ActiveSegment {
+            first_seq: self.next_seq,
+            path,
+            file,
+            written: 0,
+            synced: 0,
+            pending,
+            pending_entries: 0,
+        })
     }
 
     /// Deletes the closed segments whose entries are all acknowledged (oldest first).
