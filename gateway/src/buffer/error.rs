@@ -107,6 +107,9 @@ pub enum CorruptionReason {
     SequenceMismatch { expected: u64, found: u64 },
     /// A frame that verifies but whose sequence number belongs to the next segment.
     BeyondNextSegment { seq: u64, next_segment: u64 },
+    /// Reading the file failed (an I/O error such as a bad sector): the rest of the segment is
+    /// skipped, never truncated, and reported again by the next open.
+    Unreadable { error: String },
     /// The ack file holds no valid watermark; recovery replays from the first segment.
     AckFileCorrupt,
     /// The ack file is missing although segments exist; recovery replays from the first segment.
@@ -142,6 +145,7 @@ impl fmt::Display for CorruptionReason {
             CorruptionReason::BeyondNextSegment { seq, next_segment } => {
                 write!(f, "entry sequence {seq} belongs to the next segment (which starts at {next_segment})")
             }
+            CorruptionReason::Unreadable { error } => write!(f, "unreadable: {error}"),
             CorruptionReason::AckFileCorrupt => f.write_str("ack file holds no valid watermark"),
             CorruptionReason::AckFileMissing => f.write_str("ack file missing"),
         }

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io;
 use std::path::PathBuf;
 
-use super::error::{Corruption, Repair, WalError};
+use super::error::{Corruption, CorruptionReason, Repair, WalError};
 use super::scan::{FrameCursor, FrameRead, Run};
 
 /// One entry read back from the log.
@@ -28,9 +28,9 @@ pub(crate) struct SegmentPlan {
 /// [`Wal::read_from`](super::Wal::read_from) (or at open, for [`Recovery::replay`](super::Recovery)).
 ///
 /// It reads one entry at a time from disk and verifies each again. Ranges that recovery
-/// already reported as damaged are not read. New damage yields one
-/// `Err(WalError::Corrupt(..))` and reading goes on after it; any other I/O error ends the
-/// iteration. A segment deleted meanwhile (fully acknowledged) is skipped.
+/// already reported as damaged are not read. New damage (including a read error) yields one
+/// `Err(WalError::Corrupt(..))` and reading goes on after it; failing to open or seek a
+/// segment ends the iteration. A segment deleted meanwhile (fully acknowledged) is skipped.
 #[derive(Debug)]
 pub struct Reader {
     plans: VecDeque<SegmentPlan>,
@@ -142,8 +142,18 @@ impl Iterator for Reader {
                     return Some(Err(WalError::Corrupt(corruption)));
                 }
                 Err(e) => {
-                    let error = WalError::io("read", &segment.path, e);
-                    return self.fail(error);
+                    // A bad sector: report it and go on with what can still be read.
+                    let corruption = Corruption {
+                        file: segment.path.clone(),
+                        offset: pos,
+                        skipped_bytes: run.end - pos,
+                        lost_seqs: Some(expected.max(self.from_seq)..run.end_seq),
+                        reason: CorruptionReason::Unreadable { error: e.to_string() },
+                        repair: Repair::Skipped,
+                    };
+                    segment.runs.pop_front();
+                    segment.expected = None;
+                    return Some(Err(WalError::Corrupt(corruption)));
                 }
             }
         }

@@ -125,6 +125,8 @@ pub(crate) struct SegmentScan {
     pub corruptions: Vec<Corruption>,
     /// Where the unframable rest of the file begins, when framing was lost before the end.
     pub tail_lost_at: Option<u64>,
+    /// A read failed: the rest of the segment could not be checked (and must not be cut).
+    pub unreadable: bool,
     /// The last good entry's sequence number.
     pub last_seq: Option<u64>,
     /// Good entries after the acknowledged watermark, and their payload bytes.
@@ -138,7 +140,8 @@ pub(crate) struct SegmentScan {
 ///
 /// A frame with a bad checksum costs only itself when the frame after it verifies with the next
 /// sequence number (its length was right, its payload damaged); otherwise the framing is lost
-/// and the rest of the segment is skipped.
+/// and the rest of the segment is skipped. A read error (a bad sector) is damage too: the rest
+/// of the segment is reported unreadable and skipped, so one bad block cannot stop every open.
 pub(crate) fn scan_segment<R: Read + Seek>(
     inner: R,
     path: &Path,
@@ -147,11 +150,11 @@ pub(crate) fn scan_segment<R: Read + Seek>(
     seq_limit: Option<u64>,
     acked: u64,
 ) -> Result<SegmentScan, WalError> {
-    let read_error = |source| WalError::io("read", path, source);
     let mut scan = SegmentScan {
         runs: Vec::new(),
         corruptions: Vec::new(),
         tail_lost_at: None,
+        unreadable: false,
         last_seq: None,
         replay_entries: 0,
         replay_bytes: 0,
@@ -164,13 +167,24 @@ pub(crate) fn scan_segment<R: Read + Seek>(
         reason,
         repair: Repair::Skipped,
     };
+    let in_segment = |seq: u64| seq_limit.is_none_or(|limit| seq < limit);
+    let lost_to_limit = |from: u64| seq_limit.filter(|&limit| limit > from).map(|limit| from..limit);
     if file_len < SEGMENT_HEADER_LEN {
         scan.corruptions.push(corruption(0, file_len, None, CorruptionReason::TornHeader));
         scan.tail_lost_at = Some(0);
         return Ok(scan);
     }
     let mut cursor = FrameCursor::new(inner);
-    match format::check_segment_header(&cursor.read_header().map_err(read_error)?, first_seq) {
+    let header = match cursor.read_header() {
+        Ok(header) => header,
+        Err(error) => {
+            let reason = CorruptionReason::Unreadable { error: error.to_string() };
+            scan.corruptions.push(corruption(0, file_len, lost_to_limit(first_seq), reason));
+            scan.unreadable = true;
+            return Ok(scan);
+        }
+    };
+    match format::check_segment_header(&header, first_seq) {
         HeaderCheck::Valid => {}
         HeaderCheck::Invalid => {
             scan.corruptions.push(corruption(0, SEGMENT_HEADER_LEN, None, CorruptionReason::BadHeader));
@@ -183,57 +197,69 @@ pub(crate) fn scan_segment<R: Read + Seek>(
             });
         }
     }
-    let in_segment = |seq: u64| seq_limit.is_none_or(|limit| seq < limit);
-    let lost_to_limit = |from: u64| seq_limit.filter(|&limit| limit > from).map(|limit| from..limit);
     let mut payload = Vec::new();
     let mut expected = first_seq;
     let mut run: Option<Run> = None;
-    loop {
-        let pos = cursor.pos();
-        let read = cursor.read_frame(file_len, &mut payload).map_err(read_error)?;
-        let lost_reason = match read {
-            FrameRead::End => break,
-            FrameRead::Valid { seq, frame_len } if seq == expected && in_segment(seq) => {
-                let run = run.get_or_insert(Run { start: pos, end: pos, first_seq: seq, end_seq: seq });
-                run.end = pos + frame_len;
-                run.end_seq = seq + 1;
-                scan.last_seq = Some(seq);
-                if seq > acked {
-                    scan.replay_entries += 1;
-                    scan.replay_bytes += frame_len - FRAME_HEADER_LEN;
-                }
-                expected += 1;
-                continue;
-            }
-            FrameRead::Valid { seq, .. } if seq == expected => {
-                CorruptionReason::BeyondNextSegment { seq, next_segment: seq_limit.unwrap_or(seq) }
-            }
-            FrameRead::BadChecksum { frame_len } => {
-                let next = pos + frame_len;
-                let resynced = next < file_len && in_segment(expected + 1) && {
-                    cursor.seek(next).map_err(read_error)?;
-                    let probe = cursor.read_frame(file_len, &mut payload).map_err(read_error)?;
-                    matches!(probe, FrameRead::Valid { seq, .. } if seq == expected + 1)
-                };
-                if resynced {
-                    scan.corruptions.push(corruption(
-                        pos,
-                        frame_len,
-                        Some(expected..expected + 1),
-                        CorruptionReason::ChecksumMismatch,
-                    ));
-                    scan.runs.extend(run.take());
+    let mut frame_start = SEGMENT_HEADER_LEN;
+    let frames: io::Result<()> = (|| {
+        loop {
+            frame_start = cursor.pos();
+            let pos = frame_start;
+            let lost_reason = match cursor.read_frame(file_len, &mut payload)? {
+                FrameRead::End => break,
+                FrameRead::Valid { seq, frame_len } if seq == expected && in_segment(seq) => {
+                    let run = run.get_or_insert(Run { start: pos, end: pos, first_seq: seq, end_seq: seq });
+                    run.end = pos + frame_len;
+                    run.end_seq = seq + 1;
+                    scan.last_seq = Some(seq);
+                    if seq > acked {
+                        scan.replay_entries += 1;
+                        scan.replay_bytes += frame_len - FRAME_HEADER_LEN;
+                    }
                     expected += 1;
-                    cursor.seek(next).map_err(read_error)?;
                     continue;
                 }
-                CorruptionReason::ChecksumMismatch
-            }
-            other => other.reason(expected),
-        };
-        scan.corruptions.push(corruption(pos, file_len - pos, lost_to_limit(expected), lost_reason));
-        scan.tail_lost_at = Some(pos);
-        break;
+                FrameRead::Valid { seq, .. } if seq == expected => {
+                    CorruptionReason::BeyondNextSegment { seq, next_segment: seq_limit.unwrap_or(seq) }
+                }
+                FrameRead::BadChecksum { frame_len } => {
+                    let next = pos + frame_len;
+                    let resynced = next < file_len && in_segment(expected + 1) && {
+                        cursor.seek(next)?;
+                        let probe = cursor.read_frame(file_len, &mut payload)?;
+                        matches!(probe, FrameRead::Valid { seq, .. } if seq == expected + 1)
+                    };
+                    if resynced {
+                        scan.corruptions.push(corruption(
+                            pos,
+                            frame_len,
+                            Some(expected..expected + 1),
+                            CorruptionReason::ChecksumMismatch,
+                        ));
+                        scan.runs.extend(run.take());
+                        expected += 1;
+                        cursor.seek(next)?;
+                        continue;
+                    }
+                    CorruptionReason::ChecksumMismatch
+                }
+                other => other.reason(expected),
+            };
+            scan.corruptions.push(corruption(pos, file_len - pos, lost_to_limit(expected), lost_reason));
+            scan.tail_lost_at = Some(pos);
+            break;
+        }
+        Ok(())
+    })();
+    if let Err(error) = frames {
+        let reason = CorruptionReason::Unreadable { error: error.to_string() };
+        scan.corruptions.push(corruption(
+            frame_start,
+            file_len - frame_start,
+            lost_to_limit(expected),
+            reason,
+        ));
+        scan.unreadable = true;
     }
     scan.runs.extend(run);
     Ok(scan)
@@ -475,5 +501,57 @@ mod tests {
             let scan = scan_segment(Cursor::new(&bytes), Path::new("s.wal"), bytes.len() as u64, 1, None, 0);
             prop_assert!(scan.is_ok());
         }
+    }
+
+    /// Reads like a cursor over `bytes` but fails every read that touches `fail_at`.
+    struct BadSector {
+        inner: Cursor<Vec<u8>>,
+        fail_at: u64,
+    }
+
+    impl Read for BadSector {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let pos = self.inner.position();
+            if pos <= self.fail_at && self.fail_at < pos + buf.len() as u64 {
+                return Err(io::Error::other("bad sector"));
+            }
+            self.inner.read(buf)
+        }
+    }
+
+    impl Seek for BadSector {
+        fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+            self.inner.seek(to)
+        }
+    }
+
+    #[test]
+    fn a_read_error_is_reported_and_the_rest_skipped() {
+        let big = vec![7u8; 60 * 1024];
+        let (bytes, offsets) = segment(1, &[&big, &big, &big]);
+        let len = bytes.len() as u64;
+        // Past the first read-ahead (128 KiB), inside the third entry.
+        let reader = BadSector { inner: Cursor::new(bytes.clone()), fail_at: 150_000 };
+        let scan = scan_segment(reader, Path::new("s.wal"), len, 1, Some(4), 0).unwrap();
+        assert!(scan.unreadable);
+        assert_eq!(scan.tail_lost_at, None, "not a torn tail: never truncated");
+        assert_eq!(scan.last_seq, Some(2));
+        assert_eq!(scan.corruptions.len(), 1);
+        let c = &scan.corruptions[0];
+        assert!(
+            matches!(&c.reason, CorruptionReason::Unreadable { error } if error == "bad sector"),
+            "{c:?}"
+        );
+        assert_eq!(
+            (c.offset, c.skipped_bytes, c.lost_seqs.clone()),
+            (offsets[2], len - offsets[2], Some(3..4))
+        );
+
+        // In the first read-ahead: the header cannot be read either.
+        let reader = BadSector { inner: Cursor::new(bytes), fail_at: 30 };
+        let scan = scan_segment(reader, Path::new("s.wal"), len, 1, None, 0).unwrap();
+        assert!(scan.unreadable);
+        assert_eq!(scan.last_seq, None);
+        assert_eq!((scan.corruptions[0].offset, scan.corruptions[0].skipped_bytes), (0, len));
     }
 }

@@ -234,6 +234,36 @@ fn garbage_instead_of_a_segment() {
     assert!(!middle.exists());
 }
 
+/// A segment that cannot be read (here a directory by a segment's name: every read fails, as
+/// on a bad sector) is reported and skipped, not truncated or deleted, and numbering goes past
+/// anything it could hold; opening never fails on it.
+#[test]
+fn unreadable_segments_are_reported_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    write_log(dir.path(), options(FOUR_ENTRIES, 1 << 20), 4); // segment 1..=4
+    let newest = dir.path().join("00000000000000000005.wal");
+    fs::create_dir(&newest).unwrap();
+    let len = fs::metadata(&newest).unwrap().len();
+    let next = 5 + len.saturating_sub(24) / 16 + 1;
+    let (mut wal, recovery) = Wal::open(dir.path(), options(FOUR_ENTRIES, 1 << 20)).unwrap();
+    assert_eq!(recovery.corruptions.len(), 1, "{:?}", recovery.corruptions);
+    let c = &recovery.corruptions[0];
+    assert_eq!((c.file.as_path(), c.repair), (newest.as_path(), Repair::Skipped));
+    assert!(matches!(c.reason, CorruptionReason::Unreadable { .. }), "{c:?}");
+    assert_eq!(seqs(&entries(recovery.replay)), [1, 2, 3, 4]);
+    assert_eq!(wal.next_seq(), next);
+    assert_eq!(wal.append(b"after").unwrap(), next);
+    wal.sync().unwrap();
+    drop(wal);
+
+    // Reported again (it is still there); now a middle segment, bounded by the next one.
+    let (wal, recovery) = Wal::open(dir.path(), options(FOUR_ENTRIES, 1 << 20)).unwrap();
+    assert_eq!(recovery.corruptions.len(), 1, "{:?}", recovery.corruptions);
+    assert_eq!(recovery.corruptions[0].lost_seqs, Some(5..next));
+    assert_eq!(seqs(&entries(recovery.replay)), [1, 2, 3, 4, next]);
+    assert_eq!(wal.next_seq(), next + 1);
+}
+
 #[test]
 fn ack_deletes_whole_acknowledged_segments() {
     let dir = tempfile::tempdir().unwrap();

@@ -258,7 +258,10 @@ impl Wal {
         // no complete entry), or wholly acknowledged. Their sequence numbers were never durable
         // or are acknowledged, so numbering goes on from the newest entry kept.
         let mut trailing = Vec::new();
-        while scanned.last().is_some_and(|(_, _, _, scan)| scan.last_seq.is_none_or(|last| last <= acked)) {
+        while scanned
+            .last()
+            .is_some_and(|(_, _, _, scan)| !scan.unreadable && scan.last_seq.is_none_or(|last| last <= acked))
+        {
             let Some((_, path, _, scan)) = scanned.pop() else { break };
             remove_segment(&path)?;
             trailing
@@ -267,8 +270,15 @@ impl Wal {
         }
         trailing.reverse();
         let mut next_seq = acked.saturating_add(1);
-        if let Some((_, path, len, scan)) = scanned.last_mut() {
+        if let Some((first_seq, _, len, scan)) = scanned.last() {
             next_seq = next_seq.max(scan.last_seq.map_or(0, |last_seq| last_seq + 1));
+            if scan.unreadable {
+                // Left as it is (the error may pass), and numbered past anything it can hold.
+                next_seq =
+                    next_seq.max(*first_seq + len.saturating_sub(SEGMENT_HEADER_LEN) / FRAME_HEADER_LEN + 1);
+            }
+        }
+        if let Some((_, path, len, scan)) = scanned.last_mut().filter(|(_, _, _, scan)| !scan.unreadable) {
             // Cut a torn tail so the file ends with whole entries, and make durable what this
             // open has seen (it may have been written but not fsynced before a crash).
             let file =
