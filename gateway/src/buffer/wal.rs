@@ -392,9 +392,9 @@ impl Wal {
             active.sync(&mut self.poisoned)?;
         }
         if self.dir_needs_sync {
-            if let Err(e) = sync_dir(&self.dir) {
+            if let Err(source) = File::open(&self.dir).and_then(|dir| dir.sync_all()) {
                 self.poisoned = true;
-                return Err(e);
+                return Err(WalError::SyncFailed { path: self.dir.clone(), source });
             }
             self.dir_needs_sync = false;
         }
