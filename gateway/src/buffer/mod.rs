@@ -1,0 +1,22 @@
+//! The disk buffer's write-ahead log: a segmented, checksummed, append-only log of opaque
+//! entries in one directory, with crash recovery and an acknowledged watermark.
+//!
+//! Not wired into the data path here: the caller runs [`Wal`] on a blocking thread, appends
+//! encoded records, calls [`Wal::sync`] per batch or on a timer, replays
+//! [`Recovery::replay`] after a restart and acknowledges what the sink committed with
+//! [`Wal::ack`]. [`WalError::Full`] and [`WalError::DiskFull`] are backpressure, not failures.
+//! The byte layout is described in `format.rs`.
+
+mod ack;
+mod error;
+mod format;
+mod reader;
+mod scan;
+mod wal;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::{Corruption, CorruptionReason, Repair, WalError};
+pub use reader::{Entry, Reader};
+pub use wal::{Recovery, Wal, WalOptions};
