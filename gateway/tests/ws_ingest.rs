@@ -340,3 +340,65 @@ async fn a_websocket_device_has_at_most_max_inflight_messages_taken_while_the_si
     }
     assert_eq!(rows(&db).len(), 41);
 }
+
+/// MQTT over WebSocket: packets split across binary messages and several packets in one message
+/// are one byte stream; acks still wait for the commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_packets_may_span_websocket_messages_and_acks_wait_for_the_commit() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use weir_protocols::mqtt::{self, QoS};
+
+    let gw = TestGateway::start(WS).await;
+    let db = gw.db_path();
+    let mut request = format!("ws://{}/mqtt", gw.mqtt_addr()).into_client_request().unwrap();
+    request.headers_mut().insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+    let (mut ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(response.headers().get("Sec-WebSocket-Protocol").unwrap(), "mqtt");
+
+    let bytes = |packet: &mqtt::Packet| {
+        let mut out = bytes::BytesMut::new();
+        mqtt::encode(packet, &mut out);
+        out.to_vec()
+    };
+    // CONNECT in two messages, split inside its variable header.
+    let connect = bytes(&connect_packet("ws-split"));
+    ws.send(Message::Binary(connect[..5].to_vec().into())).await.unwrap();
+    ws.send(Message::Binary(connect[5..].to_vec().into())).await.unwrap();
+    let mut received = bytes::BytesMut::new();
+    let mut next_packet = async |ws: &mut Client| loop {
+        if let Some(packet) = mqtt::decode(&mut received, 1 << 20).unwrap() {
+            return Some(packet);
+        }
+        match tokio::time::timeout(Duration::from_millis(700), ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => received.extend_from_slice(&b),
+            Ok(Some(Ok(_))) => {}
+            _ => return None,
+        }
+    };
+    assert!(matches!(next_packet(&mut ws).await, Some(mqtt::Packet::ConnAck(_))));
+    // Make the table exist, then stall the sink.
+    ws.send(Message::Binary(
+        bytes(&publish(QoS::AtLeastOnce, 1, "t/ws-split", reading("ws-split", 0))).into(),
+    ))
+    .await
+    .unwrap();
+    assert!(matches!(next_packet(&mut ws).await, Some(mqtt::Packet::PubAck(_))));
+    let lock = WriteLock::take(&db);
+    // Two publishes: the first split in three messages, the second sharing the last one.
+    let first = bytes(&publish(QoS::AtLeastOnce, 2, "t/ws-split", reading("ws-split", 1)));
+    let second = bytes(&publish(QoS::AtLeastOnce, 3, "t/ws-split", reading("ws-split", 2)));
+    ws.send(Message::Binary(first[..3].to_vec().into())).await.unwrap();
+    ws.send(Message::Binary(first[3..20].to_vec().into())).await.unwrap();
+    let mut tail = first[20..].to_vec();
+    tail.extend_from_slice(&second);
+    ws.send(Message::Binary(tail.into())).await.unwrap();
+    assert!(next_packet(&mut ws).await.is_none(), "no PUBACK while the sink cannot commit");
+    lock.release();
+    for pkid in [2, 3] {
+        match next_packet(&mut ws).await {
+            Some(mqtt::Packet::PubAck(id)) => assert_eq!(id, pkid),
+            other => panic!("expected PUBACK {pkid}, got {other:?}"),
+        }
+    }
+    assert_eq!(rows(&db).len(), 3);
+}
