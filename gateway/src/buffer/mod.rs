@@ -5,11 +5,13 @@
 //! encoded records, calls [`Wal::sync`] per batch or on a timer, replays
 //! [`Recovery::replay`] after a restart and acknowledges what the sink committed with
 //! [`Wal::ack`]. [`WalError::Full`] and [`WalError::DiskFull`] are backpressure, not failures.
-//! The byte layout is described in `format.rs`.
+//! The byte layout is described in `format.rs`; an entry holds one fabric item as a protobuf
+//! `weir.v1.BufferedItem` ([`encode_item`], [`decode_item`]).
 
 mod ack;
 mod error;
 mod format;
+mod item;
 mod reader;
 mod scan;
 mod wal;
@@ -18,5 +20,6 @@ mod wal;
 mod tests;
 
 pub use error::{Corruption, CorruptionReason, Repair, WalError};
+pub use item::{decode_item, encode_item, ItemError};
 pub use reader::{Entry, Reader};
 pub use wal::{Recovery, Wal, WalOptions};
