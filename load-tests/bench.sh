@@ -116,6 +116,9 @@ while (($# > 0)); do
 done
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# http_ok, port_taken, machine_header, stop_weir.
+# shellcheck source=common.sh
+source "$ROOT/load-tests/common.sh"
 readonly ROOT
 readonly MOSQUITTO_SH=$ROOT/deploy/local/mosquitto.sh
 readonly KAFKA_SH=$ROOT/deploy/local/kafka.sh
@@ -169,40 +172,8 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# 0 when an HTTP GET of the URL returns 2xx.
-http_ok() {
-    local url=$1 port path reply
-    if command -v curl >/dev/null; then
-        curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null
-        return
-    fi
-    port=${url#http://"$HOST":}
-    path=/${port#*/}
-    port=${port%%/*}
-    reply=$(
-        exec 3<>"/dev/tcp/$HOST/$port" || exit 1
-        printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$path" "$HOST" >&3
-        timeout 2 head -n 1 <&3
-    ) 2>/dev/null || return 1
-    [[ $reply == HTTP/1.?" 2"* ]]
-}
-
-# 0 when something accepts TCP connections on the port.
-port_taken() {
-    (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null
-}
-
 header() {
-    local model mem_kib commit
-    model=$(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//') || true
-    mem_kib=$(awk '/^MemTotal:/ { print $2 }' /proc/meminfo 2>/dev/null) || true
-    commit=$(git -C "$ROOT" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
-    if [[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null) ]]; then
-        commit+=-dirty
-    fi
-    echo "# weir bench $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "# machine: nproc=$(nproc) cpu=\"${model:-unknown}\" mem=$((${mem_kib:-0} / 1024))MiB kernel=$(uname -r)"
-    echo "# commit: $commit"
+    machine_header "weir bench"
     echo "# scenario: connections=$connections duration=${duration}s payload=${payload}B" \
         "extra flood args: ${flood_args[*]:-none}; generator, Mosquitto and weir share these CPUs"
     echo "# scenarios:$scenarios"
@@ -282,9 +253,6 @@ EOF
     log "weir is healthy (pid $weir_pid)"
 }
 
-# stop_weir: see weir-process.sh.
-# shellcheck source=weir-process.sh
-source "$(dirname "${BASH_SOURCE[0]}")/weir-process.sh"
 
 # flood LABEL PORT QOS [NAME [ARGS...]]: runs one flood, prints its JSON line, keeps it in
 # $WORK/NAME.json (NAME defaults to LABEL-qosQOS; it also names the devices); ARGS go to the flood

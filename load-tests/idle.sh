@@ -86,6 +86,9 @@ while (($# > 0)); do
 done
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# http_ok, port_taken, machine_header, stop_weir.
+# shellcheck source=common.sh
+source "$ROOT/load-tests/common.sh"
 readonly ROOT
 readonly TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 readonly LOAD=$TARGET_DIR/release/weir-load
@@ -148,37 +151,8 @@ listener_config() {
     esac
 }
 
-# 0 when an HTTP GET of http://$HOST:$OPS_PORT$1 returns 2xx.
-ops_ok() {
-    local path=$1 reply
-    if command -v curl >/dev/null; then
-        curl -fsS -o /dev/null --max-time 2 "http://$HOST:$OPS_PORT$path" 2>/dev/null
-        return
-    fi
-    reply=$(
-        exec 3<>"/dev/tcp/$HOST/$OPS_PORT" || exit 1
-        printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$path" "$HOST" >&3
-        timeout 2 head -n 1 <&3
-    ) 2>/dev/null || return 1
-    [[ $reply == HTTP/1.?" 2"* ]]
-}
-
-# 0 when something accepts TCP connections on the port.
-port_taken() {
-    (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null
-}
-
 header() {
-    local model mem_kib commit
-    model=$(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//') || true
-    mem_kib=$(awk '/^MemTotal:/ { print $2 }' /proc/meminfo 2>/dev/null) || true
-    commit=$(git -C "$ROOT" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
-    if [[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null) ]]; then
-        commit+=-dirty
-    fi
-    echo "# weir idle connections $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "# machine: nproc=$(nproc) cpu=\"${model:-unknown}\" mem=$((${mem_kib:-0} / 1024))MiB kernel=$(uname -r)"
-    echo "# commit: $commit"
+    machine_header "weir idle connections"
     echo "# scenario: $connections idle connections per protocol ($protocols), sources $SOURCE_ADDRS," \
         "open-file limit $(ulimit -n), extra idle args: ${idle_args[*]:-none}"
 }
@@ -211,7 +185,7 @@ start_weir() {
     log "starting weir for $protocol (config $config, log $weir_log)"
     "$WEIR" run --config "$config" >"$weir_log" 2>&1 &
     weir_pid=$!
-    until ops_ok /readyz; do
+    until http_ok "http://$HOST:$OPS_PORT/readyz"; do
         if ! kill -0 "$weir_pid" 2>/dev/null; then
             wait "$weir_pid" 2>/dev/null || true
             weir_pid=
@@ -233,9 +207,6 @@ start_weir() {
     log "weir is ready (pid $weir_pid, $protocol on $HOST:$port)"
 }
 
-# stop_weir: see weir-process.sh.
-# shellcheck source=weir-process.sh
-source "$(dirname "${BASH_SOURCE[0]}")/weir-process.sh"
 
 # json_number FILE KEY: the top-level number KEY of the JSON line in FILE.
 json_number() {

@@ -114,3 +114,45 @@ impl ByteStream for TcpStream {
         AsyncWriteExt::shutdown(self).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{MqttListenerConfig, TcpListenerConfig, WhenFull};
+    use crate::fabric::Fabric;
+    use crate::metrics::Metrics;
+    use crate::shutdown::ShutdownSignal;
+
+    /// Every connection's task holds its protocol's connection future for its whole life: its
+    /// size is most of what an idle connection costs (the rarely used slow paths are boxed to
+    /// keep it small). A regression guard, loose enough for compiler changes;
+    /// `load-tests/idle.sh` measures the real cost.
+    #[tokio::test]
+    async fn the_mqtt_and_tcp_connection_futures_stay_small() {
+        let metrics = Arc::new(Metrics::new());
+        let (fabric, _rx) = Fabric::new(1, 10, 1 << 20, WhenFull::Block, Arc::clone(&metrics));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = || async {
+            let stream = TcpStream::connect(addr).await.unwrap();
+            let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+            Accepted { stream, peer: addr, id: 1, permit }
+        };
+        let signal = ShutdownSignal::new();
+
+        let mqtt = Arc::new(mqtt::MqttContext::new(
+            MqttListenerConfig::default(),
+            fabric.clone(),
+            Arc::clone(&metrics),
+            weir_proto::SourceProtocol::Mqtt,
+        ));
+        let future = mqtt::serve(accepted().await, mqtt, signal.subscribe());
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 896, "the MQTT connection future grew to {size} bytes");
+
+        let tcp = Arc::new(tcp::TcpContext::new(TcpListenerConfig::default(), fabric, metrics, addr));
+        let future = tcp::serve(accepted().await, tcp, signal.subscribe());
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 896, "the TCP connection future grew to {size} bytes");
+    }
+}

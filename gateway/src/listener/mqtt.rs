@@ -543,28 +543,3 @@ async fn sleep_until_some(deadline: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every connection's task holds this future for its whole life: its size is most of what
-    /// an idle connection costs (the rarely used slow paths are boxed to keep it small). A
-    /// regression guard, loose enough for compiler changes; `load-tests/idle.sh` measures the
-    /// real cost.
-    #[tokio::test]
-    async fn the_connection_future_stays_small() {
-        let metrics = Arc::new(Metrics::new());
-        let (fabric, _rx) = Fabric::new(1, 10, 1 << 20, crate::config::WhenFull::Block, Arc::clone(&metrics));
-        let ctx =
-            Arc::new(MqttContext::new(MqttListenerConfig::default(), fabric, metrics, SourceProtocol::Mqtt));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let shutdown_rx = crate::shutdown::ShutdownSignal::new().subscribe();
-        let permit = Arc::new(tokio::sync::Semaphore::new(1)).acquire_owned().await.unwrap();
-        let peer = stream.local_addr().unwrap();
-        let future = serve(Accepted { stream, peer, id: 1, permit }, ctx, shutdown_rx);
-        let size = std::mem::size_of_val(&future);
-        assert!(size <= 896, "the MQTT connection future grew to {size} bytes");
-    }
-}
