@@ -409,6 +409,8 @@ pub async fn run(params: BaselineParams) -> anyhow::Result<FloodReport> {
         ack_latency_ms: LatencySummary::from_micros(&log.latency),
         first_seq: 1,
         last_seq_per_device_max: devices.iter().map(|d| d.seq).max().unwrap_or(0),
+        reconnects: 0,
+        resent: 0,
         devices: device_counts,
     };
     drop(log);

@@ -234,6 +234,8 @@ pub async fn run(params: CopyBaselineParams) -> anyhow::Result<FloodReport> {
         ack_latency_ms: LatencySummary::from_micros(&latency),
         first_seq: 1,
         last_seq_per_device_max: devices.values().map(|d| d.sent).max().unwrap_or(0),
+        reconnects: 0,
+        resent: 0,
         devices,
     })
 }

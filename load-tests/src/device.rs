@@ -10,7 +10,7 @@
 //!   acknowledged, asks for the disconnect (a device idle in `poll` needs a request to wake up).
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,10 +26,10 @@ use crate::payload::TelemetryPayload;
 const REQUEST_CHANNEL_CAPACITY: usize = 16;
 
 /// Latency samples a device buffers before taking the shared histogram's lock.
-const LATENCY_FLUSH_EVERY: usize = 256;
+pub(crate) const LATENCY_FLUSH_EVERY: usize = 256;
 
 /// Largest latency the histogram can hold (60 s, in microseconds); larger samples saturate.
-const LATENCY_MAX_MICROS: u64 = 60_000_000;
+pub(crate) const LATENCY_MAX_MICROS: u64 = 60_000_000;
 
 /// What every device of one run shares.
 #[derive(Debug)]
@@ -69,7 +69,7 @@ pub struct RunStart {
 }
 
 impl RunStart {
-    fn unix_ms_at(&self, now: Instant) -> u64 {
+    pub(crate) fn unix_ms_at(&self, now: Instant) -> u64 {
         self.unix_ms + now.saturating_duration_since(self.at).as_millis() as u64
     }
 }
@@ -82,7 +82,15 @@ pub struct DeviceProgress {
     pub sent: AtomicU64,
     pub acked: AtomicU64,
     /// Highest seq whose PUBACK arrived (QoS 1); stays what it was if the connection breaks.
+    /// With an outbox ([`crate::outbox`]): the highest seq such that every seq up to it was
+    /// acknowledged.
     pub acked_through: AtomicU64,
+    /// Whether the device has a live MQTT connection (CONNACK received, not yet closed).
+    pub connected: AtomicBool,
+    /// Connections opened after the first (outbox devices only).
+    pub reconnects: AtomicU64,
+    /// Publishes written again after a reconnect, with the seqs they had (outbox devices only).
+    pub resent: AtomicU64,
     /// Total publishes the pacer enqueued, once it has stopped (`u64::MAX` until then).
     pacer_enqueued: AtomicU64,
     /// Signalled when everything the pacer enqueued is sent (QoS 0) or acknowledged (QoS 1).
@@ -95,6 +103,9 @@ impl Default for DeviceProgress {
             sent: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             acked_through: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+            reconnects: AtomicU64::new(0),
+            resent: AtomicU64::new(0),
             pacer_enqueued: AtomicU64::new(u64::MAX),
             drained: Notify::new(),
         }
@@ -206,6 +217,7 @@ pub async fn run_device(plan: Arc<DevicePlan>, index: usize, wiring: DeviceWirin
         outcome.error = Some(error);
         return outcome;
     }
+    progress.connected.store(true, Ordering::SeqCst);
 
     let start = match start_rx.wait_for(Option::is_some).await {
         Ok(start) => *start,
@@ -213,6 +225,7 @@ pub async fn run_device(plan: Arc<DevicePlan>, index: usize, wiring: DeviceWirin
     };
     let Some(start) = start else {
         outcome.error = Some(DeviceError::Cancelled);
+        progress.connected.store(false, Ordering::SeqCst);
         return outcome;
     };
     let deadline = start.at + plan.duration;
@@ -315,6 +328,7 @@ pub async fn run_device(plan: Arc<DevicePlan>, index: usize, wiring: DeviceWirin
         }
     }
 
+    progress.connected.store(false, Ordering::SeqCst);
     if let Some(pacer) = pacer {
         pacer.abort();
     }
@@ -330,7 +344,7 @@ fn notify_if_drained(progress: &DeviceProgress, completed: u64) {
     }
 }
 
-fn flush_latency(latency: &SharedLatency, buffer: &mut Vec<u64>) {
+pub(crate) fn flush_latency(latency: &SharedLatency, buffer: &mut Vec<u64>) {
     if buffer.is_empty() {
         return;
     }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
@@ -15,6 +15,7 @@ use crate::device::{
     new_latency_histogram, run_device, DeviceError, DeviceOutcome, DevicePlan, DeviceProgress, DeviceWiring,
     RunStart,
 };
+use crate::outbox::run_outbox_device;
 use crate::payload::TelemetryPayload;
 use crate::report::{DeviceCount, DeviceCounts, FloodReport, LatencySummary, Scenario};
 
@@ -66,6 +67,12 @@ pub struct FloodParams {
     /// paced QoS 1 latencies include Nagle's wait for the previous ack.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub tcp_nodelay: bool,
+    /// Devices with an outbox (QoS 1 only): a connection that drops is not an error; the device
+    /// reconnects with backoff (100 ms doubling to 2 s, with jitter), resends every publish not
+    /// yet acknowledged with its seq, and carries on. For runs where the server crashes or
+    /// restarts; reconnects and resends are counted in the report.
+    #[arg(long)]
+    pub reconnect: bool,
 }
 
 impl Default for FloodParams {
@@ -86,16 +93,65 @@ impl FloodParams {
     }
 }
 
+/// Live totals of a running flood, for a caller that watches it while it runs (a fault test
+/// reading what is in flight right before it kills the server). Cheap to clone; all clones see
+/// the same flood once [`run_watched`] has started it.
+#[derive(Debug, Clone, Default)]
+pub struct FloodWatch {
+    devices: Arc<OnceLock<Vec<Arc<DeviceProgress>>>>,
+}
+
+/// Totals over every device at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FloodSnapshot {
+    /// Highest seq published, summed over devices.
+    pub sent: u64,
+    /// PUBACKs received (distinct seqs with an outbox).
+    pub acked: u64,
+    /// Sum over devices of `sent - acked_through`: published and not (yet) known acknowledged.
+    /// With `reconnect`, exactly what the devices would resend if every connection broke now.
+    pub in_flight: u64,
+    /// Devices with a live connection.
+    pub connected: u64,
+    pub reconnects: u64,
+    pub resent: u64,
+}
+
+impl FloodWatch {
+    /// The totals now; all zero before the flood started.
+    pub fn snapshot(&self) -> FloodSnapshot {
+        let mut snapshot = FloodSnapshot::default();
+        for p in self.devices.get().map(Vec::as_slice).unwrap_or_default() {
+            let sent = p.sent.load(Ordering::SeqCst);
+            snapshot.sent += sent;
+            snapshot.acked += p.acked.load(Ordering::SeqCst);
+            snapshot.in_flight += sent.saturating_sub(p.acked_through.load(Ordering::SeqCst));
+            snapshot.connected += u64::from(p.connected.load(Ordering::SeqCst));
+            snapshot.reconnects += p.reconnects.load(Ordering::SeqCst);
+            snapshot.resent += p.resent.load(Ordering::SeqCst);
+        }
+        snapshot
+    }
+}
+
 /// Runs the flood and returns its report, with every device's counts in
 /// [`FloodReport::devices`]; only setup mistakes are errors, connection failures are counted in
 /// the report. Progress goes to stderr once a second.
 pub async fn run(args: FloodParams) -> anyhow::Result<FloodReport> {
+    run_watched(args, FloodWatch::default()).await
+}
+
+/// [`run`], with live totals readable through `watch` while it runs. A watch serves one flood.
+pub async fn run_watched(args: FloodParams, watch: FloodWatch) -> anyhow::Result<FloodReport> {
     let unix_now = SystemTime::now().duration_since(UNIX_EPOCH).context("system clock is before 1970")?;
     let client_prefix = args.client_prefix.clone().unwrap_or_else(|| format!("load-{}", unix_now.as_secs()));
     if client_prefix.is_empty()
         || !client_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     {
         bail!("--client-prefix {client_prefix:?}: use letters, digits, '-', '_' and '.' only");
+    }
+    if args.reconnect && args.qos != 1 {
+        bail!("--reconnect needs --qos 1: at QoS 0 there is nothing to resend");
     }
     let connections = args.connections as usize;
     let plan = Arc::new(DevicePlan {
@@ -123,7 +179,7 @@ pub async fn run(args: FloodParams) -> anyhow::Result<FloodReport> {
     }
     eprintln!(
         "flood: {connections} connections to {}:{} qos={} payload={}B duration={}s rate/conn={} \
-         max_inflight={} tcp_nodelay={} prefix={} label={}",
+         max_inflight={} tcp_nodelay={} reconnect={} prefix={} label={}",
         plan.host,
         plan.port,
         args.qos,
@@ -132,6 +188,7 @@ pub async fn run(args: FloodParams) -> anyhow::Result<FloodReport> {
         if args.rate_per_conn == 0 { "max".to_owned() } else { args.rate_per_conn.to_string() },
         args.max_inflight,
         args.tcp_nodelay,
+        args.reconnect,
         plan.client_prefix,
         args.label
     );
@@ -150,7 +207,15 @@ pub async fn run(args: FloodParams) -> anyhow::Result<FloodReport> {
             connected_tx: connected_tx.clone(),
             start_rx: start_rx.clone(),
         };
-        devices.push(tokio::spawn(run_device(Arc::clone(&plan), index, wiring)));
+        let plan = Arc::clone(&plan);
+        devices.push(if args.reconnect {
+            tokio::spawn(run_outbox_device(plan, index, wiring))
+        } else {
+            tokio::spawn(run_device(plan, index, wiring))
+        });
+    }
+    if watch.devices.set(progress.clone()).is_err() {
+        bail!("a FloodWatch serves one flood; this one already watches another");
     }
     drop(connected_tx);
     drop(start_rx);
@@ -187,7 +252,7 @@ pub async fn run(args: FloodParams) -> anyhow::Result<FloodReport> {
     // Devices that already returned dropped their receivers; the rest are waiting for this.
     let _ = start_tx.send(Some(start));
 
-    let reporter = tokio::spawn(report_progress(progress.clone(), start.at, plan.is_qos1()));
+    let reporter = tokio::spawn(report_progress(progress.clone(), start.at, plan.is_qos1(), args.reconnect));
     let mut outcomes = Vec::with_capacity(connections);
     let mut panicked = 0u64;
     for device in devices {
@@ -202,6 +267,11 @@ pub async fn run(args: FloodParams) -> anyhow::Result<FloodReport> {
     let histogram = latency.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     let mut report = summarise(&args, &outcomes, panicked, &histogram, start.at, finished_at);
     report.devices = device_counts(&plan, &progress);
+    report.reconnects = progress.iter().map(|p| p.reconnects.load(Ordering::SeqCst)).sum();
+    report.resent = progress.iter().map(|p| p.resent.load(Ordering::SeqCst)).sum();
+    if args.reconnect {
+        eprintln!("flood: reconnects={} resent={}", report.reconnects, report.resent);
+    }
     Ok(report)
 }
 
@@ -267,6 +337,8 @@ fn summarise(
         ack_latency_ms: if args.qos == 1 { LatencySummary::from_micros(histogram) } else { None },
         first_seq: 1,
         last_seq_per_device_max: outcomes.iter().map(|o| o.last_seq).max().unwrap_or(0),
+        reconnects: 0,
+        resent: 0,
         devices: DeviceCounts::new(),
     }
 }
@@ -298,7 +370,7 @@ fn report_errors(outcomes: &[DeviceOutcome], panicked: u64) {
 }
 
 /// Prints totals and the rate of the last second to stderr once a second.
-async fn report_progress(progress: Vec<Arc<DeviceProgress>>, start: Instant, qos1: bool) {
+async fn report_progress(progress: Vec<Arc<DeviceProgress>>, start: Instant, qos1: bool, reconnect: bool) {
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.tick().await;
     let (mut last_sent, mut last_acked) = (0u64, 0u64);
@@ -307,8 +379,15 @@ async fn report_progress(progress: Vec<Arc<DeviceProgress>>, start: Instant, qos
         let sent: u64 = progress.iter().map(|p| p.sent.load(Ordering::Relaxed)).sum();
         let acked: u64 = progress.iter().map(|p| p.acked.load(Ordering::Relaxed)).sum();
         let rate = if qos1 { acked.saturating_sub(last_acked) } else { sent.saturating_sub(last_sent) };
+        let reconnecting = if reconnect {
+            let connected = progress.iter().filter(|p| p.connected.load(Ordering::Relaxed)).count();
+            let reconnects: u64 = progress.iter().map(|p| p.reconnects.load(Ordering::Relaxed)).sum();
+            format!(" connected={connected}/{} reconnects={reconnects}", progress.len())
+        } else {
+            String::new()
+        };
         eprintln!(
-            "flood: t={:.0}s sent={sent} acked={acked} in_flight={} rate={rate}/s",
+            "flood: t={:.0}s sent={sent} acked={acked} in_flight={} rate={rate}/s{reconnecting}",
             start.elapsed().as_secs_f64(),
             if qos1 { sent.saturating_sub(acked) } else { 0 },
         );
@@ -333,5 +412,94 @@ mod tests {
         assert!(params.client_prefix.is_none());
         assert_eq!(params.label, "weir");
         assert!(params.tcp_nodelay);
+        assert!(!params.reconnect);
+    }
+
+    /// A server that acknowledges the first 3 publishes of the first connection, reads 2 more
+    /// and drops the connection, then acknowledges everything on later connections. Returns
+    /// the seqs it received, in order, per connection.
+    async fn flaky_server(listener: tokio::net::TcpListener) -> Vec<Vec<u64>> {
+        use bytes::BytesMut;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use weir_protocols::mqtt::{self, ConnAck, ConnectReturnCode, Packet};
+
+        let mut connections = Vec::new();
+        for index in 0..2 {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = BytesMut::new();
+            let mut seqs = Vec::new();
+            'read: loop {
+                while let Some(packet) = mqtt::decode(&mut buf, 1 << 20).unwrap() {
+                    let mut out = BytesMut::new();
+                    match packet {
+                        Packet::Connect(_) => mqtt::encode(
+                            &Packet::ConnAck(ConnAck {
+                                session_present: false,
+                                code: ConnectReturnCode::Accepted,
+                            }),
+                            &mut out,
+                        ),
+                        Packet::Publish(publish) => {
+                            let json: serde_json::Value = serde_json::from_slice(&publish.payload).unwrap();
+                            seqs.push(json["seq"].as_u64().unwrap());
+                            if index == 0 && seqs.len() == 5 {
+                                break 'read;
+                            }
+                            if index > 0 || seqs.len() <= 3 {
+                                mqtt::encode(&Packet::PubAck(publish.pkid), &mut out);
+                            }
+                        }
+                        Packet::Disconnect => break 'read,
+                        _ => {}
+                    }
+                    stream.write_all(&out).await.unwrap();
+                }
+                if stream.read_buf(&mut buf).await.unwrap() == 0 {
+                    break;
+                }
+            }
+            connections.push(seqs);
+        }
+        connections
+    }
+
+    #[tokio::test]
+    async fn reconnecting_devices_resend_what_was_not_acknowledged() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(flaky_server(listener));
+        let mut params = FloodParams::new("127.0.0.1", port);
+        params.connections = 1;
+        params.rate_per_conn = 50;
+        params.duration_secs = 1;
+        params.max_inflight = 2;
+        params.reconnect = true;
+        params.client_prefix = Some("outbox".into());
+        let watch = FloodWatch::default();
+        let report = run_watched(params, watch.clone()).await.unwrap();
+        let received = server.await.unwrap();
+
+        // Seqs 4 and 5 reached the server but were never acknowledged: both are sent again,
+        // first thing on the new connection, then the device carries on from 6.
+        assert_eq!(received[0], [1, 2, 3, 4, 5]);
+        assert_eq!(received[1][..3], [4, 5, 6]);
+        let sent = report.devices["outbox-0"].sent;
+        assert!(sent >= 45, "paced at 50/s for 1 s: {sent}");
+        assert_eq!(received[1].last(), Some(&sent));
+        assert_eq!(report.devices["outbox-0"].acked_through, sent);
+        assert_eq!((report.reconnects, report.resent, report.errors), (1, 2, 0));
+        assert_eq!(report.acked, sent);
+        let snapshot = watch.snapshot();
+        assert_eq!((snapshot.sent, snapshot.acked, snapshot.in_flight), (sent, sent, 0));
+        assert_eq!((snapshot.reconnects, snapshot.resent, snapshot.connected), (1, 2, 0));
+    }
+
+    #[tokio::test]
+    async fn reconnect_needs_qos_1() {
+        let mut params = FloodParams::new("127.0.0.1", 1);
+        params.qos = 0;
+        params.reconnect = true;
+        let error = run(params).await.unwrap_err();
+        assert!(error.to_string().contains("--reconnect needs --qos 1"), "{error}");
     }
 }

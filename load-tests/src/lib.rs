@@ -4,6 +4,7 @@
 //! drive the same code as the `weir-load` CLI.
 
 mod device;
+mod outbox;
 
 pub mod baseline;
 pub mod copy_baseline;

@@ -60,6 +60,13 @@ pub struct FloodReport {
     pub first_seq: u64,
     /// The highest seq any device sent; with `first_seq` this bounds the keys a sink should hold.
     pub last_seq_per_device_max: u64,
+    /// Connections devices opened again after losing one (`flood --reconnect` only).
+    #[serde(default)]
+    pub reconnects: u64,
+    /// Publishes written again after a reconnect, same seq (`flood --reconnect` only): the most
+    /// duplicates the devices themselves can cause.
+    #[serde(default)]
+    pub resent: u64,
     /// Every device's counts, for the verifier; kept out of the one-line JSON report (the CLI
     /// writes them to `--devices-out`).
     #[serde(skip)]
@@ -211,6 +218,8 @@ mod tests {
             ack_latency_ms: p99.map(|p99| LatencySummary { p50: 0.5, p99, p999: 2.0 * p99, max: 3.0 * p99 }),
             first_seq: 1,
             last_seq_per_device_max: 10,
+            reconnects: 0,
+            resent: 0,
             devices: DeviceCounts::new(),
         }
     }
