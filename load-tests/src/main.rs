@@ -41,6 +41,10 @@ enum Command {
     VerifyPostgres(VerifyPostgresArgs),
     /// Create the table weir's PostgreSQL sink writes, unless it exists.
     CreateTable(CreateTableArgs),
+    /// Read `(device_id, seq)` of weir's SQLite table back and count lost rows per device (the
+    /// table drops duplicates itself); print one JSON object. Exit 0 when nothing acknowledged
+    /// is missing, 1 otherwise.
+    VerifySqlite(VerifySqliteArgs),
     /// Print one summary line comparing two reports (e.g. weir against Mosquitto).
     Compare(CompareArgs),
     /// Measure weir's memory per idle connection: open N connections over one protocol, each
@@ -115,6 +119,25 @@ struct VerifyPostgresArgs {
     #[arg(long, default_value_t = 20)]
     max_rows: usize,
     /// After the JSON object, also print one `SUMMARY NAME: ...` line (for bench.sh).
+    #[arg(long, value_name = "NAME")]
+    summary: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct VerifySqliteArgs {
+    /// The database file weir's SQLite sink writes (`data_dir/telemetry.db` by default).
+    #[arg(long)]
+    db: PathBuf,
+    #[arg(long, default_value = "telemetry")]
+    table: String,
+    /// Per-device counts from `flood --devices-out` (repeatable; the files are merged).
+    /// Without any, every device found is checked.
+    #[arg(long)]
+    devices_in: Vec<PathBuf>,
+    /// Device rows (those that lost records) printed at most.
+    #[arg(long, default_value_t = 20)]
+    max_rows: usize,
+    /// After the JSON object, also print one `SUMMARY NAME: ...` line.
     #[arg(long, value_name = "NAME")]
     summary: Option<String>,
 }
@@ -209,6 +232,20 @@ async fn main() -> anyhow::Result<ExitCode> {
             Ok(if report.acked == 0 && report.errors > 0 { ExitCode::FAILURE } else { status })
         }
         Command::VerifyPostgres(args) => verify_postgres(args).await,
+        Command::VerifySqlite(args) => {
+            let expected = read_expected(&args.devices_in)?;
+            let (db, table) = (args.db.clone(), args.table.clone());
+            let found = tokio::task::spawn_blocking(move || verify::sqlite::read(&db, &table))
+                .await
+                .context("the SQLite reader thread panicked")??;
+            print_verdict(
+                VerifiedSource::Table(&args.table),
+                &expected,
+                &found,
+                args.max_rows,
+                args.summary.as_deref(),
+            )
+        }
         Command::CreateTable(args) => {
             let client = postgres::connect(&args.url).await?;
             postgres::create_table(&client, &args.table, args.recreate).await?;

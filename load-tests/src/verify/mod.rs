@@ -1,9 +1,10 @@
 //! The end-to-end verifier: what a sink holds, per device, against what the devices were told
 //! was acknowledged. [`verdict`] is the pure comparison; [`kafka`] reads a topic back,
-//! [`postgres`] a table.
+//! [`postgres`] and [`sqlite`] a table.
 
 pub mod kafka;
 pub mod postgres;
+pub mod sqlite;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
