@@ -281,12 +281,14 @@ impl OutboxDevice {
                     Ok(Ok(new_link)) => {
                         backoff.reset();
                         self.progress.reconnects.fetch_add(1, Ordering::SeqCst);
-                        self.progress.connected.store(true, Ordering::SeqCst);
                         *link = Some(new_link);
-                        if let Err(error) = self.resend(link.as_mut().expect("just set"), hard_deadline).await
-                        {
-                            last_connect_error = error;
-                            self.drop_link(link);
+                        match self.resend(link.as_mut().expect("just set"), hard_deadline).await {
+                            // Connected once the outbox is on its way again.
+                            Ok(()) => self.progress.connected.store(true, Ordering::SeqCst),
+                            Err(error) => {
+                                last_connect_error = error;
+                                self.drop_link(link);
+                            }
                         }
                     }
                     Ok(Err(error)) => last_connect_error = error,
