@@ -37,6 +37,13 @@
 #                   (target >= 0.80) and p99s; SUMMARY qos1-postgres-direct: the same against the
 #                   direct COPY; then every table is read back with `weir-load verify-postgres`
 #                   (SUMMARY qos1-postgres-verify; any acknowledged row lost is exit 3).
+#   qos1-buffer     QoS 1, the disk buffer's cost: weir with the SQLite sink and no buffer, then
+#                   with [buffer] kind = "disk", fsync = "batch" and ack = "committed" (PUBACK
+#                   after the sink), then the same with ack = "buffered" (PUBACK after the
+#                   buffer's fsync), each a fresh data_dir. SUMMARY qos1-buffer-sqlite-committed
+#                   and qos1-buffer-sqlite-buffered: throughput ratio against no buffer (target
+#                   >= 0.70). When Kafka runs (deploy/local/kafka.sh status), the same three
+#                   against the Kafka sink (SUMMARY qos1-buffer-kafka-*).
 # Default: the first three, plus qos1-kafka when `deploy/local/kafka.sh status` says running and
 # qos1-postgres when `deploy/local/postgres.sh status` does.
 # stdout: a header (machine, commit), every JSON result line, one SUMMARY line per scenario.
@@ -60,7 +67,8 @@ readonly KAFKA_P99_TARGET_MS=25
 readonly PG_TABLE=weir_bench
 readonly PG_RAW_TABLE=weir_bench_raw
 readonly PG_MIN_RATIO=0.8
-readonly ALL_SCENARIOS="qos0-blackhole qos1-blackhole qos1-sqlite qos1-kafka qos1-postgres"
+readonly ALL_SCENARIOS="qos0-blackhole qos1-blackhole qos1-sqlite qos1-kafka qos1-postgres qos1-buffer"
+readonly BUFFER_MIN_RATIO=0.7
 
 connections=100
 duration=10
@@ -138,6 +146,11 @@ verify_lost=0
 weir_pid=
 weir_ready=1
 weir_unready_reason=
+# Set around a start_weir call: its name (files and data_dir; default: the sink), lines for the
+# MQTT listener, and TOML appended to the config.
+weir_name=
+weir_listener_extra=
+weir_config_extra=
 
 log() {
     echo "bench: $*" >&2
@@ -205,7 +218,8 @@ start_mosquitto() {
 # /healthz.
 start_weir() {
     local sink=$1 sink_config=${2:-}
-    local data_dir=$WORK/data-$sink config=$WORK/weir-$sink.toml weir_log=$WORK/weir-$sink.log
+    local name=${weir_name:-$sink}
+    local data_dir=$WORK/data-$name config=$WORK/weir-$name.toml weir_log=$WORK/weir-$name.log
     local waited=0
     local port
     for port in "$WEIR_MQTT_PORT" "$WEIR_OPS_PORT"; do
@@ -223,10 +237,12 @@ listen = "$HOST:$WEIR_OPS_PORT"
 [[listeners]]
 protocol = "mqtt"
 listen = "$HOST:$WEIR_MQTT_PORT"
+$weir_listener_extra
 
 [sink]
 kind = "$sink"
 $sink_config
+$weir_config_extra
 EOF
     log "starting weir with the $sink sink (config $config, log $weir_log)"
     "$WEIR" run --config "$config" >"$weir_log" 2>&1 &
@@ -483,6 +499,46 @@ table = \"$PG_TABLE\""
     fi
 }
 
+# buffer_variants SINK [SINK_CONFIG_LINES]: weir with SINK and no buffer, then with the disk
+# buffer acking after the sink, then acking after the fsync; one SUMMARY line per buffered run.
+buffer_variants() {
+    local sink=$1 sink_config=${2:-} variant
+    for variant in off committed buffered; do
+        weir_name=$sink-buffer-$variant
+        weir_listener_extra=
+        weir_config_extra=
+        if [[ $variant != off ]]; then
+            weir_listener_extra="ack = \"$variant\""
+            weir_config_extra=$'[buffer]\nkind = "disk"\nfsync = "batch"'
+        fi
+        if ((weir_ready)) && start_weir "$sink" "$sink_config"; then
+            flood "weir-$sink-buffer-$variant" "$WEIR_MQTT_PORT" 1 "weir-$sink-buffer-$variant"
+            stop_weir
+        else
+            weir_ready=0
+        fi
+    done
+    weir_name= weir_listener_extra= weir_config_extra=
+    for variant in committed buffered; do
+        summary "qos1-buffer-$sink-$variant (baseline: the same sink without a buffer)" \
+            "$WORK/weir-$sink-buffer-off.json" "$WORK/weir-$sink-buffer-$variant.json" \
+            --min-ratio "$BUFFER_MIN_RATIO"
+    done
+}
+
+buffer_scenario() {
+    buffer_variants sqlite
+    if [[ -x $KAFKA_SH ]] && "$KAFKA_SH" status >/dev/null 2>&1; then
+        "$LOAD" create-topic --brokers "$KAFKA_BROKERS" --topic "$KAFKA_TOPIC-buffer" \
+            --partitions "$KAFKA_PARTITIONS" >&2
+        buffer_variants kafka "brokers = \"$KAFKA_BROKERS\"
+topic = \"$KAFKA_TOPIC-buffer\"
+topic_partitions = $KAFKA_PARTITIONS"
+    else
+        echo "SUMMARY qos1-buffer-kafka: not run (Kafka is not running; deploy/local/kafka.sh start)"
+    fi
+}
+
 # Many simulated devices need many descriptors, in the generator and in the servers.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
@@ -552,6 +608,11 @@ fi
 # (e): PostgreSQL sink against raw binary COPY.
 if selected qos1-postgres; then
     postgres_scenario
+fi
+
+# (f): the disk buffer's cost, against the same sink without it.
+if selected qos1-buffer; then
+    buffer_scenario
 fi
 
 if ((!weir_ready)); then

@@ -8,6 +8,8 @@ use std::task::{Context, Poll, Waker};
 
 use weir_protocols::mqtt::session::Outcome;
 
+use crate::config::AckPoint;
+
 /// An outcome report for one message: the connection's in-flight id and what happened.
 pub type AckEvent = (u64, Outcome);
 
@@ -84,18 +86,39 @@ pub struct AckToken {
 #[derive(Debug)]
 struct Shared {
     id: u64,
+    /// Settled when the disk buffer has synced the record (`ack = "buffered"`), not at the
+    /// sink's commit.
+    at_sync: bool,
     /// The worst outcome reported so far (`Outcome` ranked Stored < Dropped < Failed).
     worst: AtomicU8,
     inbox: Arc<AckInbox>,
 }
 
 impl AckToken {
-    /// A token for in-flight message `id` whose outcome is reported to `inbox`.
+    /// A token for in-flight message `id` whose outcome is reported to `inbox`, settled at the
+    /// sink's commit.
     pub fn new(id: u64, inbox: Arc<AckInbox>) -> Self {
+        Self::at(id, inbox, AckPoint::Committed)
+    }
+
+    /// A token settled at `point`: the disk buffer settles `Buffered` tokens after its fsync,
+    /// everything else settles them after the sink's commit.
+    pub fn at(id: u64, inbox: Arc<AckInbox>, point: AckPoint) -> Self {
+        let at_sync = point == AckPoint::Buffered;
         Self {
-            shared: Arc::new(Shared { id, worst: AtomicU8::new(rank(Outcome::Stored)), inbox }),
+            shared: Arc::new(Shared { id, at_sync, worst: AtomicU8::new(rank(Outcome::Stored)), inbox }),
             settled: false,
         }
+    }
+
+    /// A token for a listener with `point`, or none when the listener acks on receipt.
+    pub fn for_point(point: AckPoint, id: u64, inbox: &Arc<AckInbox>) -> Option<Self> {
+        (point != AckPoint::Received).then(|| Self::at(id, Arc::clone(inbox), point))
+    }
+
+    /// True when the disk buffer's fsync, not the sink's commit, settles this token.
+    pub fn settles_at_sync(&self) -> bool {
+        self.shared.at_sync
     }
 
     /// Splits the token into `n` shares, one per record of the message. With `n == 0` the

@@ -38,6 +38,9 @@ pub struct Config {
     pub fabric: FabricConfig,
     #[serde(default)]
     pub sink: SinkConfig,
+    /// A write-ahead log between the fabric and the sink. Omitted: none (acks follow the sink).
+    #[serde(default)]
+    pub buffer: Option<BufferConfig>,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
 }
@@ -97,6 +100,16 @@ impl ListenerConfig {
             ListenerConfig::Ws(w) => w.ack,
             ListenerConfig::Tcp(t) => t.ack,
             ListenerConfig::MqttBridge(b) => b.ack,
+        }
+    }
+
+    /// The largest message this listener accepts (packet, WebSocket message or frame).
+    pub fn max_message_bytes(&self) -> usize {
+        match self {
+            ListenerConfig::Mqtt(m) => m.max_packet_bytes,
+            ListenerConfig::Ws(w) => w.max_message_bytes.max(w.max_packet_bytes),
+            ListenerConfig::Tcp(t) => t.max_frame_bytes,
+            ListenerConfig::MqttBridge(b) => b.max_packet_bytes,
         }
     }
 }
@@ -583,6 +596,67 @@ impl Default for SqliteSinkConfig {
     }
 }
 
+/// `[buffer]`: the disk buffer, a segmented write-ahead log in front of the sink. Batches are
+/// appended and fsynced before the sink sees them; the sink reads them back, so an outage
+/// fills the disk, not memory, and a restart replays what the sink had not committed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferConfig {
+    pub kind: BufferKind,
+    /// The log's directory, relative to `data_dir`.
+    #[serde(default = "defaults::buffer_dir")]
+    pub dir: PathBuf,
+    /// Bytes the log may take on disk; when reached, devices wait (backpressure), nothing drops.
+    #[serde(default = "defaults::buffer_max_bytes")]
+    pub max_bytes: u64,
+    /// One segment file; space is freed a whole segment at a time. Also bounds one record.
+    #[serde(default = "defaults::buffer_segment_bytes")]
+    pub segment_bytes: u64,
+    #[serde(default = "defaults::buffer_fsync")]
+    pub fsync: FsyncPolicy,
+    /// With `fsync = "interval"`: the longest a written batch waits for its fsync.
+    #[serde(default = "defaults::buffer_fsync_interval_ms")]
+    pub fsync_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BufferKind {
+    Disk,
+}
+
+/// When the disk buffer fsyncs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncPolicy {
+    /// After every group of batches written together (`ack = "buffered"` acks follow it).
+    Batch,
+    /// Every `fsync_interval_ms`: fewer fsyncs; buffered acks wait for the next one.
+    Interval,
+}
+
+impl BufferConfig {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.segment_bytes < 64 * 1024 || self.segment_bytes > u64::from(u32::MAX) {
+            return Err(("segment_bytes", format!("must be between 65536 and {}", u32::MAX)));
+        }
+        if self.max_bytes < 2 * self.segment_bytes {
+            return Err((
+                "max_bytes",
+                format!(
+                    "{} is less than two segments ({}): space is freed a segment at a time",
+                    self.max_bytes,
+                    2 * self.segment_bytes
+                ),
+            ));
+        }
+        if self.fsync == FsyncPolicy::Interval && !(1..=60_000).contains(&self.fsync_interval_ms) {
+            return Err(("fsync_interval_ms", "must be between 1 and 60000".into()));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
@@ -693,6 +767,21 @@ mod defaults {
     pub fn batch_max_bytes() -> usize {
         4 << 20
     }
+    pub fn buffer_dir() -> PathBuf {
+        "buffer".into()
+    }
+    pub fn buffer_max_bytes() -> u64 {
+        1 << 30
+    }
+    pub fn buffer_segment_bytes() -> u64 {
+        64 << 20
+    }
+    pub fn buffer_fsync() -> FsyncPolicy {
+        FsyncPolicy::Batch
+    }
+    pub fn buffer_fsync_interval_ms() -> u64 {
+        100
+    }
     pub fn sqlite_path() -> PathBuf {
         "telemetry.db".into()
     }
@@ -757,6 +846,7 @@ impl Default for Config {
             listeners: defaults::listeners(),
             fabric: FabricConfig::default(),
             sink: SinkConfig::default(),
+            buffer: None,
             shutdown: ShutdownConfig::default(),
         }
     }
@@ -812,14 +902,30 @@ impl Config {
         if let SinkConfig::Postgres(pg) = &self.sink {
             pg.validate().map_err(|(key, reason)| invalid(format!("sink.{key}"), reason))?;
         }
+        if let Some(buffer) = &self.buffer {
+            buffer.validate().map_err(|(key, reason)| invalid(format!("buffer.{key}"), reason))?;
+            // A record is at most its message decoded, plus the raw bytes when they are kept.
+            let largest = self.listeners.iter().map(ListenerConfig::max_message_bytes).max().unwrap_or(0);
+            let needed = 4 * largest as u64 + 64 * 1024;
+            if needed > buffer.segment_bytes {
+                return Err(invalid(
+                    "buffer.segment_bytes".into(),
+                    format!(
+                        "{} is too small for the {largest}-byte messages a listener accepts \
+                         (one record must fit a segment with room: at least {needed})",
+                        buffer.segment_bytes
+                    ),
+                ));
+            }
+        }
         let mut seen = HashSet::new();
         for (i, listener) in self.listeners.iter().enumerate() {
             let key = |field: &str| format!("listeners[{i}].{field}");
-            if listener.ack() == AckPoint::Buffered {
+            if listener.ack() == AckPoint::Buffered && self.buffer.is_none() {
                 return Err(invalid(
                     key("ack"),
-                    "\"buffered\" needs a disk buffer, which this build does not have yet; \
-                     use \"committed\" or \"received\""
+                    "\"buffered\" acks after the disk buffer's fsync, and there is no [buffer]; \
+                     add [buffer] kind = \"disk\", or use \"committed\" or \"received\""
                         .into(),
                 ));
             }

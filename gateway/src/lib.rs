@@ -20,12 +20,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::buffer::DiskBuffer;
 use crate::config::{Config, ListenerConfig, SinkConfig};
 use crate::fabric::{run_batcher, BatchLimits, Fabric};
 use crate::listener::mqtt::MqttContext;
 use crate::metrics::Metrics;
 use crate::shutdown::ShutdownSignal;
-use crate::sink::{run_sink_driver, BlackholeSink, KafkaSink, PostgresSink, SqliteSink};
+use crate::sink::{run_sink_driver, BlackholeSink, KafkaSink, PostgresSink, Sink, SqliteSink};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,8 @@ pub enum StartError {
     Bind { addr: SocketAddr, what: &'static str, source: std::io::Error },
     #[error("sink: {0}")]
     Sink(String),
+    #[error("{0}")]
+    Buffer(String),
     #[error("listener protocol {0:?} is not available in this build")]
     Unsupported(&'static str),
 }
@@ -88,21 +91,37 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     let mut pipeline = JoinSet::new();
     // Sinks without a connection of their own are always "connected".
     metrics.sink_connected.set(1);
+    // With a disk buffer, batches go through its log on their way to the sink.
+    let (buffer, sink_input) = match &config.buffer {
+        Some(buffer) => {
+            let (buffer, sink_input) = DiskBuffer::start(
+                buffer,
+                &config.data_dir,
+                f.batch_max_records,
+                Arc::clone(&metrics),
+                batches_rx,
+            )
+            .map_err(StartError::Buffer)?;
+            (Some(buffer), sink_input)
+        }
+        None => (None, batches_rx),
+    };
+    let driver = Driver { input: sink_input, metrics: Arc::clone(&metrics), abort: abort_rx, buffer };
     match &config.sink {
         SinkConfig::Kafka(kafka) => {
             let sink = KafkaSink::open(kafka, Arc::clone(&metrics)).map_err(StartError::Sink)?;
-            pipeline.spawn(run_sink_driver(sink, batches_rx, Arc::clone(&metrics), abort_rx));
+            pipeline.spawn(driver.run(sink));
         }
         SinkConfig::Postgres(pg) => {
             let sink = PostgresSink::open(pg, Arc::clone(&metrics)).map_err(StartError::Sink)?;
-            pipeline.spawn(run_sink_driver(sink, batches_rx, Arc::clone(&metrics), abort_rx));
+            pipeline.spawn(driver.run(sink));
         }
         SinkConfig::Sqlite(sqlite) => {
             let sink = SqliteSink::open(&config.data_dir, sqlite).map_err(StartError::Sink)?;
-            pipeline.spawn(run_sink_driver(sink, batches_rx, Arc::clone(&metrics), abort_rx));
+            pipeline.spawn(driver.run(sink));
         }
         SinkConfig::Blackhole {} => {
-            pipeline.spawn(run_sink_driver(BlackholeSink, batches_rx, Arc::clone(&metrics), abort_rx));
+            pipeline.spawn(driver.run(BlackholeSink));
         }
     }
     let limits = BatchLimits {
@@ -212,6 +231,29 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         listeners,
         pipeline,
     })
+}
+
+/// What the sink driver task needs, whatever the sink.
+struct Driver {
+    input: flume::Receiver<fabric::Batch>,
+    metrics: Arc<Metrics>,
+    abort: watch::Receiver<bool>,
+    buffer: Option<DiskBuffer>,
+}
+
+impl Driver {
+    async fn run<S: Sink>(self, sink: S) {
+        let commit_log = self.buffer.as_ref().map(|b| Arc::clone(&b.commit_log));
+        run_sink_driver(sink, self.input, self.metrics, self.abort, commit_log).await;
+        if let Some(buffer) = self.buffer {
+            // The sink is done: record its last commits in the log, and let the threads end.
+            let _ = tokio::task::spawn_blocking(move || {
+                buffer.commit_log.persist();
+                buffer.join();
+            })
+            .await;
+        }
+    }
 }
 
 /// Runs a gateway until `shutdown` completes, then shuts it down within the grace period.

@@ -56,6 +56,22 @@ pub struct Metrics {
     pub kafka_errors: Family<ReasonLabel, Counter>,
     pub kafka_dead_lettered: Family<ReasonLabel, Counter>,
     pub kafka_producer_rebuilds: Counter,
+    pub buffer_bytes: Gauge,
+    pub buffer_unacked_records: Gauge,
+    pub buffer_appended_records: Counter,
+    pub buffer_replayed_records: Counter,
+    pub buffer_read_records: Family<SourceLabel, Counter>,
+    pub buffer_corruptions: Counter,
+    pub buffer_lost_records: Counter,
+    pub buffer_full: Family<ReasonLabel, Counter>,
+    pub buffer_waiting: Gauge,
+    pub buffer_errors: Family<ReasonLabel, Counter>,
+    pub buffer_fsync_seconds: Histogram,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: &'static str,
 }
 
 impl Metrics {
@@ -87,6 +103,17 @@ impl Metrics {
             kafka_errors: Family::default(),
             kafka_dead_lettered: Family::default(),
             kafka_producer_rebuilds: Counter::default(),
+            buffer_bytes: Gauge::default(),
+            buffer_unacked_records: Gauge::default(),
+            buffer_appended_records: Counter::default(),
+            buffer_replayed_records: Counter::default(),
+            buffer_read_records: Family::default(),
+            buffer_corruptions: Counter::default(),
+            buffer_lost_records: Counter::default(),
+            buffer_full: Family::default(),
+            buffer_waiting: Gauge::default(),
+            buffer_errors: Family::default(),
+            buffer_fsync_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 18)),
         };
         let r = &mut m.registry;
         r.register("connections_active", "Open device connections", m.connections_active.clone());
@@ -185,6 +212,53 @@ impl Metrics {
             "kafka_producer_rebuilds",
             "Producers rebuilt after a fatal error",
             m.kafka_producer_rebuilds.clone(),
+        );
+        r.register("buffer_bytes", "Bytes the disk buffer takes on disk", m.buffer_bytes.clone());
+        r.register(
+            "buffer_unacked_records",
+            "Disk buffer entries the sink has not committed yet (the backlog)",
+            m.buffer_unacked_records.clone(),
+        );
+        r.register(
+            "buffer_appended_records",
+            "Records and dead letters appended to the disk buffer",
+            m.buffer_appended_records.clone(),
+        );
+        r.register(
+            "buffer_replayed_records",
+            "Disk buffer entries found unacknowledged at start, replayed before new records",
+            m.buffer_replayed_records.clone(),
+        );
+        r.register(
+            "buffer_read_records",
+            "Records handed from the disk buffer to the sink: straight from memory, or read back from disk",
+            m.buffer_read_records.clone(),
+        );
+        r.register(
+            "buffer_corruptions",
+            "Damaged regions found in the disk buffer (reported, skipped)",
+            m.buffer_corruptions.clone(),
+        );
+        r.register(
+            "buffer_lost_records",
+            "Disk buffer entries lost to damage (where the count is known)",
+            m.buffer_lost_records.clone(),
+        );
+        r.register(
+            "buffer_full",
+            "Times appending to the disk buffer had to wait for room, by reason",
+            m.buffer_full.clone(),
+        );
+        r.register(
+            "buffer_waiting",
+            "1 while the disk buffer waits for room (devices are held back)",
+            m.buffer_waiting.clone(),
+        );
+        r.register("buffer_errors", "Disk buffer I/O errors, by kind", m.buffer_errors.clone());
+        r.register(
+            "buffer_fsync_duration_seconds",
+            "Time of one disk buffer fsync",
+            m.buffer_fsync_seconds.clone(),
         );
         m
     }

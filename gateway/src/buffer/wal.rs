@@ -427,9 +427,8 @@ impl Wal {
             .iter()
             .map(|s| SegmentPlan { path: s.path.clone(), runs: s.runs.clone() })
             .collect();
-        let mut end_seq = self.next_seq;
+        let end_seq = self.written_end();
         if let Some(active) = &self.active {
-            end_seq = self.next_seq - active.pending_entries;
             plans.push(SegmentPlan {
                 path: active.path.clone(),
                 runs: active.run(self.next_seq).into_iter().collect(),
@@ -441,6 +440,12 @@ impl Wal {
     /// Bytes the log takes on disk, counting what is buffered (compared against `max_bytes`).
     pub fn used_bytes(&self) -> u64 {
         self.closed_bytes + self.active.as_ref().map_or(0, ActiveSegment::len)
+    }
+
+    /// One past the last entry written to the files, so readable by
+    /// [`read_from`](Wal::read_from) (entries still buffered by [`append`](Wal::append) are not).
+    pub fn written_end(&self) -> u64 {
+        self.next_seq - self.active.as_ref().map_or(0, |active| active.pending_entries)
     }
 
     /// The sequence number the next append gets.

@@ -26,10 +26,14 @@ pub struct Batch {
     /// Items pushed (settling drains `items`; the room to return stays counted here).
     records: usize,
     charged: usize,
-    budget: Arc<Budget>,
+    /// The shard room the items hold; none for items read back from the disk buffer.
+    budget: Option<Arc<Budget>>,
     /// Batches merged into this one (their items moved here); they return their room when
     /// this batch drops.
     absorbed: Vec<Batch>,
+    /// With a disk buffer: the log sequence number of the last item (items are consecutive
+    /// entries), acknowledged to the log once the sink committed the batch.
+    pub wal_end: Option<u64>,
 }
 
 impl Batch {
@@ -39,16 +43,39 @@ impl Batch {
             bytes: 0,
             records: 0,
             charged: 0,
-            budget,
+            budget: Some(budget),
             absorbed: Vec::new(),
+            wal_end: None,
+        }
+    }
+
+    /// A batch of items that hold no shard room (read back from the disk buffer), ending at
+    /// log sequence `wal_end`.
+    pub fn from_log(items: Vec<Item>, wal_end: u64) -> Self {
+        let bytes = items.iter().map(|i| i.bytes).sum();
+        Self {
+            records: items.len(),
+            items,
+            bytes,
+            charged: 0,
+            budget: None,
+            absorbed: Vec::new(),
+            wal_end: Some(wal_end),
         }
     }
 
     fn push(&mut self, item: Item) {
         self.bytes += item.bytes;
         self.records += 1;
-        self.charged += self.budget.charge(item.bytes);
+        if let Some(budget) = &self.budget {
+            self.charged += budget.charge(item.bytes);
+        }
         self.items.push(item);
+    }
+
+    /// Approximate bytes the items hold.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     pub fn len(&self) -> usize {
@@ -60,6 +87,7 @@ impl Batch {
     pub fn absorb(&mut self, mut other: Batch) {
         self.items.append(&mut other.items);
         self.bytes += other.bytes;
+        self.wal_end = self.wal_end.max(other.wal_end);
         self.absorbed.push(other);
     }
 
@@ -79,7 +107,9 @@ impl Drop for Batch {
     fn drop(&mut self) {
         // Items still here were not settled: their ack tokens report `Failed` as they drop.
         self.items.clear();
-        self.budget.release(self.records, self.charged);
+        if let Some(budget) = &self.budget {
+            budget.release(self.records, self.charged);
+        }
     }
 }
 

@@ -496,8 +496,8 @@ impl Connection<'_> {
         let bridge = self.bridge;
         bridge.messages_received.inc();
         let id = self.ledger.take(pkid);
-        let committed = bridge.config.ack == AckPoint::Committed;
-        let token = committed.then(|| AckToken::new(id, Arc::clone(&self.inbox)));
+        let tracked = bridge.config.ack != AckPoint::Received;
+        let token = AckToken::for_point(bridge.config.ack, id, &self.inbox);
         let device_id = device_from_topic(&topic, bridge.config.device_id_topic_level);
         let received_ts_ms = now_ms();
         let decoded = {
@@ -536,7 +536,7 @@ impl Connection<'_> {
                 items.push(Item::dead_letter(letter, token));
             }
         }
-        self.enqueue_all(id, items, committed).await
+        self.enqueue_all(id, items, tracked).await
     }
 
     /// A PUBLISH larger than `max_packet_bytes`: it is never buffered. Its topic and packet id
@@ -569,8 +569,8 @@ impl Connection<'_> {
             "message larger than max_packet_bytes: dead-lettered without its payload"
         );
         let id = self.ledger.take(pkid);
-        let committed = bridge.config.ack == AckPoint::Committed;
-        let token = committed.then(|| AckToken::new(id, Arc::clone(&self.inbox)));
+        let tracked = bridge.config.ack != AckPoint::Received;
+        let token = AckToken::for_point(bridge.config.ack, id, &self.inbox);
         let letter = DeadLetter {
             device_id: device_from_topic(&topic, bridge.config.device_id_topic_level).to_owned(),
             protocol: SourceProtocol::MqttBridge,
@@ -581,7 +581,7 @@ impl Connection<'_> {
         };
         self.skipping = size;
         self.discard_skipped();
-        self.enqueue_all(id, vec![Item::dead_letter(letter, token)], committed).await?;
+        self.enqueue_all(id, vec![Item::dead_letter(letter, token)], tracked).await?;
         Ok(true)
     }
 
@@ -593,7 +593,7 @@ impl Connection<'_> {
         self.skipping == 0
     }
 
-    async fn enqueue_all(&mut self, id: u64, items: Vec<Item>, committed: bool) -> Result<(), End> {
+    async fn enqueue_all(&mut self, id: u64, items: Vec<Item>, tracked: bool) -> Result<(), End> {
         let mut outcome = Outcome::Stored;
         for item in items {
             match self.enqueue(item).await? {
@@ -601,7 +601,7 @@ impl Connection<'_> {
                 other => outcome = other,
             }
         }
-        if !committed {
+        if !tracked {
             // `ack = "received"`: acknowledged once the message is in the fabric.
             self.ledger.complete(id, outcome);
         }

@@ -62,7 +62,8 @@ pub struct Closing;
 pub struct Waiting {
     n: u64,
     items: Vec<Item>,
-    committed: bool,
+    /// Acked through its token (after the commit or the buffer's sync), not on enqueue.
+    tracked: bool,
 }
 
 /// One message awaiting its outcome.
@@ -170,8 +171,8 @@ impl MessageQueue {
         ctx.messages_received.inc();
         let n = self.next_n;
         self.next_n += 1;
-        let committed = ctx.ack == AckPoint::Committed;
-        let token = committed.then(|| AckToken::new(n, Arc::clone(&self.inbox)));
+        let tracked = ctx.ack != AckPoint::Received;
+        let token = AckToken::for_point(ctx.ack, n, &self.inbox);
         let received_ts_ms = now_ms();
         let decoded = {
             let decode_ctx = DecodeContext {
@@ -199,7 +200,7 @@ impl MessageQueue {
                 items.push(self.dead_letter(device_id, source, payload, reason, received_ts_ms, token));
             }
         }
-        self.enqueue_now(pending, items, committed)
+        self.enqueue_now(pending, items, tracked)
     }
 
     /// Stores a message the listener itself found invalid (e.g. a hello out of place) as a dead
@@ -216,12 +217,12 @@ impl MessageQueue {
         self.ctx.messages_received.inc();
         let n = self.next_n;
         self.next_n += 1;
-        let committed = self.ctx.ack == AckPoint::Committed;
-        let token = committed.then(|| AckToken::new(n, Arc::clone(&self.inbox)));
+        let tracked = self.ctx.ack != AckPoint::Received;
+        let token = AckToken::for_point(self.ctx.ack, n, &self.inbox);
         let pending =
             Pending { n, seq: None, format: reply_format, undecodable: Some(reason.clone()), status: None };
         let item = self.dead_letter(device_id, source, payload, reason, now_ms(), token);
-        self.enqueue_now(pending, vec![item], committed)
+        self.enqueue_now(pending, vec![item], tracked)
     }
 
     fn dead_letter(
@@ -251,7 +252,7 @@ impl MessageQueue {
         &mut self,
         pending: Pending,
         items: Vec<Item>,
-        committed: bool,
+        tracked: bool,
     ) -> Result<Option<Waiting>, Closing> {
         let n = pending.n;
         self.pending.push_back(pending);
@@ -261,7 +262,7 @@ impl MessageQueue {
                 Ok(()) => {}
                 Err(SendError::Full(item)) => {
                     let rest = std::iter::once(item).chain(items).collect();
-                    return Ok(Some(Waiting { n, items: rest, committed }));
+                    return Ok(Some(Waiting { n, items: rest, tracked }));
                 }
                 Err(SendError::Closed(item)) => {
                     item.settle(Outcome::Failed);
@@ -269,7 +270,7 @@ impl MessageQueue {
                 }
             }
         }
-        if !committed {
+        if !tracked {
             // `ack = "received"`: answered once the message is in the fabric.
             self.complete(n, Outcome::Stored);
         }
@@ -279,7 +280,7 @@ impl MessageQueue {
     /// Enqueues what [`MessageQueue::enqueue_now`] could not, waiting for room (or answering
     /// busy), while outcomes of earlier messages keep being applied.
     pub async fn enqueue_waiting(&mut self, waiting: Waiting) -> Result<(), Closing> {
-        let Waiting { n, items, committed } = waiting;
+        let Waiting { n, items, tracked } = waiting;
         let mut worst = Outcome::Stored;
         for item in items {
             let stored = self.enqueue(item).await?;
@@ -287,7 +288,7 @@ impl MessageQueue {
                 worst = stored;
             }
         }
-        if !committed {
+        if !tracked {
             self.complete(n, worst);
         }
         Ok(())

@@ -147,7 +147,8 @@ struct Waiting {
     /// The worst outcome so far of the message's records.
     outcome: Outcome,
     ack: Option<InflightId>,
-    committed: bool,
+    /// Acked through its token (after the commit or the buffer's sync), not on enqueue.
+    tracked: bool,
 }
 
 /// What one packet asks of the connection task.
@@ -344,8 +345,9 @@ impl<S: ByteStream> Connection<S> {
     ) -> Result<Option<Waiting>, CloseReason> {
         let metrics = Arc::clone(&self.ctx.metrics);
         self.ctx.messages_received.inc();
-        let committed = self.ctx.config.ack == AckPoint::Committed;
-        let token = ack.filter(|_| committed).map(|id| AckToken::new(id.get(), Arc::clone(&self.inbox)));
+        let point = self.ctx.config.ack;
+        let tracked = point != AckPoint::Received;
+        let token = ack.and_then(|id| AckToken::for_point(point, id.get(), &self.inbox));
         let decoded = {
             let ctx = DecodeContext {
                 fallback_device_id: &self.client_id,
@@ -389,7 +391,7 @@ impl<S: ByteStream> Connection<S> {
                 Ok(()) => {}
                 Err(SendError::Full(item)) => {
                     let rest = std::iter::once(item).chain(items).collect();
-                    return Ok(Some(Waiting { items: rest, outcome: Outcome::Stored, ack, committed }));
+                    return Ok(Some(Waiting { items: rest, outcome: Outcome::Stored, ack, tracked }));
                 }
                 Err(SendError::Closed(item)) => {
                     item.settle(Outcome::Failed);
@@ -397,21 +399,21 @@ impl<S: ByteStream> Connection<S> {
                 }
             }
         }
-        self.published(ack, committed, Outcome::Stored)?;
+        self.published(ack, tracked, Outcome::Stored)?;
         Ok(None)
     }
 
     /// Enqueues what [`Connection::publish`] could not, waiting for room in the fabric while
     /// still writing acks for earlier messages.
     async fn publish_waiting(&mut self, waiting: Waiting) -> Result<(), CloseReason> {
-        let Waiting { items, mut outcome, ack, committed } = waiting;
+        let Waiting { items, mut outcome, ack, tracked } = waiting;
         for item in items {
             let stored = self.enqueue(item).await?;
             if stored != Outcome::Stored {
                 outcome = stored;
             }
         }
-        self.published(ack, committed, outcome)
+        self.published(ack, tracked, outcome)
     }
 
     /// Every record of a message is in the fabric (or dropped): with `ack = "received"`, that
@@ -419,10 +421,10 @@ impl<S: ByteStream> Connection<S> {
     fn published(
         &mut self,
         ack: Option<InflightId>,
-        committed: bool,
+        tracked: bool,
         outcome: Outcome,
     ) -> Result<(), CloseReason> {
-        if let (Some(id), false) = (ack, committed) {
+        if let (Some(id), false) = (ack, tracked) {
             self.session.complete(id, outcome).map_err(|v| self.violation_reason(v))?;
         }
         Ok(())

@@ -23,6 +23,7 @@ pub use kafka::KafkaSink;
 pub use postgres::PostgresSink;
 pub use sqlite::SqliteSink;
 
+use crate::buffer::CommitLog;
 use crate::fabric::Batch;
 use crate::metrics::{Metrics, ReasonLabel};
 
@@ -80,12 +81,20 @@ type InFlight = Pin<Box<dyn Future<Output = (Arc<Batch>, Instant, Result<WriteRe
 
 /// Writes batches until the batchers are gone (input ended) or `abort` turns true (the grace
 /// period is over: batches in hand fail, their devices are not acked).
+///
+/// With a disk buffer (`commit_log`), every committed batch is reported to it, and errors
+/// retrying cannot fix are retried anyway: the records are acknowledged on disk and must not
+/// be dropped, so a sink that keeps failing holds the buffer, which fills and then holds the
+/// devices back.
 pub async fn run_sink_driver<S: Sink>(
     mut sink: S,
     batches_rx: flume::Receiver<Batch>,
     metrics: Arc<Metrics>,
     mut abort: watch::Receiver<bool>,
+    commit_log: Option<Arc<CommitLog>>,
 ) {
+    let retry_fatal = commit_log.is_some();
+    let commit_log = commit_log.as_deref();
     metrics.sink_ready.set(1);
     let max_in_flight = sink.max_in_flight().max(1);
     let mut in_flight: FuturesOrdered<InFlight> = FuturesOrdered::new();
@@ -96,13 +105,13 @@ pub async fn run_sink_driver<S: Sink>(
             biased;
             Some((batch, started, result)) = in_flight.next(), if !in_flight.is_empty() => {
                 let result = match result {
-                    Err(SinkError::Retriable(error)) => {
-                        note_failure(&sink, &metrics, &batch, &SinkError::Retriable(error));
-                        retry(&mut sink, &batch, &metrics, &mut abort).await
+                    Err(error) if retry_fatal || matches!(error, SinkError::Retriable(_)) => {
+                        note_failure(&sink, &metrics, &batch, &error);
+                        retry(&mut sink, &batch, &metrics, &mut abort, retry_fatal).await
                     }
                     other => other,
                 };
-                finish(&sink, &metrics, batch, started, result);
+                finish(&sink, &metrics, batch, started, result, commit_log);
             }
             received = batches_rx.recv_async(), if input_open && in_flight.len() < max_in_flight => {
                 let Ok(mut batch) = received else {
@@ -120,17 +129,18 @@ pub async fn run_sink_driver<S: Sink>(
                 let pending = match sink.submit(Arc::clone(&batch)).await {
                     Ok(pending) => pending,
                     Err(error) => {
-                        note_failure(&sink, &metrics, &batch, &error);
                         // Later batches wait behind this one: order is kept.
-                        let result = match error {
-                            SinkError::Retriable(_) => retry(&mut sink, &batch, &metrics, &mut abort).await,
-                            fatal => Err(fatal),
+                        let result = if retry_fatal || matches!(error, SinkError::Retriable(_)) {
+                            note_failure(&sink, &metrics, &batch, &error);
+                            retry(&mut sink, &batch, &metrics, &mut abort, retry_fatal).await
+                        } else {
+                            Err(error)
                         };
                         // Earlier batches complete before this one is settled.
                         while let Some((b, s, r)) = in_flight.next().await {
-                            finish(&sink, &metrics, b, s, r);
+                            finish(&sink, &metrics, b, s, r, commit_log);
                         }
-                        finish(&sink, &metrics, batch, started, result);
+                        finish(&sink, &metrics, batch, started, result, commit_log);
                         continue;
                     }
                 };
@@ -140,13 +150,14 @@ pub async fn run_sink_driver<S: Sink>(
     }
 }
 
-/// Submits and awaits `batch` again with backoff until it is written, fails for good, or the
-/// grace period ends.
+/// Submits and awaits `batch` again with backoff until it is written, fails for good (unless
+/// `retry_fatal`), or the grace period ends.
 async fn retry<S: Sink>(
     sink: &mut S,
     batch: &Arc<Batch>,
     metrics: &Metrics,
     abort: &mut watch::Receiver<bool>,
+    retry_fatal: bool,
 ) -> Result<WriteReport, SinkError> {
     let mut backoff = FIRST_BACKOFF;
     let mut attempt = 1u32;
@@ -165,7 +176,7 @@ async fn retry<S: Sink>(
             Err(error) => Err(error),
         };
         match result {
-            Err(SinkError::Retriable(error)) => {
+            Err(error) if retry_fatal || matches!(error, SinkError::Retriable(_)) => {
                 metrics.sink_errors.get_or_create(&ReasonLabel { reason: "retriable" }).inc();
                 if attempt.is_power_of_two() {
                     tracing::warn!(sink = sink.name(), attempt, %error, records = batch.len(), "sink write failed; retrying");
@@ -182,11 +193,9 @@ async fn retry<S: Sink>(
 }
 
 fn note_failure<S: Sink>(sink: &S, metrics: &Metrics, batch: &Batch, error: &SinkError) {
-    if let SinkError::Retriable(_) = error {
-        metrics.sink_ready.set(0);
-        metrics.sink_errors.get_or_create(&ReasonLabel { reason: "retriable" }).inc();
-        tracing::warn!(sink = sink.name(), %error, records = batch.len(), "sink write failed; retrying");
-    }
+    metrics.sink_ready.set(0);
+    metrics.sink_errors.get_or_create(&ReasonLabel { reason: "retriable" }).inc();
+    tracing::warn!(sink = sink.name(), %error, records = batch.len(), "sink write failed; retrying");
 }
 
 /// Counts the outcome and settles the batch's acks: stored on success; on failure the tokens
@@ -197,9 +206,13 @@ fn finish<S: Sink>(
     batch: Arc<Batch>,
     started: Instant,
     result: Result<WriteReport, SinkError>,
+    commit_log: Option<&CommitLog>,
 ) {
     match result {
         Ok(report) => {
+            if let (Some(log), Some(wal_end)) = (commit_log, batch.wal_end) {
+                log.committed(wal_end);
+            }
             metrics.sink_ready.set(1);
             metrics.sink_batch_seconds.observe(started.elapsed().as_secs_f64());
             metrics.sink_batch_records.observe(batch.len() as f64);
@@ -216,6 +229,9 @@ fn finish<S: Sink>(
             }
         }
         Err(error) => {
+            if let Some(log) = commit_log {
+                log.failed();
+            }
             metrics.sink_errors.get_or_create(&ReasonLabel { reason: "fatal" }).inc();
             metrics.records_failed.inc_by(batch.len() as u64);
             tracing::error!(sink = sink.name(), %error, records = batch.len(), "batch not stored; its devices were not acked and will resend");
