@@ -520,21 +520,22 @@ async fn sigkill_5_times(case: &str, buffered: bool) {
         if let Some(previous) = kills.last_mut() {
             previous.replayed = buffer_metric(&weir, "weir_buffer_replayed_records_total");
         }
-        let resent_before = watch.snapshot().resent;
+        let before = watch.snapshot();
         weir.sigkill();
         assert!(
             publishing_began.elapsed() < Duration::from_secs(PUBLISH_SECS),
             "kill {number} came after the devices stopped publishing: restarts are too slow for this schedule"
         );
         weir.start().await;
+        // Each device reconnects once per kill, and counts as connected once its outbox is
+        // resent.
         let all_back = wait_for(Duration::from_secs(30), || {
             let s = watch.snapshot();
-            s.connected == u64::from(DEVICES) && s.resent > resent_before
+            s.reconnects >= before.reconnects + u64::from(DEVICES) && s.connected == u64::from(DEVICES)
         })
         .await;
         assert!(all_back, "kill {number}: devices did not come back: {:?}", watch.snapshot());
-        // Every device has reconnected and resent its outbox by now.
-        kill.resent = watch.snapshot().resent - resent_before;
+        kill.resent = watch.snapshot().resent - before.resent;
         println!(
             "{case}: kill {number}: device_in_flight={} buffer_unacked={} resent_after={}",
             kill.device_in_flight, kill.buffer_unacked, kill.resent
@@ -550,12 +551,17 @@ async fn sigkill_5_times(case: &str, buffered: bool) {
     let found = read_kafka(&topic).await;
     weir.terminate().await;
     let verdict = verdict(&report.devices, &found);
-    // A record is duplicated only by being written again after a kill: resent by a device that
-    // had not seen its PUBACK (at most its outbox when the connection broke, which is what
-    // `resent` counts), or replayed by weir from the buffer (at most the entries the sink had not
-    // acknowledged at the kill, which is what `weir_buffer_replayed_records_total` counts; 0 without a
-    // buffer). The idempotent producer adds none. So duplicates ≤ Σ over the kills of
-    // (resent + replayed): the records in flight at the kills.
+    // The bound on duplicates. A record is written twice only when it is written again after a
+    // kill, in one of two ways:
+    // - a device resends it, not having seen its PUBACK: what was in flight on the device side
+    //   when the connection broke, exactly what `resent` counts;
+    // - the restarted weir replays it from the buffer: everything after the watermark persisted
+    //   in the log at the kill, exactly what `weir_buffer_replayed_records_total` counts (0 without
+    //   a buffer). This is more than `weir_buffer_unacked_records` sampled before the kill: the
+    //   watermark is persisted at most every 200 ms, so the replay also repeats up to ~200 ms of
+    //   records the sink had committed.
+    // The idempotent producer adds none within one process. So duplicates ≤ Σ over the kills of
+    // (resent + replayed), the records in flight at the kills as each side measured them.
     let bound: u64 = kills.iter().map(|k| k.resent + k.replayed).sum();
     let list = |f: fn(&Kill) -> u64| kills.iter().map(f).map(|n| n.to_string()).collect::<Vec<_>>().join(",");
     print_fault_line(
@@ -720,8 +726,23 @@ async fn tiny_filesystem() {
             report.errors
         ),
     );
+    // What weir said about it, once when the disk filled and once when room returned.
+    let log = weir.log_text();
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("disk buffer full") || l.contains("disk buffer has room again"))
+        .collect();
+    for line in &said {
+        println!("{CASE}: log: {line}");
+    }
     assert_eq!(verdict.totals.lost, 0, "acked records lost: {}", explain_loss(&verdict));
     assert_eq!(corruptions, 0, "a full disk left damage behind");
+    assert!(
+        said.iter().any(|l| l.contains("No space left")),
+        "the log names the full disk:\n{}",
+        weir.log_tail(30)
+    );
+    assert!(said.iter().any(|l| l.contains("room again")), "the log says when room returned");
     assert_eq!(report.errors, 0);
     assert_eq!(report.reconnects, 0, "weir never dropped a device");
     drop(tmpfs);
