@@ -63,6 +63,7 @@ pub struct Metrics {
     pub mqtt_sessions_taken_over: Counter,
     pub mqtt_session_store_transactions: Counter,
     pub mqtt_session_store_requests: Counter,
+    pub mqtt_session_store_pending: Gauge,
     pub mqtt_session_store_commit_seconds: Histogram,
     pub mqtt_session_store_errors: Counter,
 }
@@ -103,6 +104,7 @@ impl Metrics {
             mqtt_sessions_taken_over: Counter::default(),
             mqtt_session_store_transactions: Counter::default(),
             mqtt_session_store_requests: Counter::default(),
+            mqtt_session_store_pending: Gauge::default(),
             mqtt_session_store_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             mqtt_session_store_errors: Counter::default(),
         };
@@ -234,6 +236,11 @@ impl Metrics {
             "mqtt_session_store_requests",
             "Connects and disconnects recorded by the session store",
             m.mqtt_session_store_requests.clone(),
+        );
+        r.register(
+            "mqtt_session_store_pending",
+            "Requests sent to the session store and not yet committed (connects wait for their CONNACK)",
+            m.mqtt_session_store_pending.clone(),
         );
         r.register(
             "mqtt_session_store_commit_duration_seconds",

@@ -228,9 +228,9 @@ impl Sessions {
             connection_id,
         };
         let (reply, verdict) = oneshot::channel();
-        let verdict = match requests_tx.send_async(Request::Connect { record, reply }).await {
+        let verdict = match self.send(requests_tx, Request::Connect { record, reply }).await {
             Ok(()) => verdict.await.unwrap_or(Err(StoreError::Stopped)),
-            Err(_) => Err(StoreError::Stopped),
+            Err(error) => Err(error),
         };
         match verdict {
             Ok(Verdict::Accepted { present, stored }) => {
@@ -264,6 +264,16 @@ impl Sessions {
         }
     }
 
+    /// Queues a request for the writer, waiting for room.
+    async fn send(&self, requests_tx: &flume::Sender<Request>, request: Request) -> Result<(), StoreError> {
+        let pending = &self.metrics.mqtt_session_store_pending;
+        pending.inc();
+        requests_tx.send_async(request).await.map_err(|_| {
+            pending.dec();
+            StoreError::Stopped
+        })
+    }
+
     fn refused(&self, reason: &'static str) {
         self.metrics.mqtt_sessions_refused.get_or_create(&ReasonLabel { reason }).inc();
     }
@@ -273,7 +283,7 @@ impl Sessions {
     pub async fn disconnected(&self, client_id: String, connection_id: u64, expiry_s: Option<u32>) {
         let Some(requests_tx) = &self.requests_tx else { return };
         let expiry_s = expiry_s.map(|s| s.min(self.max_expiry_s));
-        let _ = requests_tx.send_async(Request::Disconnect { client_id, connection_id, expiry_s }).await;
+        let _ = self.send(requests_tx, Request::Disconnect { client_id, connection_id, expiry_s }).await;
     }
 
     /// Makes `connection_id` the live connection of `client_id`. A connection that held it
@@ -450,7 +460,9 @@ impl Writer {
         let now = now_ms();
         let stored_before = self.stored;
         let started = Instant::now();
-        match self.apply(group, now, sweep) {
+        let outcome = self.apply(group, now, sweep);
+        self.metrics.mqtt_session_store_pending.dec_by(group.len() as i64);
+        match outcome {
             Ok((verdicts, expired)) => {
                 let metrics = &self.metrics;
                 metrics.mqtt_session_store_transactions.inc();
@@ -722,6 +734,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::new());
         let (sessions, done) = Sessions::open(dir.path(), &config(1000), Arc::clone(&metrics)).unwrap();
+        // Another connection holds the write lock (as a slow disk would hold the writer), so
+        // that every connect is queued before the first transaction can commit.
+        let lock = Connection::open(dir.path().join(SESSIONS_FILE)).unwrap();
+        lock.execute_batch("BEGIN IMMEDIATE").unwrap();
         let connects: Vec<_> = (0..DEVICES)
             .map(|n| {
                 let sessions = Arc::clone(&sessions);
@@ -731,6 +747,13 @@ mod tests {
                 })
             })
             .collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+        while metrics.mqtt_session_store_pending.get() < DEVICES as i64 {
+            assert!(tokio::time::Instant::now() < deadline, "every connect is queued");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(metrics.mqtt_session_store_transactions.get(), 0, "none committed yet");
+        lock.execute_batch("COMMIT").unwrap();
         for connect in connects {
             assert_eq!(connect.await.unwrap().decision, accepted(false, 60));
         }
@@ -738,7 +761,9 @@ mod tests {
         done.wait().await;
         let transactions = metrics.mqtt_session_store_transactions.get();
         assert_eq!(metrics.mqtt_session_store_requests.get(), DEVICES);
-        assert!(transactions < DEVICES, "{transactions} transactions for {DEVICES} connects");
+        // The one the writer had taken before it met the lock, then all the others.
+        assert!(transactions <= 2, "{transactions} transactions for {DEVICES} connects");
+        assert_eq!(metrics.mqtt_session_store_pending.get(), 0);
         assert_eq!(metrics.mqtt_sessions.get(), DEVICES as i64);
     }
 

@@ -24,7 +24,11 @@ pub struct TestGateway {
 impl TestGateway {
     /// Starts a gateway from TOML (listeners and ops on port 0 unless the text says otherwise).
     pub async fn start(extra_toml: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), extra_toml).await
+    }
+
+    /// Starts a gateway on an existing data directory, as after a restart.
+    pub async fn start_in(dir: tempfile::TempDir, extra_toml: &str) -> Self {
         let text = format!(
             "data_dir = {:?}\n[ops]\nlisten = \"127.0.0.1:0\"\n{extra_toml}",
             dir.path().display().to_string()
