@@ -313,6 +313,8 @@ enum Phase {
     Deciding,
     /// CONNACK sent.
     Connected,
+    /// CONNECT refused (or not decided in time); the connection closes.
+    Refused,
 }
 
 /// What a CONNECT leaves for its CONNACK while the gateway decides.
@@ -428,10 +430,10 @@ impl Session {
     pub fn timed_out(&mut self) -> Violation {
         let violation = match self.phase {
             Phase::Connected => Violation::KeepaliveTimeout,
-            Phase::Connecting => Violation::ConnectTimeout,
+            Phase::Connecting | Phase::Refused => Violation::ConnectTimeout,
             Phase::Deciding => {
                 self.pending = None;
-                self.phase = Phase::Connecting;
+                self.phase = Phase::Refused;
                 let violation = Violation::DecisionTimeout;
                 if self.version.is_v5() {
                     self.refuse_connect_v5(&violation);
@@ -450,7 +452,7 @@ impl Session {
     /// unread so the device's writes block. MQTT 5 devices are always read: their Receive
     /// Maximum holds them back, and a PINGREQ sent meanwhile is answered.
     pub fn can_read(&self) -> bool {
-        self.phase != Phase::Deciding
+        matches!(self.phase, Phase::Connecting | Phase::Connected)
             && (self.version.is_v5() || self.window_used() < self.limits.max_inflight)
     }
 
@@ -470,7 +472,7 @@ impl Session {
         let Some(pending) = self.pending.take() else { return Ok(()) };
         match decision {
             ConnectDecision::Refuse(refusal) => {
-                self.phase = Phase::Connecting;
+                self.phase = Phase::Refused;
                 let violation = Violation::ConnectRefused(refusal);
                 if self.version.is_v5() {
                     self.refuse_connect_v5(&violation);
@@ -618,10 +620,10 @@ impl Session {
                     _ => Err(Violation::NotConnected),
                 }
             }
-            // The caller reads nothing while deciding (`can_read`); a packet handed in anyway is
-            // not processed.
-            Phase::Deciding => {
-                return Err(Violation::ProtocolError("a packet before the CONNACK was decided"))
+            // The caller reads nothing while deciding or once refused (`can_read`); a packet
+            // handed in anyway is not processed.
+            Phase::Deciding | Phase::Refused => {
+                return Err(Violation::ProtocolError("a packet before an accepting CONNACK"))
             }
             Phase::Connected => {}
         }
@@ -1208,7 +1210,7 @@ mod tests {
             let violation = s.decide(ConnectDecision::Refuse(refusal), Instant::now()).unwrap_err();
             assert_eq!(violation, Violation::ConnectRefused(refusal));
             assert_eq!(written(&mut s), [connack(code)], "{refusal:?}");
-            assert!(!s.is_connected());
+            assert!(!s.is_connected() && !s.can_read());
 
             let mut s = Session::new(limits_v5(), Instant::now());
             s.on_packet(connect_v5("dev", 30, Properties::default()), 1).unwrap();
