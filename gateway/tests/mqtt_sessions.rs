@@ -524,3 +524,36 @@ async fn max_sessions_0_keeps_no_session() {
     assert!(!gw.dir.path().join("sessions.db").exists());
     gw.gateway.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_too_slow_for_the_connect_deadline_is_told_server_unavailable() {
+    let gw = TestGateway::start(
+        "[[listeners]]\nprotocol = \"mqtt\"\nlisten = \"127.0.0.1:0\"\nconnect_timeout_ms = 300\n",
+    )
+    .await;
+    let addr = gw.mqtt_addr();
+    let lock = WriteLock::take(&gw.dir.path().join("sessions.db"));
+    let (mut v5, connack) = Client::connect_v5(addr, "slow-5", false, Some(60)).await;
+    assert_eq!((connack.reason, connack.session_present), (ReasonCode::ServerUnavailable, false));
+    assert_eq!(v5.recv_within(PROMPTLY).await, Ok(None));
+    let (mut v311, connack) = Client::connect_v311(addr, "slow-311", false).await;
+    assert_eq!(connack.code, ConnectReturnCode::ServerUnavailable);
+    assert_eq!(v311.recv_within(PROMPTLY).await, Ok(None));
+    lock.release();
+
+    // Not the devices' fault; and once the store catches up, it records those sessions as ended
+    // (the late commit of their CONNECT is followed by their connection's end).
+    let closed = "weir_connections_closed_total{protocol=\"mqtt\",reason=\"server_unavailable\"} 2";
+    assert!(eventually(PROMPTLY, || gw.gateway.metrics().encode().contains(closed)).await);
+    assert_eq!(gw.metric("weir_protocol_errors_total"), 0);
+    assert!(eventually(PROMPTLY, || gw.metric("weir_mqtt_session_store_pending") == 0).await);
+    let connected = count(
+        &gw.dir.path().join("sessions.db"),
+        "SELECT count(*) FROM mqtt_sessions WHERE disconnected_ms IS NULL",
+    );
+    assert_eq!(connected, 0, "no session left looking connected");
+    let (client, connack) = Client::connect_v5(addr, "slow-5", false, Some(60)).await;
+    assert_eq!(connack.reason, ReasonCode::Success);
+    client.disconnect(None).await;
+    gw.gateway.shutdown().await;
+}
