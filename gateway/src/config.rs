@@ -34,6 +34,9 @@ pub struct Config {
     /// Device-facing listeners. Omitted: one MQTT listener on 127.0.0.1:1883.
     #[serde(default = "defaults::listeners")]
     pub listeners: Vec<ListenerConfig>,
+    /// MQTT persistent sessions, shared by every MQTT listener (also MQTT over WebSocket).
+    #[serde(default)]
+    pub sessions: SessionsConfig,
     #[serde(default)]
     pub fabric: FabricConfig,
     #[serde(default)]
@@ -374,6 +377,32 @@ pub struct BridgeConfig {
     /// Keep each raw payload in the record.
     #[serde(default)]
     pub keep_raw: bool,
+}
+
+/// `[sessions]`: MQTT persistent sessions (3.1.1 Clean Session 0, MQTT 5 Session Expiry
+/// Interval > 0), recorded in `data_dir/sessions.db` so that a device reconnecting after a
+/// restart gets Session Present = 1 and resends what was not acknowledged.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionsConfig {
+    /// Longest Session Expiry Interval granted, in seconds; a longer one (or "never", 2^32-1)
+    /// is capped and the MQTT 5 device told so in CONNACK. 3.1.1 persistent sessions have no
+    /// expiry of their own and get this one.
+    pub max_expiry_s: u32,
+    /// Stored sessions at most. Beyond it a CONNECT that would create another is refused
+    /// (MQTT 5 CONNACK 0x97 quota exceeded, 3.1.1 0x03 server unavailable) and counted;
+    /// existing sessions still resume and clean sessions still connect. 0 turns persistence
+    /// off: no sessions.db, every CONNACK says Session Present = 0 (MQTT 5: expiry 0 granted).
+    pub max_sessions: u64,
+    /// How often expired sessions are removed (they are also removed at startup and, one by
+    /// one, when their client id connects again).
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self { max_expiry_s: 7 * 24 * 3600, max_sessions: 100_000, sweep_interval_ms: 60_000 }
+    }
 }
 
 /// What a sender meets when its shard is full.
@@ -844,6 +873,7 @@ impl Default for Config {
             data_dir: defaults::data_dir(),
             ops: OpsConfig::default(),
             listeners: defaults::listeners(),
+            sessions: SessionsConfig::default(),
             fabric: FabricConfig::default(),
             sink: SinkConfig::default(),
             buffer: None,
@@ -888,6 +918,15 @@ impl Config {
             if value == 0 {
                 return Err(invalid(key.into(), "must be greater than 0".into()));
             }
+        }
+        if self.sessions.max_expiry_s == 0 {
+            return Err(invalid(
+                "sessions.max_expiry_s".into(),
+                "must be greater than 0 (max_sessions = 0 turns persistent sessions off)".into(),
+            ));
+        }
+        if self.sessions.sweep_interval_ms < 10 {
+            return Err(invalid("sessions.sweep_interval_ms".into(), "must be at least 10".into()));
         }
         if f.batch_max_records > f.max_records {
             return Err(invalid(

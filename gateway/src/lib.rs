@@ -8,6 +8,7 @@ pub mod fabric;
 pub mod listener;
 pub mod metrics;
 pub mod ops;
+pub mod sessions;
 pub mod shutdown;
 pub mod sink;
 
@@ -37,6 +38,8 @@ pub enum StartError {
     Sink(String),
     #[error("{0}")]
     Buffer(String),
+    #[error("MQTT sessions: {0}")]
+    Sessions(String),
     #[error("listener protocol {0:?} is not available in this build")]
     Unsupported(&'static str),
 }
@@ -134,6 +137,12 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     }
     drop(batches_tx);
 
+    // Every MQTT listener shares one session store; its writer ends once they all have.
+    let (sessions, sessions_writer) =
+        sessions::Sessions::open(&config.data_dir, &config.sessions, Arc::clone(&metrics))
+            .map_err(StartError::Sessions)?;
+    pipeline.spawn(sessions_writer.wait());
+
     let mut listener_addrs = Vec::new();
     let mut listeners = JoinSet::new();
     for (listener, socket) in config.listeners.iter().zip(bound) {
@@ -147,12 +156,15 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         let socket = socket.map(|(_, socket)| socket);
         match (listener, socket) {
             (ListenerConfig::Mqtt(mqtt), Some(socket)) => {
-                let ctx = Arc::new(MqttContext::new(
-                    mqtt.clone(),
-                    fabric.clone(),
-                    Arc::clone(&metrics),
-                    weir_proto::SourceProtocol::Mqtt,
-                ));
+                let ctx = Arc::new(
+                    MqttContext::new(
+                        mqtt.clone(),
+                        fabric.clone(),
+                        Arc::clone(&metrics),
+                        weir_proto::SourceProtocol::Mqtt,
+                    )
+                    .with_sessions(Arc::clone(&sessions)),
+                );
                 let signal = Arc::clone(&shutdown_signal);
                 let max_connections = mqtt.max_connections;
                 listeners.spawn(listener::accept_loop(
@@ -169,6 +181,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
                     fabric.clone(),
                     Arc::clone(&metrics),
                     Arc::clone(&shutdown_signal),
+                    Arc::clone(&sessions),
                 ));
                 let shutdown = shutdown_rx.clone();
                 listeners.spawn(listener::accept_loop(
@@ -213,6 +226,8 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     }
     // Only the listeners hold the fabric now: when they end, the batchers see their input end.
     drop(fabric);
+    // Likewise the session store: its writer thread ends after the last MQTT connection.
+    drop(sessions);
     let ops_addr = ops_socket.local_addr().map_err(|source| StartError::Bind {
         addr: config.ops.listen,
         what: "ops",

@@ -67,6 +67,16 @@ pub struct Metrics {
     pub buffer_waiting: Gauge,
     pub buffer_errors: Family<ReasonLabel, Counter>,
     pub buffer_fsync_seconds: Histogram,
+    pub mqtt_sessions: Gauge,
+    pub mqtt_sessions_resumed: Counter,
+    pub mqtt_sessions_expired: Counter,
+    pub mqtt_sessions_refused: Family<ReasonLabel, Counter>,
+    pub mqtt_sessions_taken_over: Counter,
+    pub mqtt_session_store_transactions: Counter,
+    pub mqtt_session_store_requests: Counter,
+    pub mqtt_session_store_pending: Gauge,
+    pub mqtt_session_store_commit_seconds: Histogram,
+    pub mqtt_session_store_errors: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -114,6 +124,16 @@ impl Metrics {
             buffer_waiting: Gauge::default(),
             buffer_errors: Family::default(),
             buffer_fsync_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 18)),
+            mqtt_sessions: Gauge::default(),
+            mqtt_sessions_resumed: Counter::default(),
+            mqtt_sessions_expired: Counter::default(),
+            mqtt_sessions_refused: Family::default(),
+            mqtt_sessions_taken_over: Counter::default(),
+            mqtt_session_store_transactions: Counter::default(),
+            mqtt_session_store_requests: Counter::default(),
+            mqtt_session_store_pending: Gauge::default(),
+            mqtt_session_store_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            mqtt_session_store_errors: Counter::default(),
         };
         let r = &mut m.registry;
         r.register("connections_active", "Open device connections", m.connections_active.clone());
@@ -259,6 +279,52 @@ impl Metrics {
             "buffer_fsync_duration_seconds",
             "Time of one disk buffer fsync",
             m.buffer_fsync_seconds.clone(),
+        );
+        r.register("mqtt_sessions", "MQTT persistent sessions stored", m.mqtt_sessions.clone());
+        r.register(
+            "mqtt_sessions_resumed",
+            "MQTT connections that resumed a stored session (CONNACK Session Present = 1)",
+            m.mqtt_sessions_resumed.clone(),
+        );
+        r.register(
+            "mqtt_sessions_expired",
+            "MQTT sessions removed because their expiry interval passed after the disconnect",
+            m.mqtt_sessions_expired.clone(),
+        );
+        r.register(
+            "mqtt_sessions_refused",
+            "Persistent MQTT sessions refused at CONNECT, by reason (max_sessions, store_failed)",
+            m.mqtt_sessions_refused.clone(),
+        );
+        r.register(
+            "mqtt_sessions_taken_over",
+            "MQTT connections closed because a new connection used their client id",
+            m.mqtt_sessions_taken_over.clone(),
+        );
+        r.register(
+            "mqtt_session_store_transactions",
+            "Transactions committed by the session store (each holds many requests)",
+            m.mqtt_session_store_transactions.clone(),
+        );
+        r.register(
+            "mqtt_session_store_requests",
+            "Connects and disconnects recorded by the session store",
+            m.mqtt_session_store_requests.clone(),
+        );
+        r.register(
+            "mqtt_session_store_pending",
+            "Requests sent to the session store and not yet committed (connects wait for their CONNACK)",
+            m.mqtt_session_store_pending.clone(),
+        );
+        r.register(
+            "mqtt_session_store_commit_duration_seconds",
+            "Time to apply and commit one session store transaction",
+            m.mqtt_session_store_commit_seconds.clone(),
+        );
+        r.register(
+            "mqtt_session_store_errors",
+            "Session store transactions that failed (rolled back)",
+            m.mqtt_session_store_errors.clone(),
         );
         m
     }

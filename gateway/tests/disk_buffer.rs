@@ -151,3 +151,33 @@ async fn a_full_buffer_holds_devices_back_and_loses_nothing() {
     assert_eq!(gw.metric("weir_records_dropped_total"), 0);
     gw.gateway.shutdown().await;
 }
+
+/// With the sink stalled, records in the log hold no room in the fabric: a device sends ten
+/// times the fabric's bound and is acked for all of it, from the buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_sink_fills_the_disk_not_the_fabric() {
+    let cfg = config("buffered", "max_bytes = 1048576")
+        .replace("[fabric]\n", "[fabric]\nshards = 1\nmax_records = 100\nbatch_max_records = 50\n");
+    let gw = TestGateway::start(&cfg).await;
+    let lock = WriteLock::take(&gw.db_path());
+    let mut device = RawClient::connect(gw.mqtt_addr(), "outage-dev").await;
+    for round in 0..10u64 {
+        let acked =
+            publish_all(&mut device, "outage-dev", round * 100..round * 100 + 100, Duration::from_secs(10))
+                .await;
+        assert_eq!(acked, 100, "round {round}: acked from the buffer while the sink is stalled");
+    }
+    assert!(eventually(Duration::from_secs(5), || gw.metric("weir_fabric_shard_records") == 0).await);
+    assert!(
+        eventually(Duration::from_secs(5), || gw.metric("weir_buffer_unacked_records") == 1000).await,
+        "the backlog is on disk: {}",
+        gw.metric("weir_buffer_unacked_records")
+    );
+    lock.release();
+    assert!(
+        eventually(Duration::from_secs(20), || count(&gw.db_path(), "SELECT count(*) FROM telemetry")
+            == 1000)
+        .await
+    );
+    gw.gateway.shutdown().await;
+}

@@ -4,9 +4,11 @@
 //! The writer (a thread) appends every batch to the log, one entry per item, and fsyncs per group
 //! of batches (`fsync = "batch"`) or on a timer. After the fsync it settles the `ack =
 //! "buffered"` tokens, parks the `ack = "committed"` tokens until the sink commits their entries,
-//! and offers the batch, now holding no tokens, to the feeder. When the feeder is behind (the
-//! sink is slow or down) the offer fails and the batch is dropped: its fabric room returns and
-//! its records stay on disk only, so an outage fills the disk, not memory.
+//! and offers the batch, now holding no tokens, to the feeder. A batch in the log no longer holds
+//! room in the fabric (it is returned once appended): from there on memory is bounded by the
+//! few batches the feeder and the sink driver may hold. When the feeder is behind (the sink is
+//! slow or down) the offer fails and the batch is dropped: its records stay on disk only, so an
+//! outage fills the disk, not memory, and the devices are held back only when the log is full.
 //!
 //! The feeder (a thread) hands the sink entries strictly in log order: a batch still in memory
 //! as it is, anything else read back from disk (after a restart: everything unacknowledged
@@ -38,13 +40,21 @@ const ROOM_RETRY: Duration = Duration::from_millis(20);
 const ACK_EVERY: Duration = Duration::from_millis(200);
 /// How long the feeder sleeps when nothing is readable, before looking again.
 const FEEDER_POLL: Duration = Duration::from_millis(10);
-/// Batches the writer may have handed over in memory that the feeder has not taken.
-const HOT_BATCHES: usize = 4;
+/// Batches the writer may have handed over in memory that the feeder has not taken (beyond
+/// them, batches are read back from disk).
+const HOT_BATCHES: usize = 8;
+
+/// How long [`DiskBuffer::start`] waits for another user of the directory to let go (a gateway
+/// in this process still shutting down) before giving up.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// What the stage shares between the writer, the feeder and the sink driver.
 #[derive(Debug)]
 struct Shared {
     wal: Mutex<Wal>,
+    /// An exclusive lock on the directory, held while anything may still use the log: two
+    /// writers would interleave their segments.
+    _lock: std::fs::File,
     /// One past the last entry written to the files (readable by the feeder).
     readable_end: AtomicU64,
     /// Tokens waiting for the sink's commit, and the commit watermark.
@@ -172,6 +182,7 @@ impl DiskBuffer {
         input: flume::Receiver<Batch>,
     ) -> Result<(DiskBuffer, flume::Receiver<Batch>), String> {
         let dir = data_dir.join(&config.dir);
+        let lock = lock_dir(&dir)?;
         let options = WalOptions { segment_bytes: config.segment_bytes, max_bytes: config.max_bytes };
         let (wal, recovery) =
             Wal::open(&dir, options).map_err(|e| format!("disk buffer {}: {e}", dir.display()))?;
@@ -192,6 +203,7 @@ impl DiskBuffer {
             readable_end: AtomicU64::new(wal.next_seq()),
             commits: Mutex::new(Commits { through: recovery.acked, ..Commits::default() }),
             wal: Mutex::new(wal),
+            _lock: lock,
             feeder_gone: AtomicBool::new(false),
             metrics,
         });
@@ -227,6 +239,34 @@ impl DiskBuffer {
     pub fn join(self) {
         for thread in self.threads {
             let _ = thread.join();
+        }
+    }
+}
+
+/// Takes an exclusive advisory lock on `dir/LOCK` (created with the directory if needed), so a
+/// second weir on the same data directory fails to start instead of corrupting the log.
+fn lock_dir(dir: &Path) -> Result<std::fs::File, String> {
+    use rustix::fs::{flock, FlockOperation};
+    let path = dir.join("LOCK");
+    let file = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path))
+        .map_err(|e| format!("disk buffer {}: {e}", path.display()))?;
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(file),
+            Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(format!(
+                    "disk buffer {} is in use by another weir process (locked {}); \
+                     each instance needs its own data_dir",
+                    dir.display(),
+                    path.display()
+                ))
+            }
+            Err(e) => return Err(format!("disk buffer {}: cannot lock: {e}", path.display())),
         }
     }
 }
@@ -368,6 +408,7 @@ impl Writer {
             for index in rejected.into_iter().rev() {
                 batch.items.remove(index);
             }
+            batch.release_room();
             shared.metrics.buffer_appended_records.inc_by(batch.items.len() as u64);
             self.dirty = true;
         }
@@ -726,6 +767,23 @@ mod tests {
         assert_eq!(metrics.buffer_replayed_records.get(), 0);
         drop(tx);
         assert!(out.recv_timeout(Duration::from_secs(5)).is_err());
+        buffer.join();
+    }
+
+    /// A second user of the same directory is refused (after a short wait), with a reason.
+    #[test]
+    fn a_directory_in_use_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(64 * 1024, 64 << 20);
+        let (buffer, tx, _out, _) = start(dir.path(), &cfg);
+        let (_unused_tx, rx) = flume::bounded(1);
+        let error = DiskBuffer::start(&cfg, dir.path(), 64, Arc::new(Metrics::new()), rx).unwrap_err();
+        assert!(error.contains("in use by another weir process"), "{error}");
+        drop((tx, _out));
+        buffer.join();
+        // Released once the first one is gone.
+        let (buffer, tx, _out, _) = start(dir.path(), &cfg);
+        drop((tx, _out));
         buffer.join();
     }
 

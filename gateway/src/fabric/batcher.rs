@@ -73,6 +73,19 @@ impl Batch {
         self.items.push(item);
     }
 
+    /// Returns the items' room to their shard now, ahead of the drop (the disk buffer does once
+    /// the items are in its log: from there on its own bounds hold them).
+    pub fn release_room(&mut self) {
+        if let Some(budget) = self.budget.take() {
+            budget.release(self.records, self.charged);
+        }
+        self.records = 0;
+        self.charged = 0;
+        for absorbed in &mut self.absorbed {
+            absorbed.release_room();
+        }
+    }
+
     /// Approximate bytes the items hold.
     pub fn bytes(&self) -> usize {
         self.bytes

@@ -3,6 +3,10 @@
 //! writes acks as commits complete. MQTT 3.1.1 devices are held back by not reading them once
 //! `max_inflight` messages await their ack; MQTT 5 devices by their Receive Maximum, while weir
 //! keeps reading them (so PINGREQ is answered).
+//!
+//! A CONNECT is answered once [`Sessions`] decided it: for a persistent session, after its
+//! record is durable (Session Present = 1 when a stored session is resumed). A newer connection
+//! with the same client id takes the session over and this one is closed.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,7 +17,9 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use weir_proto::{Record, SourceProtocol};
-use weir_protocols::mqtt::session::{Event, InflightId, Outcome, Session, SessionLimits, Violation};
+use weir_protocols::mqtt::session::{
+    ConnectRequest, Event, InflightId, Outcome, Session, SessionLimits, Violation,
+};
 use weir_protocols::mqtt::DecodeError;
 use weir_protocols::payload::{self, DecodeContext, PayloadFormat, PayloadLimits};
 
@@ -23,6 +29,7 @@ use crate::ack::{AckEvent, AckInbox, AckToken};
 use crate::config::{AckPoint, MqttListenerConfig};
 use crate::fabric::{message_items, DeadLetter, Fabric, Item, SendError};
 use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel, ReasonLabel};
+use crate::sessions::{taken_over, Sessions, Takeover};
 use crate::shutdown::ShutdownWatch;
 
 /// Bytes asked of the socket per read; many small packets arrive in one read.
@@ -43,6 +50,9 @@ pub struct MqttContext {
     protocol: SourceProtocol,
     /// Per-message counter, looked up once (a family lookup per message would cost a lock).
     messages_received: Counter,
+    /// Persistent sessions and the live connection of each client id, shared by every MQTT
+    /// listener.
+    sessions: Arc<Sessions>,
 }
 
 impl MqttContext {
@@ -56,7 +66,15 @@ impl MqttContext {
         let label = if protocol == SourceProtocol::MqttWs { "mqtt_ws" } else { "mqtt" };
         let messages_received =
             metrics.messages_received.get_or_create(&ProtocolLabel { protocol: label }).clone();
-        Self { config, fabric, metrics, label, protocol, messages_received }
+        let sessions = Sessions::without_store(Arc::clone(&metrics));
+        Self { config, fabric, metrics, label, protocol, messages_received, sessions }
+    }
+
+    /// Uses `sessions` (the gateway's store, shared with its other MQTT listeners) instead of
+    /// keeping no session past its connection.
+    pub fn with_sessions(mut self, sessions: Arc<Sessions>) -> Self {
+        self.sessions = sessions;
+        self
     }
 }
 
@@ -71,6 +89,12 @@ enum CloseReason {
     StoreFailed,
     Shutdown,
     Io,
+    /// The CONNECT was refused (a full session store, and later authentication).
+    Refused,
+    /// No decision on the CONNECT in time (the session store was too slow).
+    ServerUnavailable,
+    /// A newer connection with the same client id took over.
+    TakenOver,
 }
 
 impl CloseReason {
@@ -84,6 +108,9 @@ impl CloseReason {
             CloseReason::StoreFailed => "store_failed",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Io => "io_error",
+            CloseReason::Refused => "connect_refused",
+            CloseReason::ServerUnavailable => "server_unavailable",
+            CloseReason::TakenOver => "taken_over",
         }
     }
 }
@@ -137,6 +164,8 @@ pub fn serve_stream<S: ByteStream>(
         records: Vec::new(),
         shutdown,
         permit,
+        takeover: None,
+        session_end: SessionEnd::default(),
     };
     async move { connection.serve().await }
 }
@@ -163,8 +192,21 @@ enum Step {
         ack: Option<InflightId>,
         format: Option<PayloadFormat>,
     },
-    Disconnect,
+    /// A valid CONNECT, to decide.
+    Connect(Box<ConnectRequest>),
+    Disconnect {
+        session_expiry_secs: Option<u32>,
+    },
     Violation(Violation),
+}
+
+/// What the session store must hear when the connection ends.
+#[derive(Debug, Default, Clone, Copy)]
+struct SessionEnd {
+    /// The store may hold a session record held by this connection.
+    stored: bool,
+    /// The MQTT 5 DISCONNECT's Session Expiry Interval, replacing the granted one.
+    expiry_secs: Option<u32>,
 }
 
 struct Connection<S> {
@@ -180,12 +222,24 @@ struct Connection<S> {
     shutdown: ShutdownWatch,
     /// The listener's connection slot, released when the connection ends.
     permit: Option<OwnedSemaphorePermit>,
+    /// Fires when a newer connection takes this client id over; set once connected.
+    takeover: Option<Arc<Takeover>>,
+    session_end: SessionEnd,
 }
 
 impl<S: ByteStream> Connection<S> {
     async fn serve(&mut self) {
         let closed = self.run().await;
         tracing::debug!(reason = closed.label(), "connection closed");
+        if self.takeover.take().is_some() {
+            self.ctx.sessions.unregister(&self.client_id, self.id);
+        }
+        if self.session_end.stored {
+            // Its expiry clock starts now (boxed: rare, and not carried by an idle connection).
+            let sessions = Arc::clone(&self.ctx.sessions);
+            let client_id = std::mem::take(&mut self.client_id);
+            Box::pin(sessions.disconnected(client_id, self.id, self.session_end.expiry_secs)).await;
+        }
         let metrics = &self.ctx.metrics;
         metrics.connections_active.get_or_create(&ProtocolLabel { protocol: self.ctx.label }).dec();
         metrics
@@ -216,7 +270,16 @@ impl<S: ByteStream> Connection<S> {
                             Err(closed) => return closed,
                         }
                     }
-                    Step::Disconnect => {
+                    Step::Connect(request) => {
+                        // Nothing is read until the CONNECT is decided (boxed: once per
+                        // connection, not carried while it idles).
+                        if let Err(closed) = Box::pin(self.decide_connect(request)).await {
+                            return closed;
+                        }
+                        None
+                    }
+                    Step::Disconnect { session_expiry_secs } => {
+                        self.session_end.expiry_secs = session_expiry_secs;
                         stopped = Some(CloseReason::Disconnect);
                         None
                     }
@@ -297,6 +360,10 @@ impl<S: ByteStream> Connection<S> {
                     let violation = self.session.timed_out();
                     return Box::pin(self.close_for(violation)).await;
                 },
+                _ = taken_over(self.takeover.as_deref()) => {
+                    let violation = self.session.taken_over();
+                    return Box::pin(self.close_for(violation)).await;
+                },
                 _ = self.shutdown.fired(), if !draining && stopped.is_none() => {
                     draining = true;
                     if self.session.is_connected() {
@@ -321,17 +388,40 @@ impl<S: ByteStream> Connection<S> {
         };
         match self.session.on_packet(packet, self.id) {
             Ok(Event::None) => Step::Continue,
-            Ok(Event::Connected { client_id, .. }) => {
-                tracing::Span::current().record("device", client_id.as_str());
-                self.client_id = client_id;
-                Step::Continue
-            }
+            Ok(Event::Connect(request)) => Step::Connect(request),
             Ok(Event::Publish { topic, payload, ack, format, .. }) => {
                 Step::Publish { topic, payload, ack, format }
             }
-            Ok(Event::Disconnect) => Step::Disconnect,
+            Ok(Event::Disconnect { session_expiry_secs }) => Step::Disconnect { session_expiry_secs },
             Err(violation) => Step::Violation(violation),
         }
+    }
+
+    /// Decides a CONNECT with the session store (the record is durable before the CONNACK is
+    /// queued), within the connect deadline, then takes the client id over from any live
+    /// connection holding it.
+    async fn decide_connect(&mut self, request: Box<ConnectRequest>) -> Result<(), CloseReason> {
+        tracing::Span::current().record("device", request.client_id.as_str());
+        let sessions = Arc::clone(&self.ctx.sessions);
+        // Should the deadline pass, the store may still record the session: its end must be
+        // recorded too, or it would look connected until the next restart.
+        self.session_end.stored = sessions.may_store(&request);
+        let deadline = self.session.deadline().map(Instant::from_std);
+        let decided = tokio::select! {
+            decided = sessions.decide(&request, self.id) => Some(decided),
+            _ = sleep_until_some(deadline) => None,
+        };
+        self.client_id = request.client_id;
+        let Some(decided) = decided else {
+            let violation = self.session.timed_out();
+            return Err(self.close_for(violation).await);
+        };
+        self.session_end.stored = decided.stored;
+        if let Err(violation) = self.session.decide(decided.decision, Instant::now().into_std()) {
+            return Err(self.close_for(violation).await);
+        }
+        self.takeover = Some(sessions.register(&self.client_id, self.id));
+        Ok(())
     }
 
     /// Decodes one message and enqueues its records (or its dead letter) where the fabric has
@@ -487,6 +577,19 @@ impl<S: ByteStream> Connection<S> {
                 // Refused because weir is going away: not the device's fault, not counted.
                 tracing::debug!(%violation, "closing connection");
                 return CloseReason::Shutdown;
+            }
+            // Decisions of weir's, not the device's errors: counted where they are made.
+            Violation::ConnectRefused(_) => {
+                tracing::debug!(%violation, "closing connection");
+                return CloseReason::Refused;
+            }
+            Violation::DecisionTimeout => {
+                tracing::warn!(%violation, "closing connection");
+                return CloseReason::ServerUnavailable;
+            }
+            Violation::SessionTakenOver => {
+                tracing::debug!(%violation, "closing connection");
+                return CloseReason::TakenOver;
             }
             Violation::Malformed(DecodeError::PacketTooLarge { .. }) => {
                 (CloseReason::ProtocolError, "packet_too_large")

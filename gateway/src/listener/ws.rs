@@ -36,6 +36,7 @@ use super::{Accepted, ByteStream};
 use crate::config::{MqttListenerConfig, WsListenerConfig};
 use crate::fabric::Fabric;
 use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel};
+use crate::sessions::Sessions;
 use crate::shutdown::ShutdownSignal;
 
 /// Bytes tungstenite reads from the socket at a time. It is allocated per connection for the
@@ -62,6 +63,7 @@ impl WsContext {
         fabric: Fabric,
         metrics: Arc<Metrics>,
         shutdown_signal: Arc<ShutdownSignal>,
+        sessions: Arc<Sessions>,
     ) -> Self {
         let ws_ingest = Arc::new(IngestContext::new(
             fabric.clone(),
@@ -93,8 +95,10 @@ impl WsContext {
             allow_anonymous: config.allow_anonymous,
             ..MqttListenerConfig::default()
         };
-        let mqtt =
-            Arc::new(MqttContext::new(mqtt_config, fabric, Arc::clone(&metrics), SourceProtocol::MqttWs));
+        let mqtt = Arc::new(
+            MqttContext::new(mqtt_config, fabric, Arc::clone(&metrics), SourceProtocol::MqttWs)
+                .with_sessions(sessions),
+        );
         // Validated with the config.
         let device_header =
             config.device_id_header.parse().unwrap_or_else(|_| HeaderName::from_static("x-device-id"));

@@ -27,13 +27,7 @@ impl TestGateway {
         Self::start_in(tempfile::tempdir().unwrap(), extra_toml).await
     }
 
-    /// Shuts this gateway down and starts a new one on the same data directory.
-    pub async fn restart(self, extra_toml: &str) -> Self {
-        self.gateway.shutdown().await;
-        Self::start_in(self.dir, extra_toml).await
-    }
-
-    /// Starts a gateway on the data directory `dir`.
+    /// Starts a gateway on an existing data directory, as after a restart.
     pub async fn start_in(dir: tempfile::TempDir, extra_toml: &str) -> Self {
         let text = format!(
             "data_dir = {:?}\n[ops]\nlisten = \"127.0.0.1:0\"\n{extra_toml}",

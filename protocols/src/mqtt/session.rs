@@ -2,11 +2,15 @@
 //! in, events and packets to write out. The connection task does the I/O and the clock; this
 //! decides.
 //!
+//! A valid CONNECT is not answered at once: the session reports it ([`Event::Connect`]) and waits
+//! for the gateway's [`ConnectDecision`] (the session store says whether a session is present;
+//! authentication will decide here too). Until then no further packet is processed, and the
+//! connect deadline still runs.
+//!
 //! MQTT 5 specifics decided here: the CONNACK advertises Receive Maximum (= `max_inflight`),
-//! Maximum Packet Size, Topic Alias Maximum and, when it differs from the client's, Server Keep
-//! Alive; weir keeps no session state across connections yet, so Session Present is always 0
-//! and a requested Session Expiry Interval is answered with 0. Acks carry reason codes (0x99 for
-//! a dead-lettered payload, 0x97 for a message dropped under `drop_newest`, 0x87 for a refused
+//! Maximum Packet Size, Topic Alias Maximum and, when they differ from the client's, Server Keep
+//! Alive and the Session Expiry Interval granted. Acks carry reason codes (0x99 for a
+//! dead-lettered payload, 0x97 for a message dropped under `drop_newest`, 0x87 for a refused
 //! one), and every violation is announced with a DISCONNECT reason code before the close.
 
 use std::collections::{HashSet, VecDeque};
@@ -102,20 +106,103 @@ impl InflightId {
     }
 }
 
+/// A valid CONNECT, as the gateway needs it to decide (see [`Session::decide`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnectRequest {
+    /// The client id, or the one weir assigned (`assigned`) for an empty one.
+    pub client_id: String,
+    pub assigned: bool,
+    pub version: ProtocolVersion,
+    /// 3.1/3.1.1 Clean Session, MQTT 5 Clean Start: discard any stored session.
+    pub clean_start: bool,
+    /// MQTT 5: the Session Expiry Interval asked for, in seconds (0 when absent: the session
+    /// ends with the connection; `u32::MAX`: it never expires). `None` for 3.1/3.1.1, where a
+    /// session is kept (Clean Session 0) or not, with no expiry of its own.
+    pub session_expiry_secs: Option<u32>,
+    /// The keepalive in force once accepted (MQTT 5: the Server Keep Alive when weir imposes one).
+    pub keep_alive_secs: u16,
+    pub username: Option<String>,
+    pub password: Option<Bytes>,
+}
+
+impl std::fmt::Debug for ConnectRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectRequest")
+            .field("client_id", &self.client_id)
+            .field("assigned", &self.assigned)
+            .field("version", &self.version)
+            .field("clean_start", &self.clean_start)
+            .field("session_expiry_secs", &self.session_expiry_secs)
+            .field("keep_alive_secs", &self.keep_alive_secs)
+            .field("username", &self.username)
+            // Never in logs.
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// The gateway's answer to an [`Event::Connect`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectDecision {
+    /// CONNACK success. `session_present`: a stored session is resumed (forced to false under
+    /// Clean Start, [MQTT-3.2.2-2]). `session_expiry_secs`: the MQTT 5 Session Expiry Interval
+    /// granted, told to the device in CONNACK when it differs from the one asked for (ignored
+    /// for 3.1/3.1.1).
+    Accept { session_present: bool, session_expiry_secs: u32 },
+    /// CONNACK with a refusal, then the close.
+    Refuse(ConnectRefusal),
+}
+
+/// Why the gateway refuses a valid CONNECT; each maps to an MQTT 5 reason code and a 3.1.1
+/// return code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectRefusal {
+    /// No room for another stored session: 0x97 quota exceeded (3.1.1: 0x03 server
+    /// unavailable).
+    #[error("no room for another persistent session; connect with a clean session or later")]
+    QuotaExceeded,
+    /// weir cannot serve the connection now (e.g. its session store failed): 0x88 (3.1.1: 0x03).
+    #[error("the server cannot keep sessions right now; connect again later")]
+    ServerUnavailable,
+    /// Wrong credentials: 0x86 (3.1.1: 0x04).
+    #[error("bad user name or password")]
+    BadUserNameOrPassword,
+    /// The device may not connect: 0x87 (3.1.1: 0x05).
+    #[error("not authorized to connect")]
+    NotAuthorized,
+}
+
+impl ConnectRefusal {
+    pub fn reason_code(self) -> ReasonCode {
+        match self {
+            ConnectRefusal::QuotaExceeded => ReasonCode::QuotaExceeded,
+            ConnectRefusal::ServerUnavailable => ReasonCode::ServerUnavailable,
+            ConnectRefusal::BadUserNameOrPassword => ReasonCode::BadUserNameOrPassword,
+            ConnectRefusal::NotAuthorized => ReasonCode::NotAuthorized,
+        }
+    }
+
+    /// The 3.1/3.1.1 return code: 3.1.1 has no quota code, so a full store is "server
+    /// unavailable" (the device retries later).
+    pub fn return_code(self) -> ConnectReturnCode {
+        match self {
+            ConnectRefusal::QuotaExceeded | ConnectRefusal::ServerUnavailable => {
+                ConnectReturnCode::ServerUnavailable
+            }
+            ConnectRefusal::BadUserNameOrPassword => ConnectReturnCode::BadUsernameOrPassword,
+            ConnectRefusal::NotAuthorized => ConnectReturnCode::NotAuthorized,
+        }
+    }
+}
+
 /// What the gateway must act on after a packet.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
     /// Nothing beyond the packets already queued for writing.
     None,
-    /// CONNECT accepted and CONNACK queued. `keep_alive_secs` is the keepalive in force (MQTT 5:
-    /// the Server Keep Alive when weir imposed one).
-    Connected {
-        client_id: String,
-        assigned: bool,
-        clean_session: bool,
-        keep_alive_secs: u16,
-        version: ProtocolVersion,
-    },
+    /// A valid CONNECT: nothing is answered and no packet is read until the gateway calls
+    /// [`Session::decide`] (or the connect deadline passes).
+    Connect(Box<ConnectRequest>),
     /// A message to decode and enqueue; `ack` is set for QoS 1/2 and must be completed with
     /// [`Session::complete`] once the outcome is known. `format` is the payload decoder MQTT 5
     /// properties ask for (Content Type, Payload Format Indicator), overriding the listener's.
@@ -126,8 +213,9 @@ pub enum Event {
         ack: Option<InflightId>,
         format: Option<PayloadFormat>,
     },
-    /// The device said goodbye: stop reading and close.
-    Disconnect,
+    /// The device said goodbye: stop reading and close. MQTT 5: `session_expiry_secs` is the
+    /// Session Expiry Interval the DISCONNECT sets, if it sets one.
+    Disconnect { session_expiry_secs: Option<u32> },
 }
 
 /// Why the connection must close. The caller counts it; packets queued before it (a CONNACK
@@ -168,6 +256,12 @@ pub enum Violation {
     BadAuthenticationMethod(String),
     #[error("not authorized")]
     NotAuthorized,
+    #[error("connection refused: {0}")]
+    ConnectRefused(ConnectRefusal),
+    #[error("the server did not decide on the connection within the connect timeout")]
+    DecisionTimeout,
+    #[error("another connection took over the session")]
+    SessionTakenOver,
 }
 
 impl Violation {
@@ -192,6 +286,9 @@ impl Violation {
             Violation::ServerBusy => ReasonCode::ServerBusy,
             Violation::BadAuthenticationMethod(_) => ReasonCode::BadAuthenticationMethod,
             Violation::NotAuthorized => ReasonCode::NotAuthorized,
+            Violation::ConnectRefused(refusal) => refusal.reason_code(),
+            Violation::DecisionTimeout => ReasonCode::ServerUnavailable,
+            Violation::SessionTakenOver => ReasonCode::SessionTakenOver,
         })
     }
 }
@@ -207,13 +304,41 @@ struct Inflight {
     undecodable: Option<String>,
 }
 
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for CONNECT.
+    Connecting,
+    /// CONNECT received, waiting for the gateway's decision; nothing else is read.
+    Deciding,
+    /// CONNACK sent.
+    Connected,
+    /// CONNECT refused (or not decided in time); the connection closes.
+    Refused,
+}
+
+/// What a CONNECT leaves for its CONNACK while the gateway decides.
+#[derive(Debug)]
+struct PendingConnect {
+    clean_start: bool,
+    /// The keepalive in force, and (MQTT 5) the one asked for.
+    keep_alive_secs: u16,
+    requested_keep_alive_secs: u16,
+    /// MQTT 5: returned as the Assigned Client Identifier.
+    assigned_client_id: Option<String>,
+}
+
 /// The server side of one MQTT connection.
 #[derive(Debug)]
 pub struct Session {
     limits: SessionLimits,
     /// 3.1.1 until CONNECT says otherwise; decides how later packets parse and are answered.
     version: ProtocolVersion,
-    connected: bool,
+    phase: Phase,
+    /// Set while deciding (boxed: most of a connection's life does not need it).
+    pending: Option<Box<PendingConnect>>,
+    /// The connection resumed a stored session (Session Present = 1).
+    resumed: bool,
     /// QoS 1/2 messages in the order received; acks leave in this order (MQTT 4.6).
     inflight: VecDeque<Inflight>,
     next_id: u64,
@@ -249,7 +374,9 @@ impl Session {
         Self {
             limits,
             version: ProtocolVersion::V311,
-            connected: false,
+            phase: Phase::Connecting,
+            pending: None,
+            resumed: false,
             inflight: VecDeque::new(),
             next_id: 0,
             awaiting_rel: HashSet::new(),
@@ -285,30 +412,120 @@ impl Session {
     /// holding it back (time spent under backpressure is weir's doing, never the device's).
     pub fn note_activity(&mut self, now: Instant) {
         self.last_activity = now;
-        if self.connected {
+        if self.phase == Phase::Connected {
             self.deadline = self.keepalive.map(|k| now + k);
         }
     }
 
-    /// When the connection must close if nothing arrives: the connect deadline before CONNECT,
-    /// 1.5 × keepalive after the last activity once connected, or never (keepalive 0).
+    /// When the connection must close if nothing arrives: the connect deadline until the
+    /// CONNECT is accepted (deciding included), 1.5 × keepalive after the last activity once
+    /// connected, or never (keepalive 0).
     pub fn deadline(&self) -> Option<Instant> {
         self.deadline
     }
 
-    /// The violation for a deadline that passed; an MQTT 5 device is told 0x8D first.
+    /// The violation for a deadline that passed; an MQTT 5 device is told 0x8D first. While
+    /// the gateway is still deciding, the device is refused "server unavailable" (MQTT 5 0x88,
+    /// 3.1.1 0x03): the delay was weir's, not the device's.
     pub fn timed_out(&mut self) -> Violation {
-        let violation = if self.connected { Violation::KeepaliveTimeout } else { Violation::ConnectTimeout };
+        let violation = match self.phase {
+            Phase::Connected => Violation::KeepaliveTimeout,
+            Phase::Connecting | Phase::Refused => Violation::ConnectTimeout,
+            Phase::Deciding => {
+                self.pending = None;
+                self.phase = Phase::Refused;
+                let violation = Violation::DecisionTimeout;
+                if self.version.is_v5() {
+                    self.refuse_connect_v5(&violation);
+                } else {
+                    self.write_connack(ConnectReturnCode::ServerUnavailable);
+                }
+                return violation;
+            }
+        };
         self.announce(&violation);
         violation
     }
 
-    /// Whether the connection may read the next packet. For MQTT 3.1.1, false while the
-    /// in-flight window is full: the socket is left unread so the device's writes block. MQTT 5
-    /// devices are always read: their Receive Maximum holds them back, and a PINGREQ sent
-    /// meanwhile is answered.
+    /// Whether the connection may read the next packet: never while a CONNECT awaits its
+    /// decision. For MQTT 3.1.1, false while the in-flight window is full: the socket is left
+    /// unread so the device's writes block. MQTT 5 devices are always read: their Receive
+    /// Maximum holds them back, and a PINGREQ sent meanwhile is answered.
     pub fn can_read(&self) -> bool {
-        self.version.is_v5() || self.window_used() < self.limits.max_inflight
+        matches!(self.phase, Phase::Connecting | Phase::Connected)
+            && (self.version.is_v5() || self.window_used() < self.limits.max_inflight)
+    }
+
+    /// Whether a CONNECT awaits the gateway's [`Session::decide`].
+    pub fn is_deciding(&self) -> bool {
+        self.phase == Phase::Deciding
+    }
+
+    /// Answers the CONNECT reported by [`Event::Connect`], at `now` (the keepalive starts
+    /// then: time spent deciding is weir's, not the device's). Accepting queues the CONNACK;
+    /// refusing queues a CONNACK with the refusal's code and returns the violation that closes
+    /// the connection. Without a CONNECT awaiting a decision it does nothing.
+    pub fn decide(&mut self, decision: ConnectDecision, now: Instant) -> Result<(), Violation> {
+        if self.phase != Phase::Deciding {
+            return Ok(());
+        }
+        let Some(pending) = self.pending.take() else { return Ok(()) };
+        match decision {
+            ConnectDecision::Refuse(refusal) => {
+                self.phase = Phase::Refused;
+                let violation = Violation::ConnectRefused(refusal);
+                if self.version.is_v5() {
+                    self.refuse_connect_v5(&violation);
+                } else {
+                    self.write_connack(refusal.return_code());
+                }
+                Err(violation)
+            }
+            ConnectDecision::Accept { session_present, session_expiry_secs } => {
+                // [MQTT-3.2.2-2]: Clean Start never resumes a session.
+                let session_present = session_present && !pending.clean_start;
+                self.phase = Phase::Connected;
+                self.resumed = session_present;
+                self.last_activity = now;
+                self.set_keepalive(pending.keep_alive_secs);
+                if !self.version.is_v5() {
+                    self.write(Packet::ConnAck(ConnAck {
+                        session_present,
+                        code: ConnectReturnCode::Accepted,
+                    }));
+                    return Ok(());
+                }
+                let PendingConnect { keep_alive_secs, requested_keep_alive_secs, assigned_client_id, .. } =
+                    *pending;
+                let requested_expiry = self.session_expiry_requested;
+                let advertised = Properties {
+                    receive_maximum: Some(u16::try_from(self.limits.max_inflight).unwrap_or(u16::MAX)),
+                    maximum_packet_size: Some(u32::try_from(self.limits.max_packet_size).unwrap_or(u32::MAX)),
+                    topic_alias_maximum: (self.limits.max_topic_aliases > 0)
+                        .then_some(self.limits.max_topic_aliases),
+                    assigned_client_identifier: assigned_client_id,
+                    server_keep_alive: (keep_alive_secs != requested_keep_alive_secs)
+                        .then_some(keep_alive_secs),
+                    session_expiry_interval: (session_expiry_secs != requested_expiry)
+                        .then_some(session_expiry_secs),
+                    ..Properties::default()
+                };
+                self.write(Packet::ConnAckV5(ConnAckV5 {
+                    session_present,
+                    reason: ReasonCode::Success,
+                    properties: advertised,
+                }));
+                Ok(())
+            }
+        }
+    }
+
+    /// Another connection with the same client id was accepted: this one must go. MQTT 5 is
+    /// told DISCONNECT 0x8E first [MQTT-3.1.4-3]; 3.1.1 is just closed.
+    pub fn taken_over(&mut self) -> Violation {
+        let violation = Violation::SessionTakenOver;
+        self.announce(&violation);
+        violation
     }
 
     fn window_used(&self) -> usize {
@@ -321,7 +538,7 @@ impl Session {
     }
 
     pub fn is_connected(&self) -> bool {
-        self.connected
+        self.phase == Phase::Connected
     }
 
     /// Packets that were not sent because they exceed the device's Maximum Packet Size.
@@ -353,7 +570,7 @@ impl Session {
     /// to send it.
     pub fn begin_shutdown(&mut self, now: Instant, grace: Duration) {
         self.shutting_down = true;
-        if !self.connected {
+        if self.phase != Phase::Connected {
             let cap = now + grace;
             self.deadline = Some(self.deadline.map_or(cap, |d| d.min(cap)));
         }
@@ -362,7 +579,7 @@ impl Session {
     /// Queues the goodbye for a connection that shutdown closes after its last ack: DISCONNECT
     /// 0x8B (server shutting down) for MQTT 5; 3.1.1 has no server DISCONNECT.
     pub fn say_goodbye(&mut self) {
-        if self.connected && self.version.is_v5() {
+        if self.phase == Phase::Connected && self.version.is_v5() {
             self.write(Packet::DisconnectV5(DisconnectV5::with_reason_string(
                 ReasonCode::ServerShuttingDown,
                 "weir is shutting down; reconnect later",
@@ -375,7 +592,7 @@ impl Session {
     /// and says why the connection closes.
     pub fn on_decode_error(&mut self, error: DecodeError) -> Violation {
         let violation = match error {
-            DecodeError::UnsupportedProtocolLevel(level) if !self.connected => {
+            DecodeError::UnsupportedProtocolLevel(level) if self.phase == Phase::Connecting => {
                 self.write_connack(ConnectReturnCode::UnacceptableProtocolVersion);
                 Violation::UnsupportedProtocolLevel(level)
             }
@@ -395,23 +612,37 @@ impl Session {
     }
 
     fn handle(&mut self, packet: Packet, connection_id: u64) -> Result<Event, Violation> {
-        if !self.connected {
-            return match packet {
-                Packet::Connect(connect) => self.on_connect(connect, connection_id),
-                Packet::ConnectV5(connect) => self.on_connect_v5(*connect, connection_id),
-                _ => Err(Violation::NotConnected),
-            };
+        match self.phase {
+            Phase::Connecting => {
+                return match packet {
+                    Packet::Connect(connect) => self.on_connect(connect, connection_id),
+                    Packet::ConnectV5(connect) => self.on_connect_v5(*connect, connection_id),
+                    _ => Err(Violation::NotConnected),
+                }
+            }
+            // The caller reads nothing while deciding or once refused (`can_read`); a packet
+            // handed in anyway is not processed.
+            Phase::Deciding | Phase::Refused => {
+                return Err(Violation::ProtocolError("a packet before an accepting CONNACK"))
+            }
+            Phase::Connected => {}
         }
         match packet {
             Packet::Publish(publish) => self.on_publish(publish, None),
             Packet::PublishV5(publish) => self.on_publish_v5(publish),
             Packet::PubRel(pkid) => {
+                // Known or not (an id of the session's previous connection, before a restart or
+                // a takeover), it is completed: weir sends PUBREC only after the commit, so the
+                // message is stored.
                 self.awaiting_rel.remove(&pkid);
                 self.write(Packet::PubComp(pkid));
                 Ok(Event::None)
             }
             Packet::PubRelV5(rel) => {
-                let reason = if self.awaiting_rel.remove(&rel.pkid) {
+                // A resumed session may release ids of its previous connection (before a
+                // restart or a takeover), which this one never saw. weir sent their PUBREC only
+                // after the commit, so those messages are stored: complete them.
+                let reason = if self.awaiting_rel.remove(&rel.pkid) || self.resumed {
                     ReasonCode::Success
                 } else {
                     ReasonCode::PacketIdentifierNotFound
@@ -452,7 +683,7 @@ impl Session {
                 self.write(Packet::PingResp);
                 Ok(Event::None)
             }
-            Packet::Disconnect => Ok(Event::Disconnect),
+            Packet::Disconnect => Ok(Event::Disconnect { session_expiry_secs: None }),
             Packet::DisconnectV5(disconnect) => {
                 let raised = disconnect.properties.session_expiry_interval.is_some_and(|s| s > 0);
                 if self.session_expiry_requested == 0 && raised {
@@ -461,7 +692,7 @@ impl Session {
                         "DISCONNECT set a session expiry after CONNECT set none",
                     ));
                 }
-                Ok(Event::Disconnect)
+                Ok(Event::Disconnect { session_expiry_secs: disconnect.properties.session_expiry_interval })
             }
             Packet::Auth(_) => {
                 Err(Violation::ProtocolError("AUTH without an authentication method in CONNECT"))
@@ -586,17 +817,25 @@ impl Session {
         if let Err(reason) = self.check_client_id(&client_id) {
             return Err(self.reject_client_id(reason));
         }
-        self.connected = true;
-        // MQTT 3.1.1 3.1.2.10: the server allows one and a half keepalive periods of silence.
-        self.set_keepalive(connect.keep_alive_secs);
-        self.write_connack(ConnectReturnCode::Accepted);
-        Ok(Event::Connected {
+        // MQTT 3.1.1 3.1.2.10: the server allows one and a half keepalive periods of silence
+        // (from the CONNACK on).
+        self.phase = Phase::Deciding;
+        self.pending = Some(Box::new(PendingConnect {
+            clean_start: connect.clean_session,
+            keep_alive_secs: connect.keep_alive_secs,
+            requested_keep_alive_secs: connect.keep_alive_secs,
+            assigned_client_id: None,
+        }));
+        Ok(Event::Connect(Box::new(ConnectRequest {
             client_id,
             assigned,
-            clean_session: connect.clean_session,
-            keep_alive_secs: connect.keep_alive_secs,
             version: self.version,
-        })
+            clean_start: connect.clean_session,
+            session_expiry_secs: None,
+            keep_alive_secs: connect.keep_alive_secs,
+            username: connect.username,
+            password: connect.password,
+        })))
     }
 
     fn on_connect_v5(&mut self, connect: ConnectV5, connection_id: u64) -> Result<Event, Violation> {
@@ -608,10 +847,10 @@ impl Session {
         }
         self.problem_information = properties.request_problem_information != Some(0);
         if self.shutting_down {
-            return Err(self.refuse_connect(Violation::ServerBusy));
+            return Err(self.refuse_connect_v5(&Violation::ServerBusy));
         }
         if let Some(method) = properties.authentication_method {
-            return Err(self.refuse_connect(Violation::BadAuthenticationMethod(method)));
+            return Err(self.refuse_connect_v5(&Violation::BadAuthenticationMethod(method)));
         }
         let mut client_id = connect.client_id;
         let assigned = client_id.is_empty();
@@ -621,37 +860,29 @@ impl Session {
             client_id = format!("weir-auto-{connection_id}");
         }
         if let Err(reason) = self.check_client_id(&client_id) {
-            return Err(self.refuse_connect(Violation::ClientIdRejected(reason)));
+            return Err(self.refuse_connect_v5(&Violation::ClientIdRejected(reason)));
         }
-        self.connected = true;
         let requested = connect.keep_alive_secs;
         let max = self.limits.max_keepalive_secs;
         let keep_alive_secs = if requested == 0 || requested > max { max } else { requested };
-        self.set_keepalive(keep_alive_secs);
         self.session_expiry_requested = properties.session_expiry_interval.unwrap_or(0);
-        let advertised = Properties {
-            receive_maximum: Some(u16::try_from(self.limits.max_inflight).unwrap_or(u16::MAX)),
-            maximum_packet_size: Some(u32::try_from(self.limits.max_packet_size).unwrap_or(u32::MAX)),
-            topic_alias_maximum: (self.limits.max_topic_aliases > 0).then_some(self.limits.max_topic_aliases),
-            assigned_client_identifier: assigned.then(|| client_id.clone()),
-            server_keep_alive: (keep_alive_secs != requested).then_some(keep_alive_secs),
-            // Sessions are not kept after the connection yet: whatever expiry the device asked
-            // for, it is 0 (and Session Present is 0).
-            session_expiry_interval: (self.session_expiry_requested > 0).then_some(0),
-            ..Properties::default()
-        };
-        self.write(Packet::ConnAckV5(ConnAckV5 {
-            session_present: false,
-            reason: ReasonCode::Success,
-            properties: advertised,
+        self.phase = Phase::Deciding;
+        self.pending = Some(Box::new(PendingConnect {
+            clean_start: connect.clean_session,
+            keep_alive_secs,
+            requested_keep_alive_secs: requested,
+            assigned_client_id: assigned.then(|| client_id.clone()),
         }));
-        Ok(Event::Connected {
+        Ok(Event::Connect(Box::new(ConnectRequest {
             client_id,
             assigned,
-            clean_session: connect.clean_session,
-            keep_alive_secs,
             version: self.version,
-        })
+            clean_start: connect.clean_session,
+            session_expiry_secs: Some(self.session_expiry_requested),
+            keep_alive_secs,
+            username: connect.username,
+            password: connect.password,
+        })))
     }
 
     fn check_client_id(&self, client_id: &str) -> Result<(), &'static str> {
@@ -671,14 +902,14 @@ impl Session {
     }
 
     /// Queues an MQTT 5 CONNACK refusing the connection for `violation`.
-    fn refuse_connect(&mut self, violation: Violation) -> Violation {
+    fn refuse_connect_v5(&mut self, violation: &Violation) -> Violation {
         let reason = violation.reason_code().unwrap_or(ReasonCode::UnspecifiedError);
         self.write(Packet::ConnAckV5(ConnAckV5 {
             session_present: false,
             reason,
             properties: reason_string(violation.to_string()),
         }));
-        violation
+        violation.clone()
     }
 
     fn on_publish_v5(&mut self, publish: PublishV5) -> Result<Event, Violation> {
@@ -770,7 +1001,7 @@ impl Session {
 
     /// Queues the MQTT 5 DISCONNECT that announces `violation` on an accepted connection.
     fn announce(&mut self, violation: &Violation) {
-        if !(self.connected && self.version.is_v5()) {
+        if !(self.phase == Phase::Connected && self.version.is_v5()) {
             return;
         }
         if let Some(reason) = violation.reason_code() {
@@ -866,14 +1097,27 @@ mod tests {
         packets
     }
 
+    /// Accepts the CONNECT awaiting its decision, with no session present.
+    fn accept(s: &mut Session, now: Instant) {
+        s.decide(ConnectDecision::Accept { session_present: false, session_expiry_secs: 0 }, now).unwrap();
+    }
+
     fn connected() -> Session {
         let mut s = Session::new(
             SessionLimits { max_inflight: 3, max_client_id_len: 8, ..SessionLimits::default() },
             Instant::now(),
         );
         s.on_packet(connect("dev", true), 1).unwrap();
+        accept(&mut s, Instant::now());
         written(&mut s);
         s
+    }
+
+    fn request(event: Event) -> ConnectRequest {
+        match event {
+            Event::Connect(request) => *request,
+            other => panic!("expected a CONNECT to decide, got {other:?}"),
+        }
     }
 
     fn ack_id(event: Event) -> InflightId {
@@ -892,16 +1136,125 @@ mod tests {
         let mut s = Session::new(SessionLimits::default(), Instant::now());
         let event = s.on_packet(connect("", true), 42).unwrap();
         assert_eq!(
-            event,
-            Event::Connected {
+            request(event),
+            ConnectRequest {
                 client_id: "weir-auto-42".into(),
                 assigned: true,
-                clean_session: true,
-                keep_alive_secs: 30,
                 version: ProtocolVersion::V311,
+                clean_start: true,
+                session_expiry_secs: None,
+                keep_alive_secs: 30,
+                username: None,
+                password: None,
             }
         );
+        assert!(written(&mut s).is_empty(), "no CONNACK before the decision");
+        accept(&mut s, Instant::now());
         assert_eq!(written(&mut s), [connack(ConnectReturnCode::Accepted)]);
+    }
+
+    #[test]
+    fn nothing_is_processed_while_the_connect_awaits_its_decision() {
+        let mut s = Session::new(SessionLimits::default(), Instant::now());
+        let Packet::Connect(mut c) = connect("dev", false) else { unreachable!() };
+        c.username = Some("user".into());
+        c.password = Some(Bytes::from_static(b"secret"));
+        let request = request(s.on_packet(Packet::Connect(c), 1).unwrap());
+        assert_eq!((request.clean_start, request.username.as_deref()), (false, Some("user")));
+        assert!(!format!("{request:?}").contains("secret"), "the password stays out of logs");
+        assert!(s.is_deciding() && !s.is_connected());
+        assert!(!s.can_read(), "the connection stops reading until the decision");
+        assert!(s.on_packet(publish(QoS::AtLeastOnce, 1), 1).is_err(), "a packet handed in anyway");
+        assert!(written(&mut s).is_empty());
+
+        s.decide(ConnectDecision::Accept { session_present: true, session_expiry_secs: 0 }, Instant::now())
+            .unwrap();
+        assert_eq!(
+            written(&mut s),
+            [Packet::ConnAck(ConnAck { session_present: true, code: ConnectReturnCode::Accepted })]
+        );
+        assert!(s.can_read() && s.is_connected());
+        // A second decision changes nothing.
+        accept(&mut s, Instant::now());
+        assert!(written(&mut s).is_empty());
+    }
+
+    #[test]
+    fn clean_session_is_never_present() {
+        let mut s = Session::new(SessionLimits::default(), Instant::now());
+        s.on_packet(connect("dev", true), 1).unwrap();
+        s.decide(ConnectDecision::Accept { session_present: true, session_expiry_secs: 0 }, Instant::now())
+            .unwrap();
+        assert_eq!(written(&mut s), [connack(ConnectReturnCode::Accepted)]);
+    }
+
+    #[test]
+    fn a_refusal_sends_its_code_and_closes() {
+        let cases = [
+            (ConnectRefusal::QuotaExceeded, ConnectReturnCode::ServerUnavailable, ReasonCode::QuotaExceeded),
+            (
+                ConnectRefusal::ServerUnavailable,
+                ConnectReturnCode::ServerUnavailable,
+                ReasonCode::ServerUnavailable,
+            ),
+            (
+                ConnectRefusal::BadUserNameOrPassword,
+                ConnectReturnCode::BadUsernameOrPassword,
+                ReasonCode::BadUserNameOrPassword,
+            ),
+            (ConnectRefusal::NotAuthorized, ConnectReturnCode::NotAuthorized, ReasonCode::NotAuthorized),
+        ];
+        for (refusal, code, reason) in cases {
+            let mut s = Session::new(SessionLimits::default(), Instant::now());
+            s.on_packet(connect("dev", false), 1).unwrap();
+            let violation = s.decide(ConnectDecision::Refuse(refusal), Instant::now()).unwrap_err();
+            assert_eq!(violation, Violation::ConnectRefused(refusal));
+            assert_eq!(written(&mut s), [connack(code)], "{refusal:?}");
+            assert!(!s.is_connected() && !s.can_read());
+
+            let mut s = Session::new(limits_v5(), Instant::now());
+            s.on_packet(connect_v5("dev", 30, Properties::default()), 1).unwrap();
+            let violation = s.decide(ConnectDecision::Refuse(refusal), Instant::now()).unwrap_err();
+            assert_eq!(violation, Violation::ConnectRefused(refusal));
+            let [Packet::ConnAckV5(connack)] = &written(&mut s)[..] else { panic!("CONNACK") };
+            assert_eq!((connack.reason, connack.session_present), (reason, false), "{refusal:?}");
+            assert!(connack.properties.reason_string.is_some());
+            assert!(!s.is_connected());
+        }
+    }
+
+    #[test]
+    fn the_connect_deadline_runs_while_deciding() {
+        let t0 = Instant::now();
+        let limits = SessionLimits { connect_timeout: Duration::from_secs(2), ..SessionLimits::default() };
+        let mut s = Session::new(limits, t0);
+        s.on_packet(connect("dev", false), 1).unwrap();
+        s.note_activity(t0 + Duration::from_secs(1));
+        assert_eq!(s.deadline(), Some(t0 + Duration::from_secs(2)), "still the connect deadline");
+        // No decision in time: the device is told the server is unavailable (weir's delay).
+        assert_eq!(s.timed_out(), Violation::DecisionTimeout);
+        assert_eq!(written(&mut s), [connack(ConnectReturnCode::ServerUnavailable)]);
+        // A decision arriving late is ignored.
+        accept(&mut s, t0 + Duration::from_secs(3));
+        assert!(written(&mut s).is_empty());
+        assert!(!s.is_connected());
+
+        let mut s =
+            Session::new(SessionLimits { connect_timeout: Duration::from_secs(2), ..limits_v5() }, t0);
+        s.on_packet(connect_v5("dev", 30, Properties::default()), 1).unwrap();
+        assert_eq!(s.timed_out(), Violation::DecisionTimeout);
+        let [Packet::ConnAckV5(connack)] = &written(&mut s)[..] else { panic!("CONNACK") };
+        assert_eq!(connack.reason, ReasonCode::ServerUnavailable);
+    }
+
+    #[test]
+    fn taken_over_says_0x8e_to_v5_and_closes_v3_silently() {
+        let mut s = connected_v5();
+        assert_eq!(s.taken_over(), Violation::SessionTakenOver);
+        assert_eq!(disconnect_sent(&mut s).0, ReasonCode::SessionTakenOver);
+        let mut s = connected();
+        assert_eq!(s.taken_over(), Violation::SessionTakenOver);
+        assert!(written(&mut s).is_empty());
     }
 
     #[test]
@@ -1013,8 +1366,10 @@ mod tests {
         // Activity before CONNECT does not extend the connect deadline.
         s.note_activity(t0 + Duration::from_secs(1));
         assert_eq!(s.deadline(), Some(t0 + Duration::from_secs(2)));
-        // The CONNECT (keepalive 30 s) arrived in the bytes read at t0 + 1 s.
+        // The CONNECT (keepalive 30 s) arrived in the bytes read at t0 + 1 s, and was accepted
+        // at once.
         s.on_packet(connect("dev", true), 1).unwrap();
+        accept(&mut s, t0 + Duration::from_secs(1));
         assert_eq!(s.deadline(), Some(t0 + Duration::from_secs(1) + Duration::from_secs(45)));
         assert_eq!(s.timed_out(), Violation::KeepaliveTimeout);
         s.note_activity(t0 + Duration::from_secs(40));
@@ -1028,6 +1383,7 @@ mod tests {
         let Packet::Connect(mut c) = connect("dev", true) else { unreachable!() };
         c.keep_alive_secs = 0;
         s.on_packet(Packet::Connect(c), 1).unwrap();
+        accept(&mut s, t0);
         assert_eq!(s.deadline(), None);
         s.note_activity(t0 + Duration::from_secs(5));
         assert_eq!(s.deadline(), None);
@@ -1076,6 +1432,7 @@ mod tests {
     fn connected_v5_with(properties: Properties) -> Session {
         let mut s = Session::new(limits_v5(), Instant::now());
         s.on_packet(connect_v5("dev5", 30, properties), 1).unwrap();
+        accept(&mut s, Instant::now());
         written(&mut s);
         s
     }
@@ -1083,6 +1440,7 @@ mod tests {
     fn connected_v5() -> Session {
         let mut s = Session::new(limits_v5(), Instant::now());
         s.on_packet(connect_v5("dev5", 30, Properties::default()), 1).unwrap();
+        accept(&mut s, Instant::now());
         assert!(matches!(written(&mut s)[..], [Packet::ConnAckV5(_)]));
         s
     }
@@ -1124,15 +1482,20 @@ mod tests {
         let properties = Properties { session_expiry_interval: Some(3600), ..Properties::default() };
         let event = s.on_packet(connect_v5("", 0, properties), 9).unwrap();
         assert_eq!(
-            event,
-            Event::Connected {
+            request(event),
+            ConnectRequest {
                 client_id: "weir-auto-9".into(),
                 assigned: true,
-                clean_session: true,
-                keep_alive_secs: 600,
                 version: ProtocolVersion::V5,
+                clean_start: true,
+                session_expiry_secs: Some(3600),
+                keep_alive_secs: 600,
+                username: None,
+                password: None,
             }
         );
+        // Granted 0 where 3600 was asked: the CONNACK says so.
+        accept(&mut s, Instant::now());
         let expected = ConnAckV5 {
             session_present: false,
             reason: ReasonCode::Success,
@@ -1151,6 +1514,70 @@ mod tests {
     }
 
     #[test]
+    fn v5_session_present_and_the_granted_expiry() {
+        let persistent = |expiry: Option<u32>| {
+            let mut s = Session::new(limits_v5(), Instant::now());
+            let Packet::ConnectV5(mut c) = connect_v5(
+                "dev",
+                30,
+                Properties { session_expiry_interval: expiry, ..Properties::default() },
+            ) else {
+                unreachable!()
+            };
+            c.connect.clean_session = false;
+            let request = request(s.on_packet(Packet::ConnectV5(c), 1).unwrap());
+            assert_eq!(
+                (request.clean_start, request.session_expiry_secs),
+                (false, Some(expiry.unwrap_or(0)))
+            );
+            s
+        };
+        // Granted what was asked: no Session Expiry Interval in the CONNACK.
+        let mut s = persistent(Some(3600));
+        s.decide(
+            ConnectDecision::Accept { session_present: true, session_expiry_secs: 3600 },
+            Instant::now(),
+        )
+        .unwrap();
+        let [Packet::ConnAckV5(connack)] = &written(&mut s)[..] else { panic!("CONNACK") };
+        assert!(connack.session_present);
+        assert_eq!(connack.properties.session_expiry_interval, None);
+        // Capped: the CONNACK tells the device what it got.
+        let mut s = persistent(Some(u32::MAX));
+        s.decide(
+            ConnectDecision::Accept { session_present: false, session_expiry_secs: 600 },
+            Instant::now(),
+        )
+        .unwrap();
+        let [Packet::ConnAckV5(connack)] = &written(&mut s)[..] else { panic!("CONNACK") };
+        assert!(!connack.session_present);
+        assert_eq!(connack.properties.session_expiry_interval, Some(600));
+        // A DISCONNECT may change the expiry; the gateway is told.
+        let bye = DisconnectV5 {
+            reason: ReasonCode::Success,
+            properties: Properties { session_expiry_interval: Some(5), ..Properties::default() },
+        };
+        assert_eq!(
+            s.on_packet(Packet::DisconnectV5(bye), 1),
+            Ok(Event::Disconnect { session_expiry_secs: Some(5) })
+        );
+    }
+
+    #[test]
+    fn v5_a_resumed_session_completes_pubrel_for_ids_it_never_saw() {
+        let mut s = Session::new(limits_v5(), Instant::now());
+        let Packet::ConnectV5(mut c) = connect_v5("dev", 30, Properties::default()) else { unreachable!() };
+        c.connect.clean_session = false;
+        s.on_packet(Packet::ConnectV5(c), 1).unwrap();
+        s.decide(ConnectDecision::Accept { session_present: true, session_expiry_secs: 0 }, Instant::now())
+            .unwrap();
+        written(&mut s);
+        // Its PUBREC was sent by the previous connection after the commit: stored, complete it.
+        s.on_packet(Packet::PubRelV5(AckV5::success(9)), 1).unwrap();
+        assert_eq!(written(&mut s), [Packet::PubCompV5(AckV5::success(9))]);
+    }
+
+    #[test]
     fn v5_server_keep_alive_caps_the_keepalive() {
         let t0 = Instant::now();
         for (asked, given, sent) in
@@ -1158,7 +1585,8 @@ mod tests {
         {
             let mut s = Session::new(limits_v5(), t0);
             let event = s.on_packet(connect_v5("d", asked, Properties::default()), 1).unwrap();
-            assert!(matches!(event, Event::Connected { keep_alive_secs, .. } if keep_alive_secs == given));
+            assert_eq!(request(event).keep_alive_secs, given);
+            accept(&mut s, t0);
             let [Packet::ConnAckV5(connack)] = &written(&mut s)[..] else { panic!("CONNACK") };
             assert_eq!(connack.properties.server_keep_alive, sent, "asked {asked}");
             assert_eq!(connack.properties.session_expiry_interval, None, "not asked, not sent");
@@ -1410,7 +1838,10 @@ mod tests {
         // A normal DISCONNECT just ends the connection.
         let mut s = connected_v5();
         let bye = DisconnectV5 { reason: ReasonCode::Success, properties: Properties::default() };
-        assert_eq!(s.on_packet(Packet::DisconnectV5(bye), 1), Ok(Event::Disconnect));
+        assert_eq!(
+            s.on_packet(Packet::DisconnectV5(bye), 1),
+            Ok(Event::Disconnect { session_expiry_secs: None })
+        );
     }
 
     #[test]
@@ -1517,7 +1948,8 @@ mod tests {
         let Packet::Connect(mut c) = connect("a-31-client-id-longer-than-23", true) else { unreachable!() };
         c.protocol_level = 3;
         let event = s.on_packet(Packet::Connect(c), 1).unwrap();
-        assert!(matches!(event, Event::Connected { version: ProtocolVersion::V31, .. }));
+        assert_eq!(request(event).version, ProtocolVersion::V31);
+        accept(&mut s, Instant::now());
         assert_eq!(written(&mut s), [connack(ConnectReturnCode::Accepted)]);
         assert_eq!(s.decoder().version, ProtocolVersion::V31);
     }
