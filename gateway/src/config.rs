@@ -943,15 +943,16 @@ impl Config {
         }
         if let Some(buffer) = &self.buffer {
             buffer.validate().map_err(|(key, reason)| invalid(format!("buffer.{key}"), reason))?;
-            // A record is at most its message decoded, plus the raw bytes when they are kept.
+            // A record is at most about its message decoded plus the raw bytes when they are
+            // kept; one that still does not fit a segment is refused (counted, not acked).
             let largest = self.listeners.iter().map(ListenerConfig::max_message_bytes).max().unwrap_or(0);
-            let needed = 4 * largest as u64 + 64 * 1024;
+            let needed = 2 * largest as u64 + 4096;
             if needed > buffer.segment_bytes {
                 return Err(invalid(
                     "buffer.segment_bytes".into(),
                     format!(
                         "{} is too small for the {largest}-byte messages a listener accepts \
-                         (one record must fit a segment with room: at least {needed})",
+                         (a record must fit in one segment: at least {needed})",
                         buffer.segment_bytes
                     ),
                 ));
@@ -1183,6 +1184,32 @@ mod tests {
         let bridge = format!("{}{}{}", &text[..start], text[start..end].replace("# ", ""), &text[end..]);
         let config = Config::parse(&bridge, "all-protocols.toml").unwrap();
         assert_eq!(config.listeners.last().map(ListenerConfig::protocol), Some("mqtt_bridge"));
+    }
+
+    #[test]
+    fn the_disk_buffer_is_checked() {
+        let mqtt = "[[listeners]]\nprotocol = \"mqtt\"\nlisten = \"127.0.0.1:0\"\nack = \"buffered\"\n";
+        let err = Config::parse(mqtt, "b.toml").unwrap_err().to_string();
+        assert!(err.contains("listeners[0].ack") && err.contains("[buffer]"), "{err}");
+        let buffered =
+            |buffer: &str| Config::parse(&format!("{mqtt}[buffer]\nkind = \"disk\"\n{buffer}"), "b.toml");
+        let config = buffered("").unwrap();
+        let buffer = config.buffer.unwrap();
+        assert_eq!(
+            (buffer.max_bytes, buffer.segment_bytes, buffer.fsync),
+            (1 << 30, 64 << 20, FsyncPolicy::Batch)
+        );
+        // The default 1 MiB packets need segments of at least 2 MiB + 4 KiB.
+        let err = buffered("segment_bytes = 1048576\n").unwrap_err().to_string();
+        assert!(err.contains("buffer.segment_bytes") && err.contains("2101248"), "{err}");
+        let err = buffered("max_bytes = 100000000\nsegment_bytes = 67108864\n").unwrap_err().to_string();
+        assert!(err.contains("buffer.max_bytes"), "{err}");
+        let err = buffered("fsync = \"interval\"\nfsync_interval_ms = 0\n").unwrap_err().to_string();
+        assert!(err.contains("buffer.fsync_interval_ms"), "{err}");
+        let err = buffered("kind = \"memory\"\n").unwrap_err().to_string();
+        assert!(err.contains("kind"), "{err}");
+        let err = buffered("fsync = \"never\"\n").unwrap_err().to_string();
+        assert!(err.contains("never"), "{err}");
     }
 
     #[test]

@@ -236,7 +236,7 @@ impl Metrics {
         r.register("buffer_bytes", "Bytes the disk buffer takes on disk", m.buffer_bytes.clone());
         r.register(
             "buffer_unacked_records",
-            "Disk buffer entries the sink has not committed yet (the backlog)",
+            "Disk buffer entries not acknowledged in the log: what a restart would replay (the sink has not committed them, or its commit is not recorded yet, at most 100 ms)",
             m.buffer_unacked_records.clone(),
         );
         r.register(

@@ -37,7 +37,8 @@ use crate::metrics::{Metrics, ReasonLabel, SourceLabel};
 /// How long the writer waits between attempts when the log has no room.
 const ROOM_RETRY: Duration = Duration::from_millis(20);
 /// The watermark is persisted at most this often while the log has room (each is an fdatasync).
-const ACK_EVERY: Duration = Duration::from_millis(200);
+/// A crash replays what the sink committed since (duplicates, never loss).
+const ACK_EVERY: Duration = Duration::from_millis(100);
 /// How long the feeder sleeps when nothing is readable, before looking again.
 const FEEDER_POLL: Duration = Duration::from_millis(10);
 /// Batches the writer may have handed over in memory that the feeder has not taken (beyond
@@ -103,10 +104,11 @@ impl Shared {
         self.commits().parked.back().map_or(0, |(end, _)| end + 1)
     }
 
+    /// The backlog counts entries not acknowledged in the log: what a restart would replay (not
+    /// committed by the sink, or committed and not recorded yet).
     fn update_gauges(&self, wal: &Wal) {
         self.metrics.buffer_bytes.set(wal.used_bytes() as i64);
-        let through = self.commits().through.max(wal.acked());
-        self.metrics.buffer_unacked_records.set(wal.next_seq().saturating_sub(through + 1) as i64);
+        self.metrics.buffer_unacked_records.set(wal.next_seq().saturating_sub(wal.acked() + 1) as i64);
     }
 }
 
