@@ -336,6 +336,12 @@ impl Wal {
     /// number used; retry once [`ack`](Wal::ack) (or the disk) has freed space.
     pub fn append(&mut self, payload: &[u8]) -> Result<u64, WalError> {
         self.check_usable()?;
+        // Found by fuzzing (wal_segments): a segment named for u64::MAX or a watermark near it
+        // made `next_seq += 1` overflow (a panic, or a wrap to 0 in release builds that would
+        // number new entries as already acknowledged).
+        if self.next_seq == u64::MAX {
+            return Err(WalError::SequenceExhausted);
+        }
         let len = payload.len() as u64;
         if len > self.options.max_entry_bytes() {
             return Err(WalError::EntryTooLarge { len, max: self.options.max_entry_bytes() });
