@@ -274,8 +274,10 @@ impl Wal {
             next_seq = next_seq.max(scan.last_seq.map_or(0, |last_seq| last_seq + 1));
             if scan.unreadable {
                 // Left as it is (the error may pass), and numbered past anything it can hold.
-                next_seq =
-                    next_seq.max(*first_seq + len.saturating_sub(SEGMENT_HEADER_LEN) / FRAME_HEADER_LEN + 1);
+                // Saturating: fuzzing found an overflow with one named near u64::MAX (appending
+                // is then refused, see `append`).
+                let capacity = len.saturating_sub(SEGMENT_HEADER_LEN) / FRAME_HEADER_LEN + 1;
+                next_seq = next_seq.max(first_seq.saturating_add(capacity));
             }
         }
         if let Some((_, path, len, scan)) = scanned.last_mut().filter(|(_, _, _, scan)| !scan.unreadable) {
