@@ -87,12 +87,15 @@ fn resealed(mut input: Vec<u8>) -> Option<Vec<u8>> {
     changed.then_some(input)
 }
 
+/// A seed's name, the segment size it is written and opened with, and what writes it.
+type Seed = (&'static str, u64, Box<dyn Fn(&Path)>);
+
 #[test]
 #[ignore = "writes the seed corpus; run by hand"]
 fn write_seed_corpus() {
     let out = corpus_dir();
     fs::create_dir_all(&out).unwrap();
-    let seeds: Vec<(&str, u64, Box<dyn Fn(&Path)>)> = vec![
+    let seeds: Vec<Seed> = vec![
         ("fresh", SMALL, Box::new(|dir| drop(Wal::open(dir, options(SMALL)).unwrap()))),
         ("one-segment", 64 + 16 * 40, Box::new(|dir| write_log(dir, 64 + 16 * 40, 5, 0))),
         ("segments", SMALL, Box::new(|dir| write_log(dir, SMALL, 10, 0))),
