@@ -1,7 +1,9 @@
 //! The disk buffer's fuzz corpus (`gateway/fuzz/corpus/wal_segments`) as a regression suite on
-//! the stable toolchain: every input goes through the fuzz target's own checks. The seeds are
-//! real log directories written by the log itself: `cargo test -p weir --test wal_corpus --
-//! --ignored write_seed_corpus` rewrites them.
+//! the stable toolchain: every input goes through the fuzz target's own checks. The seeds were
+//! real log directories written by the log itself (`cargo test -p weir --test wal_corpus --
+//! --ignored write_seed_corpus` writes them again as `seed-*`); `cargo fuzz cmin` has since
+//! folded them into the corpus under content-hash names. `regression-*` inputs are crashes
+//! that were fixed.
 
 use std::fs;
 use std::path::{Path, PathBuf};
