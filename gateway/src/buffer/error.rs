@@ -24,6 +24,12 @@ pub enum WalError {
     /// An acknowledgement of a sequence number that was never handed out.
     #[error("cannot acknowledge up to sequence {up_to}: the last appended sequence is {last}")]
     AckBeyondEnd { up_to: u64, last: u64 },
+    /// Every sequence number has been handed out: the next entry would need `u64::MAX`, which
+    /// is never used (one past the last entry must be representable). Only a damaged or forged
+    /// directory gets here (a segment file or watermark near the end of the range); nothing
+    /// was appended, and the log must be moved aside to go on.
+    #[error("no sequence number left to append with (the log's directory names one near u64::MAX)")]
+    SequenceExhausted,
     /// Options that cannot work (see [`WalOptions`](super::WalOptions)).
     #[error("invalid write-ahead log options: {0}")]
     InvalidOptions(String),

@@ -13,6 +13,9 @@
 mod ack;
 mod error;
 mod format;
+/// Recovery under a fuzzer: see `gateway/fuzz`.
+#[doc(hidden)]
+pub mod fuzzing;
 mod item;
 mod reader;
 mod scan;

@@ -167,7 +167,9 @@ pub(crate) fn scan_segment<R: Read + Seek>(
         reason,
         repair: Repair::Skipped,
     };
-    let in_segment = |seq: u64| seq_limit.is_none_or(|limit| seq < limit);
+    // u64::MAX is never an entry's sequence number (one past the last entry must be
+    // representable): found by fuzzing, a segment named for it overflowed `expected + 1`.
+    let in_segment = |seq: u64| seq < seq_limit.unwrap_or(u64::MAX);
     let lost_to_limit = |from: u64| seq_limit.filter(|&limit| limit > from).map(|limit| from..limit);
     if file_len < SEGMENT_HEADER_LEN {
         scan.corruptions.push(corruption(0, file_len, None, CorruptionReason::TornHeader));
@@ -224,7 +226,7 @@ pub(crate) fn scan_segment<R: Read + Seek>(
                 }
                 FrameRead::BadChecksum { frame_len } => {
                     let next = pos + frame_len;
-                    let resynced = next < file_len && in_segment(expected + 1) && {
+                    let resynced = next < file_len && expected.checked_add(1).is_some_and(in_segment) && {
                         cursor.seek(next)?;
                         let probe = cursor.read_frame(file_len, &mut payload)?;
                         matches!(probe, FrameRead::Valid { seq, .. } if seq == expected + 1)
@@ -305,6 +307,25 @@ mod tests {
         let scan =
             scan_segment(Cursor::new(&bytes), Path::new("s.wal"), bytes.len() as u64, 1, None, 2).unwrap();
         assert_eq!((scan.replay_entries, scan.replay_bytes), (1, 3));
+    }
+
+    /// Fuzzing found this (input `regression-sequence-overflow-in-scan`): in a segment named for
+    /// u64::MAX, a frame with a bad checksum overflowed `expected + 1`, and a valid one would
+    /// have overflowed the run's end. u64::MAX is not an entry's sequence number.
+    #[test]
+    fn sequence_overflow_in_scan() {
+        let (mut bytes, offsets) = segment(u64::MAX, &[b"x"]);
+        let valid = scan(&bytes, u64::MAX, None);
+        assert_eq!((valid.last_seq, valid.runs.len()), (None, 0));
+        assert_eq!(valid.tail_lost_at, Some(offsets[0]));
+        let reason = &valid.corruptions[0].reason;
+        assert_eq!(*reason, CorruptionReason::BeyondNextSegment { seq: u64::MAX, next_segment: u64::MAX });
+
+        bytes[offsets[0] as usize + 16] ^= 1; // damage the payload
+        bytes.extend_from_slice(&[0xa9; 20]);
+        let damaged = scan(&bytes, u64::MAX, None);
+        assert_eq!(damaged.corruptions[0].reason, CorruptionReason::ChecksumMismatch);
+        assert_eq!((damaged.last_seq, damaged.tail_lost_at), (None, Some(offsets[0])));
     }
 
     #[test]

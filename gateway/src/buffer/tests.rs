@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use proptest::prelude::*;
 
 use super::ack::AckFile;
-use super::format::parse_segment_file_name;
+use super::format::{self, parse_segment_file_name};
 use super::*;
 
 /// 20-byte payloads make 36-byte frames: four fill a 168-byte segment (24-byte header).
@@ -470,6 +470,45 @@ fn damaged_ack_file_replays_from_the_first_segment() {
     let (_, again) = Wal::open(dir.path(), options(FOUR_ENTRIES, 1 << 20)).unwrap();
     assert_eq!(again.corruptions, [], "the ack file was rewritten");
     assert_eq!(again.acked, 4);
+}
+
+/// Fuzzing found this (`gateway/fuzz`, input `regression-sequence-overflow-on-append`): a
+/// directory whose segment name or watermark is near u64::MAX made `append` overflow
+/// `next_seq`. Now the last sequence number handed out is u64::MAX - 1, and then appending is
+/// refused without touching the log.
+#[test]
+fn sequence_overflow_on_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ack, _) = AckFile::open(dir.path()).unwrap();
+    ack.store(u64::MAX - 2).unwrap();
+    drop(ack);
+    let (mut wal, recovery) = Wal::open(dir.path(), options(FOUR_ENTRIES, 1 << 20)).unwrap();
+    assert_eq!((recovery.acked, recovery.next_seq), (u64::MAX - 2, u64::MAX - 1));
+    assert_eq!(wal.append(b"last").unwrap(), u64::MAX - 1);
+    assert!(matches!(wal.append(b"one more"), Err(WalError::SequenceExhausted)));
+    assert_eq!(wal.next_seq(), u64::MAX);
+    wal.sync().unwrap();
+    drop(wal);
+
+    let (mut wal, recovery) = Wal::open(dir.path(), options(FOUR_ENTRIES, 1 << 20)).unwrap();
+    assert_eq!(entries(recovery.replay), [Entry { seq: u64::MAX - 1, payload: b"last".to_vec() }]);
+    assert!(matches!(wal.append(b"one more"), Err(WalError::SequenceExhausted)));
+    wal.ack(u64::MAX - 1).unwrap();
+    assert!(segment_files(dir.path()).len() <= 1, "only the active segment may stay");
+}
+
+/// Fuzzing found this (input `regression-sequence-overflow-past-an-unreadable-segment`):
+/// numbering past an unreadable newest segment named near u64::MAX overflowed in `Wal::open`.
+#[test]
+fn sequence_overflow_past_an_unreadable_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    // A directory by a segment's name: every read fails, as on a bad sector.
+    fs::create_dir(dir.path().join(format::segment_file_name(u64::MAX - 1))).unwrap();
+    let (mut wal, recovery) = Wal::open(dir.path(), options(FOUR_ENTRIES, 1 << 20)).unwrap();
+    let reasons: Vec<_> = recovery.corruptions.iter().map(|c| &c.reason).collect();
+    assert!(matches!(reasons[..], [CorruptionReason::AckFileMissing, CorruptionReason::Unreadable { .. }]));
+    assert_eq!(wal.next_seq(), u64::MAX);
+    assert!(matches!(wal.append(b"x"), Err(WalError::SequenceExhausted)));
 }
 
 /// A small tmpfs mounted for one test, unmounted on drop. `None` where mounting is not

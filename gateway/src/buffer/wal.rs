@@ -274,8 +274,10 @@ impl Wal {
             next_seq = next_seq.max(scan.last_seq.map_or(0, |last_seq| last_seq + 1));
             if scan.unreadable {
                 // Left as it is (the error may pass), and numbered past anything it can hold.
-                next_seq =
-                    next_seq.max(*first_seq + len.saturating_sub(SEGMENT_HEADER_LEN) / FRAME_HEADER_LEN + 1);
+                // Saturating: fuzzing found an overflow with one named near u64::MAX (appending
+                // is then refused, see `append`).
+                let capacity = len.saturating_sub(SEGMENT_HEADER_LEN) / FRAME_HEADER_LEN + 1;
+                next_seq = next_seq.max(first_seq.saturating_add(capacity));
             }
         }
         if let Some((_, path, len, scan)) = scanned.last_mut().filter(|(_, _, _, scan)| !scan.unreadable) {
@@ -336,6 +338,12 @@ impl Wal {
     /// number used; retry once [`ack`](Wal::ack) (or the disk) has freed space.
     pub fn append(&mut self, payload: &[u8]) -> Result<u64, WalError> {
         self.check_usable()?;
+        // Found by fuzzing (wal_segments): a segment named for u64::MAX or a watermark near it
+        // made `next_seq += 1` overflow (a panic, or a wrap to 0 in release builds that would
+        // number new entries as already acknowledged).
+        if self.next_seq == u64::MAX {
+            return Err(WalError::SequenceExhausted);
+        }
         let len = payload.len() as u64;
         if len > self.options.max_entry_bytes() {
             return Err(WalError::EntryTooLarge { len, max: self.options.max_entry_bytes() });
