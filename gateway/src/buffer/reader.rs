@@ -68,6 +68,13 @@ impl Reader {
         self.end_seq
     }
 
+    /// Where reading starts: the first run's offset and first sequence number.
+    #[cfg(test)]
+    pub(crate) fn start(&self) -> Option<(u64, u64)> {
+        let run = self.plans.front()?.runs.first()?;
+        Some((run.start, run.first_seq))
+    }
+
     fn fail(&mut self, error: WalError) -> Option<Result<Entry, WalError>> {
         self.failed = true;
         self.current = None;

@@ -11,6 +11,10 @@ use super::format::{self, FrameHeader, HeaderCheck, FRAME_HEADER_LEN, SEGMENT_HE
 /// Read-ahead of the frame cursor.
 const READ_BUFFER_BYTES: usize = 128 * 1024;
 
+/// Runs are split at about this size, so that they also index a segment: a reader positioned
+/// on a sequence number skips at most this much to reach it.
+pub(crate) const RUN_SPLIT_BYTES: u64 = 64 * 1024;
+
 /// A byte range of a segment holding consecutive valid frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Run {
@@ -210,6 +214,9 @@ pub(crate) fn scan_segment<R: Read + Seek>(
             let lost_reason = match cursor.read_frame(file_len, &mut payload)? {
                 FrameRead::End => break,
                 FrameRead::Valid { seq, frame_len } if seq == expected && in_segment(seq) => {
+                    if run.is_some_and(|r| r.end - r.start >= RUN_SPLIT_BYTES) {
+                        scan.runs.extend(run.take());
+                    }
                     let run = run.get_or_insert(Run { start: pos, end: pos, first_seq: seq, end_seq: seq });
                     run.end = pos + frame_len;
                     run.end_seq = seq + 1;

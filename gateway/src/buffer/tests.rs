@@ -764,3 +764,35 @@ proptest! {
         run_model(ops)?;
     }
 }
+
+/// A reader positioned late in a large segment starts near its entry, not at the segment's
+/// start: the written runs index the segment every 64 KiB or so (the disk buffer reads from
+/// where the sink is, over and over, so a scan from the start would be quadratic).
+#[test]
+fn readers_start_near_their_entry_in_a_large_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut wal, _) = Wal::open(dir.path(), options(64 << 20, 256 << 20)).unwrap();
+    for seq in 1..=20_000 {
+        assert_eq!(wal.append(&payload(seq, 100)).unwrap(), seq);
+        if seq % 50 == 0 {
+            wal.flush().unwrap();
+        }
+    }
+    wal.sync().unwrap();
+    let reader = wal.read_from(15_000);
+    let (offset, first_seq) = reader.start().unwrap();
+    assert!(first_seq <= 15_000 && 15_000 - first_seq < 1_000, "starts {} entries early", 15_000 - first_seq);
+    assert!(offset > 1 << 20, "starts at byte {offset}, past the first MiB");
+    let entries: Vec<_> = reader.map(Result::unwrap).collect();
+    assert_eq!(entries.first().map(|e| e.seq), Some(15_000));
+    assert_eq!(entries.len(), 5_001);
+    // The same holds after the segment is closed and the log reopened (runs from the scan).
+    drop(wal);
+    let (wal, recovery) = Wal::open(dir.path(), options(64 << 20, 256 << 20)).unwrap();
+    assert_eq!(recovery.replay_entries, 20_000);
+    let reader = wal.read_from(19_990);
+    let (_, first_seq) = reader.start().unwrap();
+    assert!(19_990 - first_seq < 1_000, "after reopening, starts {} entries early", 19_990 - first_seq);
+    let entries: Vec<_> = reader.map(Result::unwrap).collect();
+    assert_eq!(entries.iter().map(|e| e.seq).collect::<Vec<_>>(), (19_990..=20_000).collect::<Vec<_>>());
+}

@@ -13,7 +13,7 @@ use super::format::{
     FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 use super::reader::{Reader, SegmentPlan};
-use super::scan::{scan_segment, Run};
+use super::scan::{scan_segment, Run, RUN_SPLIT_BYTES};
 
 /// Appended frames are gathered in memory up to this many bytes before one write.
 const WRITE_BUFFER_BYTES: u64 = 128 * 1024;
@@ -113,6 +113,9 @@ struct ActiveSegment {
     pending: Vec<u8>,
     /// How many entries `pending` holds.
     pending_entries: u64,
+    /// Where the written entries are, a run per [`RUN_SPLIT_BYTES`] or so (the log's sparse
+    /// index: a reader starts at the run holding its first entry).
+    runs: Vec<Run>,
 }
 
 impl ActiveSegment {
@@ -120,10 +123,11 @@ impl ActiveSegment {
         self.written + self.pending.len() as u64
     }
 
-    /// Writes the pending bytes. On failure the file is cut back to the last complete frame
-    /// (releasing whatever a partial write took) and the bytes stay pending, so a retry can
-    /// succeed once space returns. If even that cut fails, `poisoned` is set.
-    fn flush(&mut self, poisoned: &mut bool) -> Result<(), WalError> {
+    /// Writes the pending bytes (entries up to `next_seq`, excluded). On failure the file is cut
+    /// back to the last complete frame (releasing whatever a partial write took) and the bytes
+    /// stay pending, so a retry can succeed once space returns. If even that cut fails,
+    /// `poisoned` is set.
+    fn flush(&mut self, next_seq: u64, poisoned: &mut bool) -> Result<(), WalError> {
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -135,7 +139,19 @@ impl ActiveSegment {
             }
             return Err(WalError::io("write", &self.path, e));
         }
+        // A new segment's first write starts with its header.
+        let start = self.written.max(SEGMENT_HEADER_LEN);
         self.written += self.pending.len() as u64;
+        if self.pending_entries > 0 {
+            let first_seq = next_seq - self.pending_entries;
+            match self.runs.last_mut() {
+                Some(last) if last.end == start && last.end - last.start < RUN_SPLIT_BYTES => {
+                    last.end = self.written;
+                    last.end_seq = next_seq;
+                }
+                _ => self.runs.push(Run { start, end: self.written, first_seq, end_seq: next_seq }),
+            }
+        }
         self.pending.clear();
         self.pending_entries = 0;
         Ok(())
@@ -151,17 +167,6 @@ impl ActiveSegment {
             self.synced = self.written;
         }
         Ok(())
-    }
-
-    /// The good entries written so far (those still pending are not readable yet).
-    fn run(&self, next_seq: u64) -> Option<Run> {
-        let end_seq = next_seq - self.pending_entries;
-        (end_seq > self.first_seq && self.written > SEGMENT_HEADER_LEN).then_some(Run {
-            start: SEGMENT_HEADER_LEN,
-            end: self.written,
-            first_seq: self.first_seq,
-            end_seq,
-        })
     }
 }
 
@@ -368,7 +373,7 @@ impl Wal {
             old => self.rotate(old)?,
         };
         if !active.pending.is_empty() && active.pending.len() as u64 + frame > WRITE_BUFFER_BYTES {
-            if let Err(e) = active.flush(&mut self.poisoned) {
+            if let Err(e) = active.flush(self.next_seq, &mut self.poisoned) {
                 self.active = Some(active);
                 return Err(e);
             }
@@ -385,7 +390,7 @@ impl Wal {
     pub fn flush(&mut self) -> Result<(), WalError> {
         self.check_usable()?;
         match self.active.as_mut() {
-            Some(active) => active.flush(&mut self.poisoned),
+            Some(active) => active.flush(self.next_seq, &mut self.poisoned),
             None => Ok(()),
         }
     }
@@ -396,7 +401,7 @@ impl Wal {
     pub fn sync(&mut self) -> Result<(), WalError> {
         self.check_usable()?;
         if let Some(active) = self.active.as_mut() {
-            active.flush(&mut self.poisoned)?;
+            active.flush(self.next_seq, &mut self.poisoned)?;
             active.sync(&mut self.poisoned)?;
         }
         if self.dir_needs_sync {
@@ -437,10 +442,7 @@ impl Wal {
             .collect();
         let end_seq = self.written_end();
         if let Some(active) = &self.active {
-            plans.push(SegmentPlan {
-                path: active.path.clone(),
-                runs: active.run(self.next_seq).into_iter().collect(),
-            });
+            plans.push(SegmentPlan { path: active.path.clone(), runs: active.runs.clone() });
         }
         Reader::new(plans, from_seq, end_seq)
     }
@@ -489,12 +491,13 @@ impl Wal {
     /// old segment may already be closed.
     fn rotate(&mut self, old: Option<ActiveSegment>) -> Result<ActiveSegment, WalError> {
         if let Some(mut old) = old {
-            let closed = old.flush(&mut self.poisoned).and_then(|()| old.sync(&mut self.poisoned));
+            let closed =
+                old.flush(self.next_seq, &mut self.poisoned).and_then(|()| old.sync(&mut self.poisoned));
             if let Err(e) = closed {
                 self.active = Some(old);
                 return Err(e);
             }
-            let runs = old.run(self.next_seq).into_iter().collect();
+            let runs = std::mem::take(&mut old.runs);
             self.closed_bytes += old.written;
             self.segments.push_back(Segment {
                 first_seq: old.first_seq,
@@ -523,6 +526,7 @@ impl Wal {
             synced: 0,
             pending,
             pending_entries: 0,
+            runs: Vec::new(),
         })
     }
 
