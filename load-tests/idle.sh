@@ -142,6 +142,9 @@ listener_config() {
     echo "protocol = \"$protocol\""
     echo "listen = \"$HOST:$port\""
     echo "max_connections = $MAX_CONNECTIONS"
+    # Every simulated device comes from one address, as fast as it can connect.
+    echo "max_connections_per_ip = 0"
+    echo "max_connection_rate = 0"
     case $protocol in
     ws) echo "idle_timeout_ms = 0" ;;
     tcp)

@@ -106,6 +106,17 @@ impl ListenerConfig {
         }
     }
 
+    /// Admission limits at accept; `None` for the bridge, which accepts nothing.
+    pub fn admission(&self) -> Option<AdmissionConfig> {
+        let (max_connections_per_ip, max_connection_rate, connection_burst) = match self {
+            ListenerConfig::Mqtt(m) => (m.max_connections_per_ip, m.max_connection_rate, m.connection_burst),
+            ListenerConfig::Ws(w) => (w.max_connections_per_ip, w.max_connection_rate, w.connection_burst),
+            ListenerConfig::Tcp(t) => (t.max_connections_per_ip, t.max_connection_rate, t.connection_burst),
+            ListenerConfig::MqttBridge(_) => return None,
+        };
+        Some(AdmissionConfig { max_connections_per_ip, max_connection_rate, connection_burst })
+    }
+
     /// The largest message this listener accepts (packet, WebSocket message or frame).
     pub fn max_message_bytes(&self) -> usize {
         match self {
@@ -115,6 +126,14 @@ impl ListenerConfig {
             ListenerConfig::MqttBridge(b) => b.max_packet_bytes,
         }
     }
+}
+
+/// Admission limits of one listener (see [`crate::listener::admission`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdmissionConfig {
+    pub max_connections_per_ip: usize,
+    pub max_connection_rate: u32,
+    pub connection_burst: u32,
 }
 
 /// When a device's message counts as acknowledged.
@@ -180,6 +199,16 @@ pub struct MqttListenerConfig {
     /// Open connections on this listener; at the bound weir stops accepting.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Connections from one source address; beyond it a new one is refused (0: no cap).
+    #[serde(default = "defaults::max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// New connections per second this listener admits (a token bucket, 0: no limit); beyond
+    /// it a connection is refused at once (MQTT 5: CONNACK 0x89 server busy).
+    #[serde(default = "defaults::max_connection_rate")]
+    pub max_connection_rate: u32,
+    /// New connections admitted at once after a quiet spell (the bucket's size).
+    #[serde(default = "defaults::connection_burst")]
+    pub connection_burst: u32,
     /// Time a new connection has to send CONNECT before it is closed.
     #[serde(default = "defaults::connect_timeout_ms")]
     pub connect_timeout_ms: u64,
@@ -203,6 +232,9 @@ impl Default for MqttListenerConfig {
             max_user_properties: defaults::max_user_properties(),
             max_keepalive_s: defaults::max_keepalive_s(),
             max_connections: defaults::max_connections(),
+            max_connections_per_ip: defaults::max_connections_per_ip(),
+            max_connection_rate: defaults::max_connection_rate(),
+            connection_burst: defaults::connection_burst(),
             connect_timeout_ms: defaults::connect_timeout_ms(),
             keep_raw: false,
             allow_anonymous: false,
@@ -238,6 +270,16 @@ pub struct WsListenerConfig {
     /// Open connections on this listener; at the bound weir stops accepting.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Connections from one source address; beyond it a new one is refused (0: no cap).
+    #[serde(default = "defaults::max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// New connections per second this listener admits (a token bucket, 0: no limit); beyond
+    /// it a connection is refused at once (MQTT 5: CONNACK 0x89 server busy).
+    #[serde(default = "defaults::max_connection_rate")]
+    pub max_connection_rate: u32,
+    /// New connections admitted at once after a quiet spell (the bucket's size).
+    #[serde(default = "defaults::connection_burst")]
+    pub connection_burst: u32,
     /// Time a new connection has to finish its HTTP request (and, on `/mqtt`, send CONNECT).
     #[serde(default = "defaults::connect_timeout_ms")]
     pub connect_timeout_ms: u64,
@@ -264,6 +306,9 @@ impl Default for WsListenerConfig {
             max_packet_bytes: defaults::max_packet_bytes(),
             max_inflight: defaults::max_inflight(),
             max_connections: defaults::max_connections(),
+            max_connections_per_ip: defaults::max_connections_per_ip(),
+            max_connection_rate: defaults::max_connection_rate(),
+            connection_burst: defaults::connection_burst(),
             connect_timeout_ms: defaults::connect_timeout_ms(),
             idle_timeout_ms: defaults::idle_timeout_ms(),
             device_id_header: defaults::device_id_header(),
@@ -301,6 +346,12 @@ pub struct TcpListenerConfig {
     pub max_inflight: usize,
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    #[serde(default = "defaults::max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    #[serde(default = "defaults::max_connection_rate")]
+    pub max_connection_rate: u32,
+    #[serde(default = "defaults::connection_burst")]
+    pub connection_burst: u32,
     /// Time a new connection has to send its first frame.
     #[serde(default = "defaults::connect_timeout_ms")]
     pub connect_timeout_ms: u64,
@@ -322,6 +373,9 @@ impl Default for TcpListenerConfig {
             max_frame_bytes: defaults::max_message_bytes(),
             max_inflight: defaults::max_inflight(),
             max_connections: defaults::max_connections(),
+            max_connections_per_ip: defaults::max_connections_per_ip(),
+            max_connection_rate: defaults::max_connection_rate(),
+            connection_burst: defaults::connection_burst(),
             connect_timeout_ms: defaults::connect_timeout_ms(),
             idle_timeout_ms: defaults::idle_timeout_ms(),
             keep_raw: false,
@@ -771,6 +825,15 @@ mod defaults {
     }
     pub fn max_keepalive_s() -> u16 {
         600
+    }
+    pub fn max_connections_per_ip() -> usize {
+        1000
+    }
+    pub fn max_connection_rate() -> u32 {
+        1000
+    }
+    pub fn connection_burst() -> u32 {
+        2000
     }
     pub fn max_connections() -> usize {
         10_000

@@ -167,12 +167,15 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
                 );
                 let signal = Arc::clone(&shutdown_signal);
                 let max_connections = mqtt.max_connections;
+                let max_packet_bytes = mqtt.max_packet_bytes;
                 listeners.spawn(listener::accept_loop(
                     socket,
                     "mqtt",
                     max_connections,
+                    admission(listener, "mqtt", &metrics),
                     shutdown_rx.clone(),
                     move |accepted| listener::mqtt::serve(accepted, Arc::clone(&ctx), signal.subscribe()),
+                    move |stream, refusal| listener::mqtt::refuse(stream, refusal, max_packet_bytes),
                 ));
             }
             (ListenerConfig::Ws(ws), Some(socket)) => {
@@ -188,8 +191,10 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
                     socket,
                     "ws",
                     ws.max_connections,
+                    admission(listener, "ws", &metrics),
                     shutdown_rx.clone(),
                     move |accepted| listener::ws::serve(accepted, Arc::clone(&ctx), shutdown.clone()),
+                    |stream, _| listener::close_refused(stream),
                 ));
             }
             (ListenerConfig::Tcp(tcp), Some(socket)) => {
@@ -209,8 +214,10 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
                     socket,
                     "tcp",
                     tcp.max_connections,
+                    admission(listener, "tcp", &metrics),
                     shutdown_rx.clone(),
                     move |accepted| listener::tcp::serve(accepted, Arc::clone(&ctx), signal.subscribe()),
+                    |stream, _| listener::close_refused(stream),
                 ));
             }
             (ListenerConfig::MqttBridge(bridge), None) => {
@@ -246,6 +253,15 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         listeners,
         pipeline,
     })
+}
+
+/// The admission control of a device listener.
+fn admission(
+    listener: &ListenerConfig,
+    protocol: &'static str,
+    metrics: &Metrics,
+) -> Option<Arc<listener::admission::Admission>> {
+    listener.admission().map(|config| listener::admission::Admission::new(config, protocol, metrics))
 }
 
 /// What the sink driver task needs, whatever the sink.

@@ -34,6 +34,7 @@ pub struct Metrics {
     pub connections_active: Family<ProtocolLabel, Gauge>,
     pub connections_opened: Family<ProtocolLabel, Counter>,
     pub connections_closed: Family<ProtocolReasonLabel, Counter>,
+    pub connections_refused: Family<ProtocolReasonLabel, Counter>,
     pub protocol_errors: Family<ProtocolReasonLabel, Counter>,
     pub messages_received: Family<ProtocolLabel, Counter>,
     pub records_decoded: Counter,
@@ -91,6 +92,7 @@ impl Metrics {
             connections_active: Family::default(),
             connections_opened: Family::default(),
             connections_closed: Family::default(),
+            connections_refused: Family::default(),
             protocol_errors: Family::default(),
             messages_received: Family::default(),
             records_decoded: Counter::default(),
@@ -142,6 +144,11 @@ impl Metrics {
             "connections_closed",
             "Device connections closed, by reason",
             m.connections_closed.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections refused at accept by admission control, by reason (rate, per_ip)",
+            m.connections_refused.clone(),
         );
         r.register(
             "protocol_errors",

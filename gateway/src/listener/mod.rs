@@ -2,6 +2,7 @@
 //! before `accept`, accept errors back off, each connection runs in its own task and span, and
 //! one connection's failure never stops the loop.
 
+pub mod admission;
 pub mod bridge;
 pub mod ingest;
 pub mod mqtt;
@@ -13,7 +14,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
@@ -21,6 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
+
+use admission::{AddressSlot, Admission, Refusal};
 
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -30,21 +33,41 @@ pub struct Accepted {
     pub peer: SocketAddr,
     /// Unique within this process; names the connection in logs and assigned client ids.
     pub id: u64,
-    /// Held for the connection's lifetime; returned to the listener's limit when it ends.
-    pub permit: OwnedSemaphorePermit,
+    /// Held for the connection's lifetime; returned to the listener's limits when it ends.
+    pub permit: ConnectionPermit,
+}
+
+/// A connection's place under its listener's limits: a slot of `max_connections` and its
+/// source address's share of `max_connections_per_ip`, both returned when dropped.
+#[derive(Debug)]
+pub struct ConnectionPermit {
+    _listener: OwnedSemaphorePermit,
+    _address: Option<AddressSlot>,
+}
+
+impl ConnectionPermit {
+    pub fn new(listener: OwnedSemaphorePermit, address: Option<AddressSlot>) -> Self {
+        ConnectionPermit { _listener: listener, _address: address }
+    }
 }
 
 /// Accepts connections until `shutdown` turns true, then waits for the connection tasks (which
-/// see the same signal and drain) to end. `serve` runs one connection.
-pub async fn accept_loop<F, Fut>(
+/// see the same signal and drain) to end. `serve` runs one connection; a connection
+/// `admission` refuses goes to `refuse` instead (answered at once, up to a bound of them at a
+/// time; beyond it, closed).
+pub async fn accept_loop<F, Fut, R, RFut>(
     listener: TcpListener,
     protocol: &'static str,
     max_connections: usize,
+    admission: Option<Arc<Admission>>,
     mut shutdown: watch::Receiver<bool>,
     serve: F,
+    refuse: R,
 ) where
     F: Fn(Accepted) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
+    R: Fn(TcpStream, Refusal) -> RFut,
+    RFut: Future<Output = ()> + Send + 'static,
 {
     let limit = Arc::new(Semaphore::new(max_connections));
     let mut connections = JoinSet::new();
@@ -65,6 +88,23 @@ pub async fn accept_loop<F, Fut>(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
+                let address = match admission.as_ref().map(|a| a.admit(peer.ip(), Instant::now())) {
+                    None => None,
+                    Some(Ok(slot)) => slot,
+                    Some(Err(refusal)) => {
+                        drop(permit);
+                        tracing::debug!(protocol, %peer, reason = refusal.label(), "connection refused");
+                        if let Some(answering) = admission.as_ref().and_then(|a| a.answering()) {
+                            let answer = refuse(stream, refusal);
+                            connections.spawn(async move {
+                                answer.await;
+                                drop(answering);
+                            });
+                        }
+                        continue;
+                    }
+                };
+                let permit = ConnectionPermit::new(permit, address);
                 let id = NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed);
                 let span =
                     tracing::debug_span!("connection", protocol, %peer, id, device = tracing::field::Empty);
@@ -81,6 +121,12 @@ pub async fn accept_loop<F, Fut>(
     }
     drop(listener);
     while connections.join_next().await.is_some() {}
+}
+
+/// Closes a connection admission control refused, at once (protocols without a way to say
+/// why before the close).
+pub async fn close_refused(mut stream: TcpStream) {
+    let _ = tokio::time::timeout(Duration::from_millis(200), ByteStream::shutdown(&mut stream)).await;
 }
 
 /// A device byte stream (a TCP socket, or the binary messages of a WebSocket), read without
@@ -136,7 +182,7 @@ mod tests {
         let accepted = || async {
             let stream = TcpStream::connect(addr).await.unwrap();
             let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
-            Accepted { stream, peer: addr, id: 1, permit }
+            Accepted { stream, peer: addr, id: 1, permit: ConnectionPermit::new(permit, None) }
         };
         let signal = ShutdownSignal::new();
 

@@ -14,15 +14,16 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use weir_proto::{Record, SourceProtocol};
 use weir_protocols::mqtt::session::{
-    ConnectRequest, Event, InflightId, Outcome, Session, SessionLimits, Violation,
+    ConnectDecision, ConnectRefusal, ConnectRequest, Event, InflightId, Outcome, Session, SessionLimits,
+    Violation,
 };
 use weir_protocols::mqtt::DecodeError;
 use weir_protocols::payload::{self, DecodeContext, PayloadFormat, PayloadLimits};
 
+use super::admission::Refusal;
 use super::ingest::now_ms;
 use super::{Accepted, ByteStream};
 use crate::ack::{AckEvent, AckInbox, AckToken};
@@ -128,6 +129,51 @@ pub fn serve(
     serve_stream(stream, id, ctx, shutdown, Some(permit))
 }
 
+/// Answers a connection admission control refused: reads its CONNECT (for at most
+/// [`REFUSAL_DEADLINE`](super::admission::REFUSAL_DEADLINE)), answers with a CONNACK saying why
+/// (MQTT 5: 0x89 server busy for the connection rate, 0x97 quota exceeded for too many from its
+/// address; 3.1/3.1.1: 0x03 server unavailable) and closes. Whatever goes wrong, the
+/// connection is closed by the deadline: a refused device is never left hanging.
+pub async fn refuse(mut stream: tokio::net::TcpStream, refusal: Refusal, max_packet_bytes: usize) {
+    use tokio::io::AsyncReadExt;
+    let now = Instant::now();
+    let deadline = now + super::admission::REFUSAL_DEADLINE;
+    let limits = SessionLimits {
+        connect_timeout: super::admission::REFUSAL_DEADLINE,
+        // A CONNECT is small; a refused device gets no room for more.
+        max_packet_size: max_packet_bytes.min(64 * 1024),
+        ..SessionLimits::default()
+    };
+    let mut session = Session::new(limits, now.into_std());
+    let code = match refusal {
+        Refusal::Rate => ConnectRefusal::ServerBusy,
+        Refusal::PerAddress => ConnectRefusal::QuotaExceeded,
+    };
+    let mut buf = BytesMut::new();
+    let _ = tokio::time::timeout_at(deadline, async {
+        loop {
+            match session.decoder().decode(&mut buf) {
+                Ok(Some(packet)) => {
+                    if let Ok(Event::Connect(_)) = session.on_packet(packet, 0) {
+                        let _ = session.decide(ConnectDecision::Refuse(code), Instant::now().into_std());
+                        let _ = ByteStream::write_all(&mut stream, session.outgoing()).await;
+                    }
+                    return;
+                }
+                Ok(None) => {}
+                Err(_) => return,
+            }
+            buf.reserve(1024);
+            match stream.read_buf(&mut buf).await {
+                Ok(n) if n > 0 => {}
+                _ => return,
+            }
+        }
+    })
+    .await;
+    let _ = tokio::time::timeout(Duration::from_millis(200), ByteStream::shutdown(&mut stream)).await;
+}
+
 /// Serves one MQTT connection over any byte stream (TCP, a WebSocket's binary messages).
 /// `permit` (the listener's connection slot) is released when the connection ends.
 pub fn serve_stream<S: ByteStream>(
@@ -135,7 +181,7 @@ pub fn serve_stream<S: ByteStream>(
     id: u64,
     ctx: Arc<MqttContext>,
     shutdown: ShutdownWatch,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<super::ConnectionPermit>,
 ) -> impl Future<Output = ()> + Send {
     let label = ProtocolLabel { protocol: ctx.label };
     ctx.metrics.connections_opened.get_or_create(&label).inc();
@@ -221,7 +267,7 @@ struct Connection<S> {
     records: Vec<Record>,
     shutdown: ShutdownWatch,
     /// The listener's connection slot, released when the connection ends.
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<super::ConnectionPermit>,
     /// Fires when a newer connection takes this client id over; set once connected.
     takeover: Option<Arc<Takeover>>,
     session_end: SessionEnd,

@@ -113,7 +113,7 @@ pub async fn serve_stream<S: ByteStream>(
     stream: S,
     ctx: Arc<TcpContext>,
     shutdown: ShutdownWatch,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    permit: Option<super::ConnectionPermit>,
 ) {
     let metrics = Arc::clone(&ctx.ingest.metrics);
     let label = ProtocolLabel { protocol: LABEL };

@@ -164,6 +164,9 @@ pub enum ConnectRefusal {
     /// weir cannot serve the connection now (e.g. its session store failed): 0x88 (3.1.1: 0x03).
     #[error("the server cannot keep sessions right now; connect again later")]
     ServerUnavailable,
+    /// Too many new connections (admission control): 0x89 server busy (3.1.1: 0x03).
+    #[error("too many new connections; connect again later")]
+    ServerBusy,
     /// Wrong credentials: 0x86 (3.1.1: 0x04).
     #[error("bad user name or password")]
     BadUserNameOrPassword,
@@ -177,6 +180,7 @@ impl ConnectRefusal {
         match self {
             ConnectRefusal::QuotaExceeded => ReasonCode::QuotaExceeded,
             ConnectRefusal::ServerUnavailable => ReasonCode::ServerUnavailable,
+            ConnectRefusal::ServerBusy => ReasonCode::ServerBusy,
             ConnectRefusal::BadUserNameOrPassword => ReasonCode::BadUserNameOrPassword,
             ConnectRefusal::NotAuthorized => ReasonCode::NotAuthorized,
         }
@@ -186,9 +190,9 @@ impl ConnectRefusal {
     /// unavailable" (the device retries later).
     pub fn return_code(self) -> ConnectReturnCode {
         match self {
-            ConnectRefusal::QuotaExceeded | ConnectRefusal::ServerUnavailable => {
-                ConnectReturnCode::ServerUnavailable
-            }
+            ConnectRefusal::QuotaExceeded
+            | ConnectRefusal::ServerUnavailable
+            | ConnectRefusal::ServerBusy => ConnectReturnCode::ServerUnavailable,
             ConnectRefusal::BadUserNameOrPassword => ConnectReturnCode::BadUsernameOrPassword,
             ConnectRefusal::NotAuthorized => ConnectReturnCode::NotAuthorized,
         }
@@ -1203,6 +1207,7 @@ mod tests {
                 ReasonCode::BadUserNameOrPassword,
             ),
             (ConnectRefusal::NotAuthorized, ConnectReturnCode::NotAuthorized, ReasonCode::NotAuthorized),
+            (ConnectRefusal::ServerBusy, ConnectReturnCode::ServerUnavailable, ReasonCode::ServerBusy),
         ];
         for (refusal, code, reason) in cases {
             let mut s = Session::new(SessionLimits::default(), Instant::now());
