@@ -6,6 +6,7 @@ pub mod bridge;
 pub mod ingest;
 pub mod mqtt;
 pub mod tcp;
+pub mod tls;
 pub mod ws;
 
 use std::future::Future;

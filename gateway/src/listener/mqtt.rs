@@ -24,6 +24,7 @@ use weir_protocols::mqtt::DecodeError;
 use weir_protocols::payload::{self, DecodeContext, PayloadFormat, PayloadLimits};
 
 use super::ingest::now_ms;
+use super::tls::{TlsByteStream, TlsServer};
 use super::{Accepted, ByteStream};
 use crate::ack::{AckEvent, AckInbox, AckToken};
 use crate::config::{AckPoint, MqttListenerConfig};
@@ -125,17 +126,35 @@ pub fn serve(
     let _ = stream.set_nodelay(true);
     // The connection future is the task itself (no async wrapper keeping `accepted` or a second
     // copy of the future): its size is what every idle connection costs.
-    serve_stream(stream, id, ctx, shutdown, Some(permit))
+    serve_stream(stream, id, ctx, shutdown, Some(permit), None)
 }
 
-/// Serves one MQTT connection over any byte stream (TCP, a WebSocket's binary messages).
+/// Serves one MQTT connection over TLS: the handshake (under its deadline, here in the
+/// connection's task, never in the accept loop), then MQTT. With mutual TLS, the client
+/// certificate's identity is the device id of records that name none.
+pub async fn serve_tls(accepted: Accepted, tls: Arc<TlsServer>, ctx: Arc<MqttContext>, mut shutdown: ShutdownWatch) {
+    let Accepted { stream, id, permit, .. } = accepted;
+    let _ = stream.set_nodelay(true);
+    // Boxed: the handshake's state is large and gone once it is done.
+    let handshaken = tokio::select! {
+        handshaken = Box::pin(tls.handshake(stream)) => handshaken,
+        _ = shutdown.fired() => None,
+    };
+    let Some(handshaken) = handshaken else { return };
+    let stream = TlsByteStream::new(handshaken.stream);
+    serve_stream(stream, id, ctx, shutdown, Some(permit), handshaken.identity).await
+}
+
+/// Serves one MQTT connection over any byte stream (TCP, TLS, a WebSocket's binary messages).
 /// `permit` (the listener's connection slot) is released when the connection ends.
+/// `identity` is the device identity of a TLS client certificate.
 pub fn serve_stream<S: ByteStream>(
     stream: S,
     id: u64,
     ctx: Arc<MqttContext>,
     shutdown: ShutdownWatch,
     permit: Option<OwnedSemaphorePermit>,
+    identity: Option<Arc<str>>,
 ) -> impl Future<Output = ()> + Send {
     let label = ProtocolLabel { protocol: ctx.label };
     ctx.metrics.connections_opened.get_or_create(&label).inc();
@@ -161,6 +180,7 @@ pub fn serve_stream<S: ByteStream>(
         stream,
         inbox: AckInbox::new(),
         client_id: String::new(),
+        identity,
         records: Vec::new(),
         shutdown,
         permit,
@@ -217,6 +237,9 @@ struct Connection<S> {
     /// Outcome reports of this connection's messages.
     inbox: Arc<AckInbox>,
     client_id: String,
+    /// The device identity of the TLS client certificate (mutual TLS): the device of records
+    /// that name none, in place of the client id. For authentication and ACLs to build on.
+    identity: Option<Arc<str>>,
     /// Scratch space for one message's records, reused.
     records: Vec<Record>,
     shutdown: ShutdownWatch,
@@ -401,7 +424,9 @@ impl<S: ByteStream> Connection<S> {
     /// queued), within the connect deadline, then takes the client id over from any live
     /// connection holding it.
     async fn decide_connect(&mut self, request: Box<ConnectRequest>) -> Result<(), CloseReason> {
-        tracing::Span::current().record("device", request.client_id.as_str());
+        if self.identity.is_none() {
+            tracing::Span::current().record("device", request.client_id.as_str());
+        }
         let sessions = Arc::clone(&self.ctx.sessions);
         // Should the deadline pass, the store may still record the session: its end must be
         // recorded too, or it would look connected until the next restart.
@@ -440,7 +465,7 @@ impl<S: ByteStream> Connection<S> {
         let token = ack.and_then(|id| AckToken::for_point(point, id.get(), &self.inbox));
         let decoded = {
             let ctx = DecodeContext {
-                fallback_device_id: &self.client_id,
+                fallback_device_id: self.identity.as_deref().unwrap_or(&self.client_id),
                 protocol: self.ctx.protocol,
                 source: &topic,
                 received_ts_ms: now_ms(),
@@ -465,7 +490,7 @@ impl<S: ByteStream> Connection<S> {
                     self.session.note_undecodable(id, error.clone());
                 }
                 let letter = DeadLetter {
-                    device_id: self.client_id.clone(),
+                    device_id: self.device_id().to_owned(),
                     protocol: self.ctx.protocol,
                     source: topic,
                     error,
@@ -491,6 +516,11 @@ impl<S: ByteStream> Connection<S> {
         }
         self.published(ack, tracked, Outcome::Stored)?;
         Ok(None)
+    }
+
+    /// The device of records that name none: the certificate identity, else the client id.
+    fn device_id(&self) -> &str {
+        self.identity.as_deref().unwrap_or(&self.client_id)
     }
 
     /// Enqueues what [`Connection::publish`] could not, waiting for room in the fabric while

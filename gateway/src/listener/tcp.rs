@@ -14,6 +14,7 @@ use weir_protocols::framing::{parse_hello, write_reply, Frame, FrameError, Frame
 use weir_protocols::reply::{Reply, Status};
 
 use super::ingest::{IngestContext, MessageQueue, Waiting};
+use super::tls::{TlsByteStream, TlsServer};
 use super::{Accepted, ByteStream};
 use crate::config::{TcpFraming, TcpListenerConfig};
 use crate::fabric::Fabric;
@@ -72,6 +73,9 @@ enum CloseReason {
     TooLarge,
     /// A first-frame hello naming a device id weir refuses: answered `undecodable`, then closed.
     InvalidHello,
+    /// A hello naming another device than the TLS client certificate: answered
+    /// `not_authorized`, then closed.
+    IdentityMismatch,
     /// The stream ended inside a length-prefixed frame.
     TruncatedFrame,
     Shutdown,
@@ -86,6 +90,7 @@ impl CloseReason {
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::TooLarge => "too_large",
             CloseReason::InvalidHello => "invalid_hello",
+            CloseReason::IdentityMismatch => "identity_mismatch",
             CloseReason::TruncatedFrame => "truncated_frame",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Io => "io_error",
@@ -104,16 +109,34 @@ pub fn serve(
     let _ = stream.set_nodelay(true);
     // The connection future is the task itself (no async wrapper keeping `accepted` or a second
     // copy of the future): its size is what every idle connection costs.
-    serve_stream(stream, ctx, shutdown, Some(permit))
+    serve_stream(stream, ctx, shutdown, Some(permit), None)
+}
+
+/// Serves one raw TCP connection over TLS: the handshake (under its deadline, in this task),
+/// then frames. With mutual TLS, the client certificate's identity is the connection's device:
+/// no hello is needed, and a hello naming another device is refused.
+pub async fn serve_tls(accepted: Accepted, tls: Arc<TlsServer>, ctx: Arc<TcpContext>, mut shutdown: ShutdownWatch) {
+    let Accepted { stream, permit, .. } = accepted;
+    let _ = stream.set_nodelay(true);
+    // Boxed: the handshake's state is large and gone once it is done.
+    let handshaken = tokio::select! {
+        handshaken = Box::pin(tls.handshake(stream)) => handshaken,
+        _ = shutdown.fired() => None,
+    };
+    let Some(handshaken) = handshaken else { return };
+    let stream = TlsByteStream::new(handshaken.stream);
+    serve_stream(stream, ctx, shutdown, Some(permit), handshaken.identity).await
 }
 
 /// Serves one raw TCP connection over any byte stream.
-/// `permit` (the listener's connection slot) is released when the connection ends.
+/// `permit` (the listener's connection slot) is released when the connection ends;
+/// `identity` is the device identity of a TLS client certificate.
 pub async fn serve_stream<S: ByteStream>(
     stream: S,
     ctx: Arc<TcpContext>,
     shutdown: ShutdownWatch,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    identity: Option<Arc<str>>,
 ) {
     let metrics = Arc::clone(&ctx.ingest.metrics);
     let label = ProtocolLabel { protocol: LABEL };
@@ -124,7 +147,8 @@ pub async fn serve_stream<S: ByteStream>(
         framer: Framer::new(ctx.framing, ctx.config.max_frame_bytes),
         ctx,
         stream,
-        device: String::new(),
+        certified: identity.is_some(),
+        device: identity.map(|id| id.to_string()).unwrap_or_default(),
         seen_first_message: false,
         replies: Vec::new(),
     };
@@ -143,8 +167,11 @@ struct Connection<S> {
     stream: S,
     queue: MessageQueue,
     framer: Framer,
-    /// Named by the hello; empty without one (each reading must then name its device).
+    /// Named by the hello or the TLS client certificate; empty without either (each reading
+    /// must then name its device).
     device: String,
+    /// `device` is the TLS client certificate's identity; a hello may only repeat it.
+    certified: bool,
     /// Whether the first message (hello or not) has been read; only it may be a hello.
     seen_first_message: bool,
     /// Scratch space for the replies of one write, reused.
@@ -298,6 +325,16 @@ impl<S: ByteStream> Connection<S> {
         if first || framing == Framing::Lines {
             match parse_hello(framing, &body) {
                 Ok(None) => {}
+                Ok(Some(device)) if first && self.certified && device != self.device => {
+                    let reason = format!(
+                        "the hello names device {device:?}, the client certificate {:?}",
+                        self.device
+                    );
+                    tracing::debug!(%reason, "hello refused");
+                    self.ctx.ingest.count_error("identity_mismatch");
+                    self.queue.refuse(self.ctx.framing.reply_format(), Status::NotAuthorized, reason);
+                    return Err(CloseReason::IdentityMismatch);
+                }
                 Ok(Some(device)) if first => {
                     tracing::Span::current().record("device", device.as_str());
                     self.device = device;
