@@ -132,17 +132,26 @@ pub fn serve(
 /// Serves one MQTT connection over TLS: the handshake (under its deadline, here in the
 /// connection's task, never in the accept loop), then MQTT. With mutual TLS, the client
 /// certificate's identity is the device id of records that name none.
-pub async fn serve_tls(accepted: Accepted, tls: Arc<TlsServer>, ctx: Arc<MqttContext>, mut shutdown: ShutdownWatch) {
-    let Accepted { stream, id, permit, .. } = accepted;
-    let _ = stream.set_nodelay(true);
-    // Boxed: the handshake's state is large and gone once it is done.
-    let handshaken = tokio::select! {
-        handshaken = Box::pin(tls.handshake(stream)) => handshaken,
-        _ = shutdown.fired() => None,
-    };
-    let Some(handshaken) = handshaken else { return };
-    let stream = TlsByteStream::new(handshaken.stream);
-    serve_stream(stream, id, ctx, shutdown, Some(permit), handshaken.identity).await
+pub fn serve_tls(
+    accepted: Accepted,
+    tls: Arc<TlsServer>,
+    ctx: Arc<MqttContext>,
+    shutdown: ShutdownWatch,
+) -> impl Future<Output = ()> + Send {
+    // The handshake's state is large and gone once it is done: it lives in its own box, and
+    // the task's future is the plain connection's plus that box.
+    let handshake = Box::pin(async move {
+        let Accepted { stream, id, permit, .. } = accepted;
+        let _ = stream.set_nodelay(true);
+        let mut shutdown = shutdown;
+        let handshaken = tls.handshake_until(stream, shutdown.fired()).await?;
+        Some((handshaken, id, permit, shutdown))
+    });
+    async move {
+        let Some((handshaken, id, permit, shutdown)) = handshake.await else { return };
+        let stream = TlsByteStream::new(handshaken.stream);
+        serve_stream(stream, id, ctx, shutdown, Some(permit), handshaken.identity).await
+    }
 }
 
 /// Serves one MQTT connection over any byte stream (TCP, TLS, a WebSocket's binary messages).

@@ -115,33 +115,40 @@ pub fn serve(
 /// Serves one raw TCP connection over TLS: the handshake (under its deadline, in this task),
 /// then frames. With mutual TLS, the client certificate's identity is the connection's device:
 /// no hello is needed, and a hello naming another device is refused.
-pub async fn serve_tls(accepted: Accepted, tls: Arc<TlsServer>, ctx: Arc<TcpContext>, mut shutdown: ShutdownWatch) {
-    let Accepted { stream, permit, .. } = accepted;
-    let _ = stream.set_nodelay(true);
-    // Boxed: the handshake's state is large and gone once it is done.
-    let handshaken = tokio::select! {
-        handshaken = Box::pin(tls.handshake(stream)) => handshaken,
-        _ = shutdown.fired() => None,
-    };
-    let Some(handshaken) = handshaken else { return };
-    let stream = TlsByteStream::new(handshaken.stream);
-    serve_stream(stream, ctx, shutdown, Some(permit), handshaken.identity).await
+pub fn serve_tls(
+    accepted: Accepted,
+    tls: Arc<TlsServer>,
+    ctx: Arc<TcpContext>,
+    shutdown: ShutdownWatch,
+) -> impl std::future::Future<Output = ()> + Send {
+    // The handshake's state is large and gone once it is done: it lives in its own box, and
+    // the task's future is the plain connection's plus that box.
+    let handshake = Box::pin(async move {
+        let Accepted { stream, permit, .. } = accepted;
+        let _ = stream.set_nodelay(true);
+        let mut shutdown = shutdown;
+        let handshaken = tls.handshake_until(stream, shutdown.fired()).await?;
+        Some((handshaken, permit, shutdown))
+    });
+    async move {
+        let Some((handshaken, permit, shutdown)) = handshake.await else { return };
+        let stream = TlsByteStream::new(handshaken.stream);
+        serve_stream(stream, ctx, shutdown, Some(permit), handshaken.identity).await
+    }
 }
 
 /// Serves one raw TCP connection over any byte stream.
 /// `permit` (the listener's connection slot) is released when the connection ends;
 /// `identity` is the device identity of a TLS client certificate.
-pub async fn serve_stream<S: ByteStream>(
+pub fn serve_stream<S: ByteStream>(
     stream: S,
     ctx: Arc<TcpContext>,
     shutdown: ShutdownWatch,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     identity: Option<Arc<str>>,
-) {
-    let metrics = Arc::clone(&ctx.ingest.metrics);
-    let label = ProtocolLabel { protocol: LABEL };
-    metrics.connections_opened.get_or_create(&label).inc();
-    metrics.connections_active.get_or_create(&label).inc();
+) -> impl std::future::Future<Output = ()> + Send {
+    // Built before the future, which then holds the connection but not the arguments it was
+    // made from (an `async fn` would keep both for the connection's life).
     let mut connection = Connection {
         queue: MessageQueue::new(Arc::clone(&ctx.ingest), ctx.config.max_inflight),
         framer: Framer::new(ctx.framing, ctx.config.max_frame_bytes),
@@ -152,14 +159,20 @@ pub async fn serve_stream<S: ByteStream>(
         seen_first_message: false,
         replies: Vec::new(),
     };
-    let closed = connection.run(shutdown).await;
-    tracing::debug!(reason = closed.label(), "connection closed");
-    metrics.connections_active.get_or_create(&label).dec();
-    metrics
-        .connections_closed
-        .get_or_create(&ProtocolReasonLabel { protocol: LABEL, reason: closed.label() })
-        .inc();
-    drop(permit);
+    async move {
+        let metrics = Arc::clone(&connection.ctx.ingest.metrics);
+        let label = ProtocolLabel { protocol: LABEL };
+        metrics.connections_opened.get_or_create(&label).inc();
+        metrics.connections_active.get_or_create(&label).inc();
+        let closed = connection.run(shutdown).await;
+        tracing::debug!(reason = closed.label(), "connection closed");
+        metrics.connections_active.get_or_create(&label).dec();
+        metrics
+            .connections_closed
+            .get_or_create(&ProtocolReasonLabel { protocol: LABEL, reason: closed.label() })
+            .inc();
+        drop(permit);
+    }
 }
 
 struct Connection<S> {

@@ -2,6 +2,7 @@
 //! swapped on reload, the handshake under its deadline in the connection's own task, the device
 //! identity of a client certificate, and a TLS session as a [`ByteStream`].
 
+use std::future::Future;
 use std::io::{self, Read, Write};
 use std::path::Path;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -326,6 +327,18 @@ impl TlsServer {
         };
         self.count_failure(reason);
         None
+    }
+
+    /// [`TlsServer::handshake`], abandoned (the socket closed) when `shutdown` completes first.
+    pub async fn handshake_until(
+        &self,
+        stream: TcpStream,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Option<Handshaken> {
+        tokio::select! {
+            handshaken = self.handshake(stream) => handshaken,
+            () = shutdown => None,
+        }
     }
 
     fn finish(&self, stream: Box<TlsStream<TcpStream>>) -> Option<Handshaken> {

@@ -144,10 +144,8 @@ pub async fn serve_tls(
     let Accepted { stream, id, permit, .. } = accepted;
     let _ = stream.set_nodelay(true);
     let mut stop = shutdown.clone();
-    let handshaken = tokio::select! {
-        handshaken = Box::pin(tls.handshake(stream)) => handshaken,
-        _ = crate::shutdown::signalled(&mut stop) => None,
-    };
+    // Boxed: the handshake's state is large and gone once it is done.
+    let handshaken = Box::pin(tls.handshake_until(stream, crate::shutdown::signalled(&mut stop))).await;
     if let Some(handshaken) = handshaken {
         serve_io(handshaken.stream, id, handshaken.identity, &ctx, shutdown).await;
     }
