@@ -1402,6 +1402,81 @@ mod tests {
         assert!(err.contains("filters"), "{err}");
     }
 
+    /// A self-signed certificate and its key, as PEM files in `dir`.
+    fn cert_files(dir: &Path) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+        (dir.join("cert.pem"), dir.join("key.pem"))
+    }
+
+    #[test]
+    fn tls_settings_and_files_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = cert_files(dir.path());
+        let mqtt = "[[listeners]]\nprotocol = \"mqtt\"\nlisten = \"127.0.0.1:0\"\n[listeners.tls]\n";
+        let with = |extra: &str| {
+            Config::parse(&format!("{mqtt}cert_file = {cert:?}\nkey_file = {key:?}\n{extra}"), "t.toml")
+        };
+        let config = with("").unwrap();
+        let tls = config.listeners[0].tls().unwrap();
+        assert_eq!((tls.handshake_timeout_ms, tls.min_version), (10_000, TlsVersion::Tls12));
+        with("min_version = \"1.3\"\nhandshake_timeout_ms = 500\n").unwrap();
+        // The server certificate may serve as its own client CA here: it parses.
+        with(&format!("client_ca_file = {cert:?}\nidentity = \"san_dns\"\nclient_auth = \"optional\"\n")).unwrap();
+
+        for (extra, key, reason) in [
+            ("client_auth = \"required\"\n", "listeners[0].tls.client_auth", "client_ca_file"),
+            ("identity = \"cn\"\n", "listeners[0].tls.identity", "client_ca_file"),
+            ("crl_files = [\"x.crl\"]\n", "listeners[0].tls.crl_files", "client_ca_file"),
+            ("handshake_timeout_ms = 0\n", "listeners[0].tls.handshake_timeout_ms", "between"),
+            ("client_ca_file = \"/nonexistent/ca.pem\"\n", "listeners[0].tls.client_ca_file", "/nonexistent/ca.pem"),
+        ] {
+            let err = with(extra).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(reason), "{extra}: {err}");
+        }
+        let crl = dir.path().join("bad.crl");
+        std::fs::write(&crl, b"not a CRL").unwrap();
+        let err = with(&format!("client_ca_file = {cert:?}\ncrl_files = [{crl:?}]\n")).unwrap_err().to_string();
+        assert!(err.contains("listeners[0].tls.crl_files"), "{err}");
+        let err = with("min_version = \"1.1\"\n").unwrap_err().to_string();
+        assert!(err.contains("1.1"), "{err}");
+        let err = with("ciphers = \"all\"\n").unwrap_err().to_string();
+        assert!(err.contains("ciphers"), "{err}");
+
+        // A key that is not the certificate's, and a missing certificate.
+        let other = tempfile::tempdir().unwrap();
+        let (_, other_key) = cert_files(other.path());
+        let text = format!("{mqtt}cert_file = {cert:?}\nkey_file = {other_key:?}\n");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("listeners[0].tls.key_file"), "{err}");
+        let text = format!("{mqtt}cert_file = \"missing.pem\"\nkey_file = {key:?}\n");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("listeners[0].tls.cert_file") && err.contains("missing.pem"), "{err}");
+
+        let ops = format!("[ops.tls]\ncert_file = {cert:?}\nkey_file = \"nope.key\"\n");
+        let err = Config::parse(&ops, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("ops.tls.key_file"), "{err}");
+        let bridge = "[[listeners]]\nprotocol = \"mqtt_bridge\"\nbroker = \"h:1\"\nfilters = [\"a\"]\n[listeners.tls]\n";
+        assert!(Config::parse(bridge, "t.toml").is_err());
+    }
+
+    #[test]
+    fn relative_tls_paths_are_taken_from_the_config_files_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("certs")).unwrap();
+        cert_files(&dir.path().join("certs"));
+        let path = dir.path().join("weir.toml");
+        std::fs::write(
+            &path,
+            "[[listeners]]\nprotocol = \"tcp\"\nlisten = \"127.0.0.1:0\"\n[listeners.tls]\ncert_file = \"certs/cert.pem\"\nkey_file = \"certs/key.pem\"\n",
+        )
+        .unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.listeners[0].tls().unwrap().cert_file, dir.path().join("certs/cert.pem"));
+    }
+
     #[test]
     fn empty_file_is_the_embedded_default() {
         let c = Config::parse("", "empty.toml").unwrap();

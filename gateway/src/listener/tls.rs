@@ -507,3 +507,68 @@ impl ByteStream for TlsByteStream {
         AsyncWriteExt::shutdown(&mut *self.tls).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, DistinguishedName, DnType, DnValue, KeyPair, SanType};
+
+    use super::*;
+
+    fn cert(subject: &[(DnType, DnValue)], sans: Vec<SanType>) -> Vec<u8> {
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        for (kind, value) in subject {
+            name.push(kind.clone(), value.clone());
+        }
+        params.distinguished_name = name;
+        params.subject_alt_names = sans;
+        params.self_signed(&KeyPair::generate().unwrap()).unwrap().der().to_vec()
+    }
+
+    fn utf8(text: &str) -> DnValue {
+        DnValue::Utf8String(text.into())
+    }
+
+    #[test]
+    fn the_identity_comes_from_the_chosen_field() {
+        let der = cert(
+            &[(DnType::OrganizationName, utf8("plant 7")), (DnType::CommonName, utf8("sensor-1"))],
+            vec![
+                SanType::DnsName("sensor-1.devices.example".try_into().unwrap()),
+                SanType::URI("urn:dev:sensor-1".try_into().unwrap()),
+                SanType::Rfc822Name("sensor-1@devices.example".try_into().unwrap()),
+            ],
+        );
+        let id = |source| certificate_identity(&der, source).map(|id| id.to_string());
+        assert_eq!(id(IdentitySource::Cn).unwrap(), "sensor-1");
+        assert_eq!(id(IdentitySource::SanDns).unwrap(), "sensor-1.devices.example");
+        assert_eq!(id(IdentitySource::SanUri).unwrap(), "urn:dev:sensor-1");
+        assert_eq!(id(IdentitySource::SanEmail).unwrap(), "sensor-1@devices.example");
+        let printable = cert(&[(DnType::CommonName, DnValue::PrintableString("meter 9".try_into().unwrap()))], vec![]);
+        assert_eq!(&*certificate_identity(&printable, IdentitySource::Cn).unwrap(), "meter 9");
+    }
+
+    #[test]
+    fn missing_ambiguous_and_wildcard_identities_are_refused() {
+        let no_cn = cert(&[(DnType::OrganizationName, utf8("plant 7"))], vec![]);
+        let err = certificate_identity(&no_cn, IdentitySource::Cn).unwrap_err();
+        assert!(matches!(err, IdentityError::Missing(_)), "{err}");
+        let err = certificate_identity(&no_cn, IdentitySource::SanDns).unwrap_err();
+        assert!(matches!(err, IdentityError::Missing(_)), "{err}");
+
+        let two = cert(&[], vec![SanType::DnsName("a.x".try_into().unwrap()), SanType::DnsName("b.x".try_into().unwrap())]);
+        let err = certificate_identity(&two, IdentitySource::SanDns).unwrap_err();
+        assert!(matches!(err, IdentityError::Ambiguous { count: 2, .. }), "{err}");
+
+        for bad in ["dev+1", "plant/#", "", "tab\there", "nul\0"] {
+            let der = cert(&[(DnType::CommonName, utf8(bad))], vec![]);
+            let err = certificate_identity(&der, IdentitySource::Cn).unwrap_err();
+            assert!(matches!(err, IdentityError::Refused { .. }), "{bad:?}: {err}");
+        }
+        let bmp = cert(&[(DnType::CommonName, DnValue::BmpString("x".try_into().unwrap()))], vec![]);
+        let err = certificate_identity(&bmp, IdentitySource::Cn).unwrap_err();
+        assert!(matches!(err, IdentityError::NotText(_)), "{err}");
+        let err = certificate_identity(b"not a certificate", IdentitySource::Cn).unwrap_err();
+        assert!(matches!(err, IdentityError::Unparsable(_)), "{err}");
+    }
+}
