@@ -1405,7 +1405,8 @@ mod tests {
     /// A self-signed certificate and its key, as PEM files in `dir`.
     fn cert_files(dir: &Path) -> (PathBuf, PathBuf) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
         std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
         std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
         (dir.join("cert.pem"), dir.join("key.pem"))
@@ -1424,21 +1425,27 @@ mod tests {
         assert_eq!((tls.handshake_timeout_ms, tls.min_version), (10_000, TlsVersion::Tls12));
         with("min_version = \"1.3\"\nhandshake_timeout_ms = 500\n").unwrap();
         // The server certificate may serve as its own client CA here: it parses.
-        with(&format!("client_ca_file = {cert:?}\nidentity = \"san_dns\"\nclient_auth = \"optional\"\n")).unwrap();
+        with(&format!("client_ca_file = {cert:?}\nidentity = \"san_dns\"\nclient_auth = \"optional\"\n"))
+            .unwrap();
 
         for (extra, key, reason) in [
             ("client_auth = \"required\"\n", "listeners[0].tls.client_auth", "client_ca_file"),
             ("identity = \"cn\"\n", "listeners[0].tls.identity", "client_ca_file"),
             ("crl_files = [\"x.crl\"]\n", "listeners[0].tls.crl_files", "client_ca_file"),
             ("handshake_timeout_ms = 0\n", "listeners[0].tls.handshake_timeout_ms", "between"),
-            ("client_ca_file = \"/nonexistent/ca.pem\"\n", "listeners[0].tls.client_ca_file", "/nonexistent/ca.pem"),
+            (
+                "client_ca_file = \"/nonexistent/ca.pem\"\n",
+                "listeners[0].tls.client_ca_file",
+                "/nonexistent/ca.pem",
+            ),
         ] {
             let err = with(extra).unwrap_err().to_string();
             assert!(err.contains(key) && err.contains(reason), "{extra}: {err}");
         }
         let crl = dir.path().join("bad.crl");
         std::fs::write(&crl, b"not a CRL").unwrap();
-        let err = with(&format!("client_ca_file = {cert:?}\ncrl_files = [{crl:?}]\n")).unwrap_err().to_string();
+        let err =
+            with(&format!("client_ca_file = {cert:?}\ncrl_files = [{crl:?}]\n")).unwrap_err().to_string();
         assert!(err.contains("listeners[0].tls.crl_files"), "{err}");
         let err = with("min_version = \"1.1\"\n").unwrap_err().to_string();
         assert!(err.contains("1.1"), "{err}");

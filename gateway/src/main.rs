@@ -119,7 +119,9 @@ impl Signals {
             .map_err(|error| tracing::error!(%error, "cannot listen for SIGTERM; only Ctrl-C stops weir"))
             .ok();
         let hangup = signal(SignalKind::hangup())
-            .map_err(|error| tracing::error!(%error, "cannot listen for SIGHUP; TLS certificates will not reload"))
+            .map_err(
+                |error| tracing::error!(%error, "cannot listen for SIGHUP; TLS certificates will not reload"),
+            )
             .ok();
         Self { terminate, hangup }
     }

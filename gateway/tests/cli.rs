@@ -79,7 +79,8 @@ async fn ops_endpoints_answer() {
 /// A self-signed certificate and key in `dir`, under `name`.
 fn write_cert(dir: &std::path::Path, name: &str) {
     let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
     std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
     std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
 }
@@ -91,21 +92,26 @@ fn check_names_the_tls_file_that_does_not_load() {
     let path = dir.path().join("tls.toml");
     let listener = "[[listeners]]\nprotocol = \"mqtt\"\nlisten = \"127.0.0.1:8883\"\n[listeners.tls]\n";
     // Relative to the config file's folder, wherever weir runs from.
-    std::fs::write(&path, format!("{listener}cert_file = \"server.pem\"\nkey_file = \"server.key\"\n")).unwrap();
+    std::fs::write(&path, format!("{listener}cert_file = \"server.pem\"\nkey_file = \"server.key\"\n"))
+        .unwrap();
     let out = weir(&["check", "--config", path.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    std::fs::write(&path, format!("{listener}cert_file = \"server.pem\"\nkey_file = \"other.key\"\n")).unwrap();
+    std::fs::write(&path, format!("{listener}cert_file = \"server.pem\"\nkey_file = \"other.key\"\n"))
+        .unwrap();
     let out = weir(&["check", "--config", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("tls.toml") && err.contains("listeners[0].tls.key_file") && err.contains("other.key"), "{err}");
+    assert!(
+        err.contains("tls.toml") && err.contains("listeners[0].tls.key_file") && err.contains("other.key"),
+        "{err}"
+    );
 }
 
 /// SIGHUP reloads the certificates of a running `weir` (and does not stop it); SIGTERM does.
 #[test]
 fn sighup_reloads_tls_certificates() {
-    use std::io::{Read, Write};
     use rustix::process::{kill_process, Pid, Signal};
+    use std::io::{Read, Write};
 
     let dir = tempfile::tempdir().unwrap();
     write_cert(dir.path(), "server");

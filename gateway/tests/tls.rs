@@ -113,7 +113,9 @@ async fn mqtt_over_tls_with_a_rustls_client_and_mosquitto_pub() {
     let dir = tempfile::tempdir().unwrap();
     let mut pki = Pki::new(dir.path(), "plain");
     let server = pki.server("server", "weir");
-    let gw = TestGateway::start(&format!("{}{}", listener("mqtt", ""), tls_table("listeners.tls", &server, ""))).await;
+    let gw =
+        TestGateway::start(&format!("{}{}", listener("mqtt", ""), tls_table("listeners.tls", &server, "")))
+            .await;
     let addr = gw.mqtt_addr();
 
     let client = Client::trusting(&pki.ca_der(), None);
@@ -127,7 +129,10 @@ async fn mqtt_over_tls_with_a_rustls_client_and_mosquitto_pub() {
     let ca = pki.ca_file();
     let out = tokio::task::spawn_blocking(move || {
         let ca = ca.to_str().unwrap().to_owned();
-        mosquitto_pub(addr, &["--cafile", &ca, "-i", "mosq-tls", "-t", "d/mosq-tls", "-m", r#"{"seq":1,"t":2}"#])
+        mosquitto_pub(
+            addr,
+            &["--cafile", &ca, "-i", "mosq-tls", "-t", "d/mosq-tls", "-m", r#"{"seq":1,"t":2}"#],
+        )
     })
     .await
     .unwrap();
@@ -197,7 +202,8 @@ async fn mtls_identity_is_the_device_id_and_bad_client_certificates_are_refused(
                 let refused = Mqtt::connect(stream, "intruder").await;
                 assert!(refused.is_err(), "{reason}: the client was let in");
             }
-            let counted = eventually(Duration::from_secs(5), || handshake_failures(&gw, reason) == before + 1);
+            let counted =
+                eventually(Duration::from_secs(5), || handshake_failures(&gw, reason) == before + 1);
             assert!(counted.await, "{reason} not counted: {}", gw.gateway.metrics().encode());
         }
     }
@@ -228,7 +234,12 @@ async fn optional_client_auth_lets_devices_without_a_certificate_in() {
     let server = pki.server("server", "weir");
     let good = pki.client("good", "meter-1");
     let extra = format!("{}client_auth = \"optional\"\nidentity = \"cn\"\n", mtls(&pki, None));
-    let gw = TestGateway::start(&format!("{}{}", listener("mqtt", ""), tls_table("listeners.tls", &server, &extra))).await;
+    let gw = TestGateway::start(&format!(
+        "{}{}",
+        listener("mqtt", ""),
+        tls_table("listeners.tls", &server, &extra)
+    ))
+    .await;
     let addr = gw.mqtt_addr();
     let anonymous = Client::trusting(&pki.ca_der(), None);
     let mut mqtt = Mqtt::connect(anonymous.connect(addr).await.unwrap(), "anon-7").await.unwrap();
@@ -330,7 +341,9 @@ async fn reload_swaps_the_certificate_for_new_connections_and_keeps_open_ones() 
     let dir = tempfile::tempdir().unwrap();
     let mut pki = Pki::new(dir.path(), "reload");
     let first = pki.server("server", "weir-first");
-    let gw = TestGateway::start(&format!("{}{}", listener("mqtt", ""), tls_table("listeners.tls", &first, ""))).await;
+    let gw =
+        TestGateway::start(&format!("{}{}", listener("mqtt", ""), tls_table("listeners.tls", &first, "")))
+            .await;
     let addr = gw.mqtt_addr();
     let client = Client::trusting(&pki.ca_der(), None);
     let served_cert = |stream: &tokio_rustls::client::TlsStream<TcpStream>| {
@@ -408,9 +421,10 @@ async fn websocket_and_http_ingest_over_mtls() {
 
     // WSS /ingest: readings without a device are the certificate's.
     let stream = client.connect(addr).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(format!("wss://localhost:{}/ingest", addr.port()), stream)
-        .await
-        .unwrap();
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(format!("wss://localhost:{}/ingest", addr.port()), stream)
+            .await
+            .unwrap();
     ws.send(Message::text(r#"{"seq":1,"temp":3.5}"#)).await.unwrap();
     let reply = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(reply.to_text().unwrap(), r#"{"ack":1,"n":1}"#);
@@ -418,10 +432,12 @@ async fn websocket_and_http_ingest_over_mtls() {
 
     // HTTPS POST /ingest likewise; naming the same device is fine, another is refused.
     let stream = client.connect(addr).await.unwrap();
-    let (status, body) = http(stream, &post_ingest("/ingest?device=gauge-3", r#"{"seq":2,"temp":3.6}"#)).await;
+    let (status, body) =
+        http(stream, &post_ingest("/ingest?device=gauge-3", r#"{"seq":2,"temp":3.6}"#)).await;
     assert_eq!(status, 200, "{body}");
     let stream = client.connect(addr).await.unwrap();
-    let (status, body) = http(stream, &post_ingest("/ingest?device=gauge-4", r#"{"seq":3,"temp":3.7}"#)).await;
+    let (status, body) =
+        http(stream, &post_ingest("/ingest?device=gauge-4", r#"{"seq":3,"temp":3.7}"#)).await;
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("not_authorized") && body.contains("gauge-3"), "{body}");
 
@@ -475,7 +491,10 @@ async fn raw_tcp_over_mtls_takes_the_device_from_the_certificate() {
     let end = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await.unwrap();
     assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
 
-    assert_eq!(rows(&gw.db_path()), [("pump-5".to_string(), 1), ("pump-5".to_string(), 2), ("pump-5".to_string(), 3)]);
+    assert_eq!(
+        rows(&gw.db_path()),
+        [("pump-5".to_string(), 1), ("pump-5".to_string(), 2), ("pump-5".to_string(), 3)]
+    );
     gw.gateway.shutdown().await;
 }
 

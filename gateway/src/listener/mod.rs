@@ -151,7 +151,8 @@ mod tests {
         let size = std::mem::size_of_val(&future);
         assert!(size <= 896, "the MQTT connection future grew to {size} bytes");
 
-        let tcp = Arc::new(tcp::TcpContext::new(TcpListenerConfig::default(), fabric, Arc::clone(&metrics), addr));
+        let tcp =
+            Arc::new(tcp::TcpContext::new(TcpListenerConfig::default(), fabric, Arc::clone(&metrics), addr));
         let future = tcp::serve(accepted().await, Arc::clone(&tcp), signal.subscribe());
         let size = std::mem::size_of_val(&future);
         assert!(size <= 896, "the TCP connection future grew to {size} bytes");
@@ -160,7 +161,8 @@ mod tests {
         // handshake's state too: the task's future stays about the plain one's size.
         let dir = tempfile::tempdir().unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
         let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         std::fs::write(&cert_file, cert.pem()).unwrap();
         std::fs::write(&key_file, key.serialize_pem()).unwrap();

@@ -154,7 +154,8 @@ impl IdentitySource {
 /// The device identity `source` names in a (DER) certificate: exactly one value, which must be
 /// a valid device id (not empty, no MQTT wildcard `+` or `#`, no control character).
 pub fn certificate_identity(cert: &[u8], source: IdentitySource) -> Result<Arc<str>, IdentityError> {
-    let cert = x509_cert::Certificate::from_der(cert).map_err(|e| IdentityError::Unparsable(e.to_string()))?;
+    let cert =
+        x509_cert::Certificate::from_der(cert).map_err(|e| IdentityError::Unparsable(e.to_string()))?;
     let tbs = &cert.tbs_certificate;
     let what = source.describe();
     let mut values = Vec::new();
@@ -280,7 +281,11 @@ pub struct Handshaken {
 
 impl TlsServer {
     /// Reads the certificate files; fails as `weir check` would.
-    pub fn new(settings: &TlsConfig, label: &'static str, metrics: Arc<Metrics>) -> Result<Self, TlsSetupError> {
+    pub fn new(
+        settings: &TlsConfig,
+        label: &'static str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, TlsSetupError> {
         let acceptor = RwLock::new(TlsAcceptor::from(server_config(settings)?));
         Ok(Self { settings: settings.clone(), label, metrics, acceptor })
     }
@@ -544,7 +549,8 @@ mod tests {
         assert_eq!(id(IdentitySource::SanDns).unwrap(), "sensor-1.devices.example");
         assert_eq!(id(IdentitySource::SanUri).unwrap(), "urn:dev:sensor-1");
         assert_eq!(id(IdentitySource::SanEmail).unwrap(), "sensor-1@devices.example");
-        let printable = cert(&[(DnType::CommonName, DnValue::PrintableString("meter 9".try_into().unwrap()))], vec![]);
+        let printable =
+            cert(&[(DnType::CommonName, DnValue::PrintableString("meter 9".try_into().unwrap()))], vec![]);
         assert_eq!(&*certificate_identity(&printable, IdentitySource::Cn).unwrap(), "meter 9");
     }
 
@@ -556,7 +562,10 @@ mod tests {
         let err = certificate_identity(&no_cn, IdentitySource::SanDns).unwrap_err();
         assert!(matches!(err, IdentityError::Missing(_)), "{err}");
 
-        let two = cert(&[], vec![SanType::DnsName("a.x".try_into().unwrap()), SanType::DnsName("b.x".try_into().unwrap())]);
+        let two = cert(
+            &[],
+            vec![SanType::DnsName("a.x".try_into().unwrap()), SanType::DnsName("b.x".try_into().unwrap())],
+        );
         let err = certificate_identity(&two, IdentitySource::SanDns).unwrap_err();
         assert!(matches!(err, IdentityError::Ambiguous { count: 2, .. }), "{err}");
 

@@ -63,7 +63,8 @@ impl Pki {
 
     /// A server certificate for `localhost` and 127.0.0.1, with common name `cn`.
     pub fn server(&mut self, file: &str, cn: &str) -> Issued {
-        let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
         params.distinguished_name.push(DnType::CommonName, cn);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.issue(file, params)
@@ -103,8 +104,11 @@ impl Pki {
         params.use_authority_key_identifier_extension = true;
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.ca).unwrap();
-        let issued =
-            Issued { cert: self.dir.join(format!("{file}.pem")), key: self.dir.join(format!("{file}.key")), serial };
+        let issued = Issued {
+            cert: self.dir.join(format!("{file}.pem")),
+            key: self.dir.join(format!("{file}.key")),
+            serial,
+        };
         std::fs::write(&issued.cert, cert.pem()).unwrap();
         std::fs::write(&issued.key, key.serialize_pem()).unwrap();
         issued
