@@ -150,6 +150,12 @@ impl TlsConfig {
         self.crl_files.iter_mut().for_each(resolve);
     }
 
+    /// Mutual TLS with `client_auth = "required"`: every device is authenticated by its
+    /// certificate.
+    pub fn requires_client_certificates(&self) -> bool {
+        self.client_ca_file.is_some() && self.client_auth != Some(ClientAuth::Optional)
+    }
+
     /// Checks the settings, then reads and parses every file as a reload would.
     fn validate(&self) -> Result<(), (String, String)> {
         if self.client_ca_file.is_none() {
@@ -1155,13 +1161,16 @@ impl Config {
                     Ok(())
                 }
             };
+            // Required client certificates authenticate every device.
+            let authenticated = listener.tls().is_some_and(TlsConfig::requires_client_certificates);
             let exposed = |addr: SocketAddr, allow_anonymous: bool| {
-                if !addr.ip().is_loopback() && !allow_anonymous {
+                if !addr.ip().is_loopback() && !allow_anonymous && !authenticated {
                     Err(invalid(
                         key("listen"),
                         format!(
                             "{addr} is not a loopback address and no authentication is configured; \
-                             set allow_anonymous = true on this listener to accept anonymous devices"
+                             require client certificates ([listeners.tls] client_ca_file), or set \
+                             allow_anonymous = true on this listener to accept anonymous devices"
                         ),
                     ))
                 } else {

@@ -15,6 +15,7 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use weir_protocols::mqtt::{decode, encode, Packet, QoS};
 
@@ -441,13 +442,31 @@ async fn websocket_and_http_ingest_over_mtls() {
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("not_authorized") && body.contains("gauge-3"), "{body}");
 
+    // MQTT over WSS (/mqtt): the certificate names the device here too.
+    let stream = client.connect(addr).await.unwrap();
+    let mut request = format!("wss://localhost:{}/mqtt", addr.port()).into_client_request().unwrap();
+    request.headers_mut().insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::client_async(request, stream).await.unwrap();
+    for packet in
+        [connect_packet("ws-client"), publish(QoS::AtLeastOnce, 9, "d/ws", r#"{"seq":5,"t":1}"#.into())]
+    {
+        let mut out = BytesMut::new();
+        encode(&packet, &mut out);
+        ws.send(Message::binary(out.freeze())).await.unwrap();
+        let answer =
+            tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
+        let answer = decode(&mut BytesMut::from(&answer.into_data()[..]), 1 << 20).unwrap();
+        assert!(matches!(answer, Some(Packet::ConnAck(_) | Packet::PubAck(9))), "{answer:?}");
+    }
+
     // Without a client certificate there is no way in.
     let anonymous = Client::trusting(&pki.ca_der(), None);
     if let Ok(stream) = anonymous.connect(addr).await {
         let (status, _) = http(stream, &post_ingest("/ingest?device=gauge-3", r#"{"seq":4}"#)).await;
         assert_eq!(status, 0);
     }
-    assert_eq!(rows(&gw.db_path()), [("gauge-3".to_string(), 1), ("gauge-3".to_string(), 2)]);
+    let gauge = |seq| ("gauge-3".to_string(), seq);
+    assert_eq!(rows(&gw.db_path()), [gauge(1), gauge(2), gauge(5)]);
     gw.gateway.shutdown().await;
 }
 
