@@ -158,6 +158,34 @@ async fn mqtt_over_tls_with_a_rustls_client_and_mosquitto_pub() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_and_pipelined_messages_cross_tls_record_boundaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pki = Pki::new(dir.path(), "bulk");
+    let server = pki.server("server", "weir");
+    let gw =
+        TestGateway::start(&format!("{}{}", listener("mqtt", ""), tls_table("listeners.tls", &server, "")))
+            .await;
+    let client = Client::trusting(&pki.ca_der(), None);
+    let mut mqtt = Mqtt::connect(client.connect(gw.mqtt_addr()).await.unwrap(), "bulk").await.unwrap();
+    // One message of ~300 KB spans many TLS records.
+    let big =
+        format!(r#"{{"device_id":"bulk","seq":0,"tags":{{"blob":"{}"}},"temp":1}}"#, "x".repeat(300_000));
+    mqtt.publish_acked(1, big).await;
+    // 500 messages in one write: many packets per record, packets split across records.
+    let mut out = BytesMut::new();
+    for seq in 1..=500u16 {
+        encode(&publish(QoS::AtLeastOnce, seq + 1, "d/bulk", reading("bulk", seq.into())), &mut out);
+    }
+    mqtt.stream.write_all(&out).await.unwrap();
+    mqtt.stream.flush().await.unwrap();
+    for seq in 1..=500u16 {
+        assert_eq!(mqtt.recv().await, Some(Packet::PubAck(seq + 1)));
+    }
+    assert_eq!(rows(&gw.db_path()).len(), 501);
+    gw.gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_identity_is_the_device_id_and_bad_client_certificates_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut pki = Pki::new(dir.path(), "devices");
@@ -309,7 +337,7 @@ async fn a_stalled_handshake_is_closed_at_the_deadline_without_blocking_accepts(
     let gw = TestGateway::start(&format!(
         "{}{}",
         listener("mqtt", ""),
-        tls_table("listeners.tls", &server, "handshake_timeout_ms = 500")
+        tls_table("listeners.tls", &server, "handshake_timeout_ms = 1500")
     ))
     .await;
     let addr = gw.mqtt_addr();
@@ -323,7 +351,7 @@ async fn a_stalled_handshake_is_closed_at_the_deadline_without_blocking_accepts(
     let client = Client::trusting(&pki.ca_der(), None);
     let mut mqtt = Mqtt::connect(client.connect(addr).await.unwrap(), "prompt").await.unwrap();
     mqtt.publish_acked(1, reading("prompt", 1)).await;
-    assert!(started.elapsed() < Duration::from_millis(500), "accepts waited for the stalled handshakes");
+    assert!(started.elapsed() < Duration::from_millis(1500), "accepts waited for the stalled handshakes");
 
     for stalled in [&mut silent, &mut halfway] {
         let mut rest = Vec::new();
@@ -331,9 +359,10 @@ async fn a_stalled_handshake_is_closed_at_the_deadline_without_blocking_accepts(
         assert!(rest.is_empty());
     }
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(450), "closed after {waited:?}, before the deadline");
-    assert!(waited < Duration::from_secs(3), "closed after {waited:?}");
-    assert_eq!(handshake_failures(&gw, "timeout"), 2);
+    assert!(waited >= Duration::from_millis(1450), "closed after {waited:?}, before the deadline");
+    assert!(waited < Duration::from_secs(5), "closed after {waited:?}");
+    // Counted just after the socket closes.
+    assert!(eventually(Duration::from_secs(5), || handshake_failures(&gw, "timeout") == 2).await);
     gw.gateway.shutdown().await;
 }
 

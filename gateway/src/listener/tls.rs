@@ -32,6 +32,9 @@ use super::ByteStream;
 use crate::config::{ClientAuth, IdentitySource, TlsConfig, TlsVersion};
 use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel, ResultLabel};
 
+/// Plaintext taken per `try_read_buf`: one TLS record's worth.
+const MAX_READ: usize = 16 * 1024;
+
 /// id-at-commonName.
 const COMMON_NAME: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.3");
 /// id-ce-subjectAltName.
@@ -484,7 +487,9 @@ impl ByteStream for TlsByteStream {
     fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         let (_, session) = self.tls.get_mut();
         let start = buf.len();
-        buf.resize(buf.capacity().max(start + 1), 0);
+        // The spare room is zeroed to be read into: at most what one TLS record holds, however
+        // much the caller reserved (more stays in rustls, and `readable` is ready at once).
+        buf.resize(buf.capacity().clamp(start + 1, start + MAX_READ), 0);
         match session.reader().read(&mut buf[start..]) {
             Ok(n) => {
                 buf.truncate(start + n);
