@@ -54,11 +54,127 @@ pub struct OpsConfig {
     /// `/metrics`, `/healthz`, `/readyz`. Port 0 picks a free port.
     #[serde(default = "defaults::ops_listen")]
     pub listen: SocketAddr,
+    /// Serve the ops endpoints over TLS (with `client_ca_file`: only to holders of a client
+    /// certificate from that CA). Omitted: plain HTTP.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for OpsConfig {
     fn default() -> Self {
-        Self { listen: defaults::ops_listen() }
+        Self { listen: defaults::ops_listen(), tls: None }
+    }
+}
+
+/// `[listeners.tls]` / `[ops.tls]`: TLS (1.2 and 1.3, rustls) on a listener. Files are PEM; a
+/// relative path is taken from the config file's directory. SIGHUP re-reads every file for new
+/// handshakes; connections already open keep their session.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// The certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// CA certificates that client certificates must chain to. Set: mutual TLS, and a device's
+    /// identity comes from its certificate (see `identity`).
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// With `client_ca_file`: `required` (default; a client without a certificate fails the
+    /// handshake) or `optional` (such a client connects without a certificate identity).
+    #[serde(default)]
+    pub client_auth: Option<ClientAuth>,
+    /// Certificate revocation lists (PEM or DER) of the client CAs; a revoked client certificate
+    /// fails the handshake. When given, every CA in a client's chain needs its CRL here.
+    #[serde(default)]
+    pub crl_files: Vec<PathBuf>,
+    /// Where a client certificate's device identity comes from: `cn` (default), `san_dns`,
+    /// `san_uri` or `san_email`. A certificate with none, with several, or with one containing
+    /// an MQTT wildcard (`+`, `#`) or a control character fails the handshake.
+    #[serde(default)]
+    pub identity: Option<IdentitySource>,
+    /// A connection that has not finished its TLS handshake this long after it was accepted is
+    /// closed (counted as `weir_tls_handshake_failures_total{reason="timeout"}`).
+    #[serde(default = "defaults::handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// Oldest TLS version accepted: `1.2` (default) or `1.3`. Older versions are never accepted.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+}
+
+/// Whether a TLS client must present a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    Required,
+    Optional,
+}
+
+/// The part of a client certificate that names the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentitySource {
+    /// The subject's Common Name.
+    #[default]
+    Cn,
+    /// The DNS name in the Subject Alternative Name extension.
+    SanDns,
+    /// The URI in the Subject Alternative Name extension.
+    SanUri,
+    /// The email address (rfc822Name) in the Subject Alternative Name extension.
+    SanEmail,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+impl TlsConfig {
+    /// Makes relative file paths relative to `base` (the config file's directory).
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |path: &mut PathBuf| {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        };
+        resolve(&mut self.cert_file);
+        resolve(&mut self.key_file);
+        if let Some(ca) = &mut self.client_ca_file {
+            resolve(ca);
+        }
+        self.crl_files.iter_mut().for_each(resolve);
+    }
+
+    /// Mutual TLS with `client_auth = "required"`: every device is authenticated by its
+    /// certificate.
+    pub fn requires_client_certificates(&self) -> bool {
+        self.client_ca_file.is_some() && self.client_auth != Some(ClientAuth::Optional)
+    }
+
+    /// Checks the settings, then reads and parses every file as a reload would.
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.client_ca_file.is_none() {
+            for (set, key) in [
+                (self.client_auth.is_some(), "client_auth"),
+                (!self.crl_files.is_empty(), "crl_files"),
+                (self.identity.is_some(), "identity"),
+            ] {
+                if set {
+                    return Err((key.into(), "needs client_ca_file (client certificates)".into()));
+                }
+            }
+        }
+        if !(1..=600_000).contains(&self.handshake_timeout_ms) {
+            return Err(("handshake_timeout_ms".into(), "must be between 1 and 600000".into()));
+        }
+        crate::listener::tls::server_config(self)
+            .map(drop)
+            .map_err(|error| (error.field.into(), error.reason))
     }
 }
 
@@ -93,6 +209,25 @@ impl ListenerConfig {
             ListenerConfig::Ws(_) => "ws",
             ListenerConfig::Tcp(_) => "tcp",
             ListenerConfig::MqttBridge(_) => "mqtt_bridge",
+        }
+    }
+
+    /// The listener's TLS settings; `None` for plain TCP (and for the bridge, a client).
+    pub fn tls(&self) -> Option<&TlsConfig> {
+        match self {
+            ListenerConfig::Mqtt(m) => m.tls.as_ref(),
+            ListenerConfig::Ws(w) => w.tls.as_ref(),
+            ListenerConfig::Tcp(t) => t.tls.as_ref(),
+            ListenerConfig::MqttBridge(_) => None,
+        }
+    }
+
+    fn tls_mut(&mut self) -> Option<&mut TlsConfig> {
+        match self {
+            ListenerConfig::Mqtt(m) => m.tls.as_mut(),
+            ListenerConfig::Ws(w) => w.tls.as_mut(),
+            ListenerConfig::Tcp(t) => t.tls.as_mut(),
+            ListenerConfig::MqttBridge(_) => None,
         }
     }
 
@@ -218,6 +353,9 @@ pub struct MqttListenerConfig {
     /// Accept devices without authentication on a non-loopback address.
     #[serde(default)]
     pub allow_anonymous: bool,
+    /// MQTT over TLS (usually port 8883). Omitted: plain TCP.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for MqttListenerConfig {
@@ -238,6 +376,7 @@ impl Default for MqttListenerConfig {
             connect_timeout_ms: defaults::connect_timeout_ms(),
             keep_raw: false,
             allow_anonymous: false,
+            tls: None,
         }
     }
 }
@@ -293,6 +432,9 @@ pub struct WsListenerConfig {
     pub keep_raw: bool,
     #[serde(default)]
     pub allow_anonymous: bool,
+    /// HTTPS and WSS (every path). Omitted: plain HTTP.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for WsListenerConfig {
@@ -314,6 +456,7 @@ impl Default for WsListenerConfig {
             device_id_header: defaults::device_id_header(),
             keep_raw: false,
             allow_anonymous: false,
+            tls: None,
         }
     }
 }
@@ -362,6 +505,9 @@ pub struct TcpListenerConfig {
     pub keep_raw: bool,
     #[serde(default)]
     pub allow_anonymous: bool,
+    /// Frames over TLS. Omitted: plain TCP.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for TcpListenerConfig {
@@ -380,6 +526,7 @@ impl Default for TcpListenerConfig {
             idle_timeout_ms: defaults::idle_timeout_ms(),
             keep_raw: false,
             allow_anonymous: false,
+            tls: None,
         }
     }
 }
@@ -841,6 +988,9 @@ mod defaults {
     pub fn connect_timeout_ms() -> u64 {
         10_000
     }
+    pub fn handshake_timeout_ms() -> u64 {
+        10_000
+    }
     pub fn max_records() -> usize {
         65_536
     }
@@ -951,15 +1101,26 @@ impl Config {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
-        Self::parse(&text, &shown)
+        let base = path.parent().unwrap_or(Path::new(""));
+        Self::parse_in(&text, &shown, base)
     }
 
-    /// Parses and validates TOML text; `origin` names it in errors.
+    /// Parses and validates TOML text; `origin` names it in errors. Relative TLS file paths are
+    /// taken from the working directory.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        Self::parse_in(text, origin, Path::new(""))
+    }
+
+    /// [`Config::parse`], taking relative TLS file paths from `base` (the config file's folder).
+    pub fn parse_in(text: &str, origin: &str, base: &Path) -> Result<Self, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
+        config.listeners.iter_mut().filter_map(ListenerConfig::tls_mut).for_each(|t| t.resolve_paths(base));
+        if let Some(tls) = &mut config.ops.tls {
+            tls.resolve_paths(base);
+        }
         config.validate(origin)?;
         Ok(config)
     }
@@ -1021,9 +1182,15 @@ impl Config {
                 ));
             }
         }
+        if let Some(tls) = &self.ops.tls {
+            tls.validate().map_err(|(key, reason)| invalid(format!("ops.tls.{key}"), reason))?;
+        }
         let mut seen = HashSet::new();
         for (i, listener) in self.listeners.iter().enumerate() {
             let key = |field: &str| format!("listeners[{i}].{field}");
+            if let Some(tls) = listener.tls() {
+                tls.validate().map_err(|(field, reason)| invalid(key(&format!("tls.{field}")), reason))?;
+            }
             if listener.ack() == AckPoint::Buffered && self.buffer.is_none() {
                 return Err(invalid(
                     key("ack"),
@@ -1057,13 +1224,16 @@ impl Config {
                     Ok(())
                 }
             };
+            // Required client certificates authenticate every device.
+            let authenticated = listener.tls().is_some_and(TlsConfig::requires_client_certificates);
             let exposed = |addr: SocketAddr, allow_anonymous: bool| {
-                if !addr.ip().is_loopback() && !allow_anonymous {
+                if !addr.ip().is_loopback() && !allow_anonymous && !authenticated {
                     Err(invalid(
                         key("listen"),
                         format!(
                             "{addr} is not a loopback address and no authentication is configured; \
-                             set allow_anonymous = true on this listener to accept anonymous devices"
+                             require client certificates ([listeners.tls] client_ca_file), or set \
+                             allow_anonymous = true on this listener to accept anonymous devices"
                         ),
                     ))
                 } else {
@@ -1302,6 +1472,88 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("filters"), "{err}");
+    }
+
+    /// A self-signed certificate and its key, as PEM files in `dir`.
+    fn cert_files(dir: &Path) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+        (dir.join("cert.pem"), dir.join("key.pem"))
+    }
+
+    #[test]
+    fn tls_settings_and_files_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = cert_files(dir.path());
+        let mqtt = "[[listeners]]\nprotocol = \"mqtt\"\nlisten = \"127.0.0.1:0\"\n[listeners.tls]\n";
+        let with = |extra: &str| {
+            Config::parse(&format!("{mqtt}cert_file = {cert:?}\nkey_file = {key:?}\n{extra}"), "t.toml")
+        };
+        let config = with("").unwrap();
+        let tls = config.listeners[0].tls().unwrap();
+        assert_eq!((tls.handshake_timeout_ms, tls.min_version), (10_000, TlsVersion::Tls12));
+        with("min_version = \"1.3\"\nhandshake_timeout_ms = 500\n").unwrap();
+        // The server certificate may serve as its own client CA here: it parses.
+        with(&format!("client_ca_file = {cert:?}\nidentity = \"san_dns\"\nclient_auth = \"optional\"\n"))
+            .unwrap();
+
+        for (extra, key, reason) in [
+            ("client_auth = \"required\"\n", "listeners[0].tls.client_auth", "client_ca_file"),
+            ("identity = \"cn\"\n", "listeners[0].tls.identity", "client_ca_file"),
+            ("crl_files = [\"x.crl\"]\n", "listeners[0].tls.crl_files", "client_ca_file"),
+            ("handshake_timeout_ms = 0\n", "listeners[0].tls.handshake_timeout_ms", "between"),
+            (
+                "client_ca_file = \"/nonexistent/ca.pem\"\n",
+                "listeners[0].tls.client_ca_file",
+                "/nonexistent/ca.pem",
+            ),
+        ] {
+            let err = with(extra).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(reason), "{extra}: {err}");
+        }
+        let crl = dir.path().join("bad.crl");
+        std::fs::write(&crl, b"not a CRL").unwrap();
+        let err =
+            with(&format!("client_ca_file = {cert:?}\ncrl_files = [{crl:?}]\n")).unwrap_err().to_string();
+        assert!(err.contains("listeners[0].tls.crl_files"), "{err}");
+        let err = with("min_version = \"1.1\"\n").unwrap_err().to_string();
+        assert!(err.contains("1.1"), "{err}");
+        let err = with("ciphers = \"all\"\n").unwrap_err().to_string();
+        assert!(err.contains("ciphers"), "{err}");
+
+        // A key that is not the certificate's, and a missing certificate.
+        let other = tempfile::tempdir().unwrap();
+        let (_, other_key) = cert_files(other.path());
+        let text = format!("{mqtt}cert_file = {cert:?}\nkey_file = {other_key:?}\n");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("listeners[0].tls.key_file"), "{err}");
+        let text = format!("{mqtt}cert_file = \"missing.pem\"\nkey_file = {key:?}\n");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("listeners[0].tls.cert_file") && err.contains("missing.pem"), "{err}");
+
+        let ops = format!("[ops.tls]\ncert_file = {cert:?}\nkey_file = \"nope.key\"\n");
+        let err = Config::parse(&ops, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("ops.tls.key_file"), "{err}");
+        let bridge = "[[listeners]]\nprotocol = \"mqtt_bridge\"\nbroker = \"h:1\"\nfilters = [\"a\"]\n[listeners.tls]\n";
+        assert!(Config::parse(bridge, "t.toml").is_err());
+    }
+
+    #[test]
+    fn relative_tls_paths_are_taken_from_the_config_files_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("certs")).unwrap();
+        cert_files(&dir.path().join("certs"));
+        let path = dir.path().join("weir.toml");
+        std::fs::write(
+            &path,
+            "[[listeners]]\nprotocol = \"tcp\"\nlisten = \"127.0.0.1:0\"\n[listeners.tls]\ncert_file = \"certs/cert.pem\"\nkey_file = \"certs/key.pem\"\n",
+        )
+        .unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.listeners[0].tls().unwrap().cert_file, dir.path().join("certs/cert.pem"));
     }
 
     #[test]

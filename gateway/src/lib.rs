@@ -25,6 +25,7 @@ use crate::buffer::DiskBuffer;
 use crate::config::{Config, ListenerConfig, SinkConfig};
 use crate::fabric::{run_batcher, BatchLimits, Fabric};
 use crate::listener::mqtt::MqttContext;
+use crate::listener::tls::TlsServer;
 use crate::metrics::Metrics;
 use crate::shutdown::ShutdownSignal;
 use crate::sink::{run_sink_driver, BlackholeSink, KafkaSink, PostgresSink, Sink, SqliteSink};
@@ -42,6 +43,8 @@ pub enum StartError {
     Sessions(String),
     #[error("listener protocol {0:?} is not available in this build")]
     Unsupported(&'static str),
+    #[error("TLS of {what}: {error}")]
+    Tls { what: String, error: listener::tls::TlsSetupError },
 }
 
 /// A running gateway. Dropping it does not stop it; call [`Gateway::shutdown`].
@@ -55,6 +58,17 @@ pub struct Gateway {
     abort_tx: watch::Sender<bool>,
     listeners: JoinSet<()>,
     pipeline: JoinSet<()>,
+    /// Every TLS listener's certificates, for [`Gateway::reload_tls`].
+    tls: Vec<Arc<TlsServer>>,
+}
+
+/// What [`Gateway::reload_tls`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsReload {
+    /// Listeners now using the files as they are.
+    pub reloaded: usize,
+    /// Listeners whose files did not load; they keep their previous certificates.
+    pub failed: usize,
 }
 
 /// Starts a gateway: binds every listener (port 0 picks a free port), opens the sink, and
@@ -65,6 +79,24 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     // Fired with `shutdown_tx`; what device connections wait on (cheaper per connection).
     let shutdown_signal = ShutdownSignal::new();
     let (abort_tx, abort_rx) = watch::channel(false);
+
+    // Certificates are read before any socket binds (a bad file is a start error, as in
+    // `weir check`).
+    let tls_of = |settings: Option<&config::TlsConfig>, label: &'static str, what: String| {
+        settings
+            .map(|settings| {
+                TlsServer::new(settings, label, Arc::clone(&metrics))
+                    .map(Arc::new)
+                    .map_err(|error| StartError::Tls { what, error })
+            })
+            .transpose()
+    };
+    let mut listener_tls = Vec::new();
+    for (i, listener) in config.listeners.iter().enumerate() {
+        listener_tls.push(tls_of(listener.tls(), listener.protocol(), format!("listeners[{i}]"))?);
+    }
+    let ops_tls = tls_of(config.ops.tls.as_ref(), "ops", "ops".into())?;
+    let tls: Vec<Arc<TlsServer>> = listener_tls.iter().chain([&ops_tls]).flatten().cloned().collect();
 
     let mut bound = Vec::new();
     for listener in &config.listeners {
@@ -145,7 +177,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
 
     let mut listener_addrs = Vec::new();
     let mut listeners = JoinSet::new();
-    for (listener, socket) in config.listeners.iter().zip(bound) {
+    for ((listener, socket), tls) in config.listeners.iter().zip(bound).zip(listener_tls) {
         if let Some((addr, socket)) = &socket {
             listener_addrs.push(socket.local_addr().map_err(|source| StartError::Bind {
                 addr: *addr,
@@ -168,15 +200,33 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
                 let signal = Arc::clone(&shutdown_signal);
                 let max_connections = mqtt.max_connections;
                 let max_packet_bytes = mqtt.max_packet_bytes;
-                listeners.spawn(listener::accept_loop(
-                    socket,
-                    "mqtt",
-                    max_connections,
-                    admission(listener, "mqtt", &metrics),
-                    shutdown_rx.clone(),
-                    move |accepted| listener::mqtt::serve(accepted, Arc::clone(&ctx), signal.subscribe()),
-                    move |stream, refusal| listener::mqtt::refuse(stream, refusal, max_packet_bytes),
-                ));
+                let shutdown = shutdown_rx.clone();
+                let admission = admission(listener, "mqtt", &metrics);
+                // One accept loop per kind, so that plain connections' tasks do not carry TLS.
+                // A refused TLS connection is closed (answering would take a handshake).
+                match tls {
+                    None => listeners.spawn(listener::accept_loop(
+                        socket,
+                        "mqtt",
+                        max_connections,
+                        admission,
+                        shutdown,
+                        move |accepted| listener::mqtt::serve(accepted, Arc::clone(&ctx), signal.subscribe()),
+                        move |stream, refusal| listener::mqtt::refuse(stream, refusal, max_packet_bytes),
+                    )),
+                    Some(tls) => listeners.spawn(listener::accept_loop(
+                        socket,
+                        "mqtt",
+                        max_connections,
+                        admission,
+                        shutdown,
+                        move |accepted| {
+                            let (tls, ctx) = (Arc::clone(&tls), Arc::clone(&ctx));
+                            listener::mqtt::serve_tls(accepted, tls, ctx, signal.subscribe())
+                        },
+                        |stream, _| listener::close_refused(stream),
+                    )),
+                };
             }
             (ListenerConfig::Ws(ws), Some(socket)) => {
                 let ctx = Arc::new(listener::ws::WsContext::new(
@@ -187,15 +237,30 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
                     Arc::clone(&sessions),
                 ));
                 let shutdown = shutdown_rx.clone();
-                listeners.spawn(listener::accept_loop(
-                    socket,
-                    "ws",
-                    ws.max_connections,
-                    admission(listener, "ws", &metrics),
-                    shutdown_rx.clone(),
-                    move |accepted| listener::ws::serve(accepted, Arc::clone(&ctx), shutdown.clone()),
-                    |stream, _| listener::close_refused(stream),
-                ));
+                let admission = admission(listener, "ws", &metrics);
+                match tls {
+                    None => listeners.spawn(listener::accept_loop(
+                        socket,
+                        "ws",
+                        ws.max_connections,
+                        admission,
+                        shutdown_rx.clone(),
+                        move |accepted| listener::ws::serve(accepted, Arc::clone(&ctx), shutdown.clone()),
+                        |stream, _| listener::close_refused(stream),
+                    )),
+                    Some(tls) => listeners.spawn(listener::accept_loop(
+                        socket,
+                        "ws",
+                        ws.max_connections,
+                        admission,
+                        shutdown_rx.clone(),
+                        move |accepted| {
+                            let (tls, ctx) = (Arc::clone(&tls), Arc::clone(&ctx));
+                            listener::ws::serve_tls(accepted, tls, ctx, shutdown.clone())
+                        },
+                        |stream, _| listener::close_refused(stream),
+                    )),
+                };
             }
             (ListenerConfig::Tcp(tcp), Some(socket)) => {
                 let local_addr = socket.local_addr().map_err(|source| StartError::Bind {
@@ -210,15 +275,30 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
                     local_addr,
                 ));
                 let signal = Arc::clone(&shutdown_signal);
-                listeners.spawn(listener::accept_loop(
-                    socket,
-                    "tcp",
-                    tcp.max_connections,
-                    admission(listener, "tcp", &metrics),
-                    shutdown_rx.clone(),
-                    move |accepted| listener::tcp::serve(accepted, Arc::clone(&ctx), signal.subscribe()),
-                    |stream, _| listener::close_refused(stream),
-                ));
+                let admission = admission(listener, "tcp", &metrics);
+                match tls {
+                    None => listeners.spawn(listener::accept_loop(
+                        socket,
+                        "tcp",
+                        tcp.max_connections,
+                        admission,
+                        shutdown_rx.clone(),
+                        move |accepted| listener::tcp::serve(accepted, Arc::clone(&ctx), signal.subscribe()),
+                        |stream, _| listener::close_refused(stream),
+                    )),
+                    Some(tls) => listeners.spawn(listener::accept_loop(
+                        socket,
+                        "tcp",
+                        tcp.max_connections,
+                        admission,
+                        shutdown_rx.clone(),
+                        move |accepted| {
+                            let (tls, ctx) = (Arc::clone(&tls), Arc::clone(&ctx));
+                            listener::tcp::serve_tls(accepted, tls, ctx, signal.subscribe())
+                        },
+                        |stream, _| listener::close_refused(stream),
+                    )),
+                };
             }
             (ListenerConfig::MqttBridge(bridge), None) => {
                 listeners.spawn(listener::bridge::run(
@@ -240,7 +320,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         what: "ops",
         source,
     })?;
-    pipeline.spawn(ops::serve(ops_socket, Arc::clone(&metrics), shutdown_rx));
+    pipeline.spawn(ops::serve(ops_socket, Arc::clone(&metrics), ops_tls, shutdown_rx));
     tracing::info!(listeners = ?listener_addrs, ops = %ops_addr, shards = shard_count, "weir started");
     Ok(Gateway {
         listener_addrs,
@@ -252,6 +332,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         abort_tx,
         listeners,
         pipeline,
+        tls,
     })
 }
 
@@ -314,6 +395,20 @@ impl Gateway {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Re-reads every TLS listener's certificate, key, client CAs and CRLs (what SIGHUP does).
+    /// New handshakes use them; open connections keep going. A listener whose files fail to
+    /// load keeps its previous certificates (logged, and counted in `weir_tls_reloads_total`).
+    pub fn reload_tls(&self) -> TlsReload {
+        let mut report = TlsReload { reloaded: 0, failed: 0 };
+        for tls in &self.tls {
+            match tls.reload() {
+                Ok(()) => report.reloaded += 1,
+                Err(_) => report.failed += 1,
+            }
+        }
+        report
     }
 
     /// Stops in three bounded phases: stop accepting and reading; flush batches, wait for the

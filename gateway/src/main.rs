@@ -94,7 +94,11 @@ fn main() -> ExitCode {
 fn run(config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
-        let report = weir::run(config, shutdown_signal()).await?;
+        // Listening before the gateway starts: an early SIGHUP must not end the process.
+        let signals = Signals::listen();
+        let gateway = weir::start(config).await?;
+        signals.until_shutdown(&gateway).await;
+        let report = gateway.shutdown().await;
         if !report.clean {
             anyhow::bail!("shutdown grace period ran out; unacked work was abandoned");
         }
@@ -102,20 +106,53 @@ fn run(config: Config) -> anyhow::Result<()> {
     })
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(error) => {
-            tracing::error!(%error, "cannot listen for SIGTERM; only Ctrl-C stops weir");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// The signals weir acts on: SIGTERM and SIGINT stop it, SIGHUP reloads TLS certificates.
+struct Signals {
+    terminate: Option<tokio::signal::unix::Signal>,
+    hangup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn listen() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let terminate = signal(SignalKind::terminate())
+            .map_err(|error| tracing::error!(%error, "cannot listen for SIGTERM; only Ctrl-C stops weir"))
+            .ok();
+        let hangup = signal(SignalKind::hangup())
+            .map_err(
+                |error| tracing::error!(%error, "cannot listen for SIGHUP; TLS certificates will not reload"),
+            )
+            .ok();
+        Self { terminate, hangup }
+    }
+
+    /// Returns on SIGTERM or SIGINT; each SIGHUP meanwhile reloads the TLS certificates.
+    async fn until_shutdown(mut self, gateway: &weir::Gateway) {
+        loop {
+            tokio::select! {
+                Some(()) = recv(&mut self.hangup) => {
+                    tracing::info!("SIGHUP received; reloading TLS certificates");
+                    let report = gateway.reload_tls();
+                    tracing::info!(reloaded = report.reloaded, failed = report.failed, "TLS reload done");
+                }
+                Some(()) = recv(&mut self.terminate) => {
+                    tracing::info!("SIGTERM received");
+                    return;
+                }
+                _ = tokio::signal::ctrl_c() => {
+                    tracing::info!("SIGINT received");
+                    return;
+                }
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// The next delivery of `signal`; never, when weir could not listen for it.
+async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
     }
 }
 

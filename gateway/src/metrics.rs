@@ -24,6 +24,11 @@ pub struct ProtocolReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShardLabel {
     pub shard: u32,
 }
@@ -78,6 +83,9 @@ pub struct Metrics {
     pub mqtt_session_store_pending: Gauge,
     pub mqtt_session_store_commit_seconds: Histogram,
     pub mqtt_session_store_errors: Counter,
+    pub tls_handshakes: Family<ProtocolLabel, Counter>,
+    pub tls_handshake_failures: Family<ProtocolReasonLabel, Counter>,
+    pub tls_reloads: Family<ResultLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -136,10 +144,24 @@ impl Metrics {
             mqtt_session_store_pending: Gauge::default(),
             mqtt_session_store_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             mqtt_session_store_errors: Counter::default(),
+            tls_handshakes: Family::default(),
+            tls_handshake_failures: Family::default(),
+            tls_reloads: Family::default(),
         };
         let r = &mut m.registry;
         r.register("connections_active", "Open device connections", m.connections_active.clone());
         r.register("connections_opened", "Device connections accepted", m.connections_opened.clone());
+        r.register("tls_handshakes", "TLS handshakes completed, by listener", m.tls_handshakes.clone());
+        r.register(
+            "tls_handshake_failures",
+            "TLS handshakes failed or timed out, by listener and reason (the connection was closed)",
+            m.tls_handshake_failures.clone(),
+        );
+        r.register(
+            "tls_reloads",
+            "TLS certificate reloads (SIGHUP), by result; on error the previous certificates stay",
+            m.tls_reloads.clone(),
+        );
         r.register(
             "connections_closed",
             "Device connections closed, by reason",

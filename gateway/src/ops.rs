@@ -1,4 +1,5 @@
-//! The ops HTTP listener: `/metrics` (Prometheus text), `/healthz`, `/readyz`.
+//! The ops HTTP listener: `/metrics` (Prometheus text), `/healthz`, `/readyz`; over TLS when
+//! `[ops.tls]` says so.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -11,14 +12,22 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::listener::tls::TlsServer;
 use crate::metrics::Metrics;
 
-/// Serves ops requests until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) {
+/// Serves ops requests until `shutdown` turns true. With `tls`, each connection's handshake runs
+/// in its own task, under the handshake deadline.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    tls: Option<Arc<TlsServer>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
@@ -34,17 +43,32 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, mut shutdown: w
             _ = crate::shutdown::signalled(&mut shutdown) => break,
         };
         let metrics = Arc::clone(&metrics);
+        let tls = tls.clone();
         connections.spawn(async move {
-            let service = service_fn(move |request| {
-                let metrics = Arc::clone(&metrics);
-                async move { Ok::<_, Infallible>(route(&request, &metrics)) }
-            });
-            if let Err(error) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
-                tracing::debug!(%error, "ops connection ended with an error");
+            match tls {
+                None => serve_connection(stream, metrics).await,
+                Some(tls) => {
+                    if let Some(handshaken) = tls.handshake(stream).await {
+                        serve_connection(handshaken.stream, metrics).await;
+                    }
+                }
             }
         });
     }
     connections.shutdown().await;
+}
+
+async fn serve_connection<I>(io: I, metrics: Arc<Metrics>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request| {
+        let metrics = Arc::clone(&metrics);
+        async move { Ok::<_, Infallible>(route(&request, &metrics)) }
+    });
+    if let Err(error) = http1::Builder::new().serve_connection(TokioIo::new(io), service).await {
+        tracing::debug!(%error, "ops connection ended with an error");
+    }
 }
 
 fn route(request: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {

@@ -75,3 +75,88 @@ async fn ops_endpoints_answer() {
     }
     gateway.shutdown().await;
 }
+
+/// A self-signed certificate and key in `dir`, under `name`.
+fn write_cert(dir: &std::path::Path, name: &str) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
+    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+}
+
+#[test]
+fn check_names_the_tls_file_that_does_not_load() {
+    let dir = tempfile::tempdir().unwrap();
+    write_cert(dir.path(), "server");
+    let path = dir.path().join("tls.toml");
+    let listener = "[[listeners]]\nprotocol = \"mqtt\"\nlisten = \"127.0.0.1:8883\"\n[listeners.tls]\n";
+    // Relative to the config file's folder, wherever weir runs from.
+    std::fs::write(&path, format!("{listener}cert_file = \"server.pem\"\nkey_file = \"server.key\"\n"))
+        .unwrap();
+    let out = weir(&["check", "--config", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&path, format!("{listener}cert_file = \"server.pem\"\nkey_file = \"other.key\"\n"))
+        .unwrap();
+    let out = weir(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tls.toml") && err.contains("listeners[0].tls.key_file") && err.contains("other.key"),
+        "{err}"
+    );
+}
+
+/// SIGHUP reloads the certificates of a running `weir` (and does not stop it); SIGTERM does.
+#[test]
+fn sighup_reloads_tls_certificates() {
+    use rustix::process::{kill_process, Pid, Signal};
+    use std::io::{Read, Write};
+
+    let dir = tempfile::tempdir().unwrap();
+    write_cert(dir.path(), "server");
+    let ops_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let path = dir.path().join("weir.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir = {:?}\n[ops]\nlisten = \"127.0.0.1:{ops_port}\"\n[[listeners]]\nprotocol = \"mqtt\"\n\
+             listen = \"127.0.0.1:0\"\n[listeners.tls]\ncert_file = \"server.pem\"\nkey_file = \"server.key\"\n",
+            dir.path().join("data")
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["run", "--config", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics = || -> Option<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", ops_port)).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        Some(text)
+    };
+    let wait_for = |what: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if metrics().is_some_and(|m| m.contains(what)) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        false
+    };
+    assert!(wait_for("weir_sink_ready 1"), "weir did not start");
+    let pid = Pid::from_child(&child);
+    write_cert(dir.path(), "server");
+    kill_process(pid, Signal::HUP).unwrap();
+    assert!(wait_for("weir_tls_reloads_total{result=\"ok\"} 1"), "{:?}", metrics());
+    std::fs::write(dir.path().join("server.key"), "garbage").unwrap();
+    kill_process(pid, Signal::HUP).unwrap();
+    assert!(wait_for("weir_tls_reloads_total{result=\"error\"} 1"), "{:?}", metrics());
+    kill_process(pid, Signal::TERM).unwrap();
+    assert!(child.wait().unwrap().success());
+}

@@ -7,6 +7,7 @@ pub mod bridge;
 pub mod ingest;
 pub mod mqtt;
 pub mod tcp;
+pub mod tls;
 pub mod ws;
 
 use std::future::Future;
@@ -42,12 +43,13 @@ pub struct Accepted {
 #[derive(Debug)]
 pub struct ConnectionPermit {
     _listener: OwnedSemaphorePermit,
-    _address: Option<AddressSlot>,
+    /// Boxed: every idle connection's task carries this permit, and a pointer is smaller.
+    _address: Option<Box<AddressSlot>>,
 }
 
 impl ConnectionPermit {
     pub fn new(listener: OwnedSemaphorePermit, address: Option<AddressSlot>) -> Self {
-        ConnectionPermit { _listener: listener, _address: address }
+        ConnectionPermit { _listener: listener, _address: address.map(Box::new) }
     }
 }
 
@@ -192,13 +194,41 @@ mod tests {
             Arc::clone(&metrics),
             weir_proto::SourceProtocol::Mqtt,
         ));
-        let future = mqtt::serve(accepted().await, mqtt, signal.subscribe());
+        let future = mqtt::serve(accepted().await, Arc::clone(&mqtt), signal.subscribe());
         let size = std::mem::size_of_val(&future);
         assert!(size <= 896, "the MQTT connection future grew to {size} bytes");
 
-        let tcp = Arc::new(tcp::TcpContext::new(TcpListenerConfig::default(), fabric, metrics, addr));
-        let future = tcp::serve(accepted().await, tcp, signal.subscribe());
+        let tcp =
+            Arc::new(tcp::TcpContext::new(TcpListenerConfig::default(), fabric, Arc::clone(&metrics), addr));
+        let future = tcp::serve(accepted().await, Arc::clone(&tcp), signal.subscribe());
         let size = std::mem::size_of_val(&future);
         assert!(size <= 896, "the TCP connection future grew to {size} bytes");
+
+        // Over TLS the session is boxed (rustls keeps kilobytes per session anyway), and the
+        // handshake's state too: the task's future stays about the plain one's size.
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
+        let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let settings = crate::config::TlsConfig {
+            cert_file,
+            key_file,
+            client_ca_file: None,
+            client_auth: None,
+            crl_files: Vec::new(),
+            identity: None,
+            handshake_timeout_ms: 10_000,
+            min_version: crate::config::TlsVersion::Tls12,
+        };
+        let tls = Arc::new(tls::TlsServer::new(&settings, "mqtt", metrics).unwrap());
+        let future = mqtt::serve_tls(accepted().await, Arc::clone(&tls), mqtt, signal.subscribe());
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 896, "the MQTT-over-TLS connection future grew to {size} bytes");
+        let future = tcp::serve_tls(accepted().await, tls, tcp, signal.subscribe());
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 896, "the TCP-over-TLS connection future grew to {size} bytes");
     }
 }

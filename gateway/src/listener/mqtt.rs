@@ -25,6 +25,7 @@ use weir_protocols::payload::{self, DecodeContext, PayloadFormat, PayloadLimits}
 
 use super::admission::Refusal;
 use super::ingest::now_ms;
+use super::tls::{TlsByteStream, TlsServer};
 use super::{Accepted, ByteStream};
 use crate::ack::{AckEvent, AckInbox, AckToken};
 use crate::config::{AckPoint, MqttListenerConfig};
@@ -126,7 +127,7 @@ pub fn serve(
     let _ = stream.set_nodelay(true);
     // The connection future is the task itself (no async wrapper keeping `accepted` or a second
     // copy of the future): its size is what every idle connection costs.
-    serve_stream(stream, id, ctx, shutdown, Some(permit))
+    serve_stream(stream, id, ctx, shutdown, Some(permit), None)
 }
 
 /// Answers a connection admission control refused: reads its CONNECT (for at most
@@ -174,14 +175,41 @@ pub async fn refuse(mut stream: tokio::net::TcpStream, refusal: Refusal, max_pac
     let _ = tokio::time::timeout(Duration::from_millis(200), ByteStream::shutdown(&mut stream)).await;
 }
 
-/// Serves one MQTT connection over any byte stream (TCP, a WebSocket's binary messages).
+/// Serves one MQTT connection over TLS: the handshake (under its deadline, here in the
+/// connection's task, never in the accept loop), then MQTT. With mutual TLS, the client
+/// certificate's identity is the device id of records that name none.
+pub fn serve_tls(
+    accepted: Accepted,
+    tls: Arc<TlsServer>,
+    ctx: Arc<MqttContext>,
+    shutdown: ShutdownWatch,
+) -> impl Future<Output = ()> + Send {
+    // The handshake's state is large and gone once it is done: it lives in its own box, and
+    // the task's future is the plain connection's plus that box.
+    let handshake = Box::pin(async move {
+        let Accepted { stream, id, permit, .. } = accepted;
+        let _ = stream.set_nodelay(true);
+        let mut shutdown = shutdown;
+        let handshaken = tls.handshake_until(stream, shutdown.fired()).await?;
+        Some((handshaken, id, permit, shutdown))
+    });
+    async move {
+        let Some((handshaken, id, permit, shutdown)) = handshake.await else { return };
+        let stream = TlsByteStream::new(handshaken.stream);
+        serve_stream(stream, id, ctx, shutdown, Some(permit), handshaken.identity).await
+    }
+}
+
+/// Serves one MQTT connection over any byte stream (TCP, TLS, a WebSocket's binary messages).
 /// `permit` (the listener's connection slot) is released when the connection ends.
+/// `identity` is the device identity of a TLS client certificate.
 pub fn serve_stream<S: ByteStream>(
     stream: S,
     id: u64,
     ctx: Arc<MqttContext>,
     shutdown: ShutdownWatch,
     permit: Option<super::ConnectionPermit>,
+    identity: Option<Arc<str>>,
 ) -> impl Future<Output = ()> + Send {
     let label = ProtocolLabel { protocol: ctx.label };
     ctx.metrics.connections_opened.get_or_create(&label).inc();
@@ -207,6 +235,7 @@ pub fn serve_stream<S: ByteStream>(
         stream,
         inbox: AckInbox::new(),
         client_id: String::new(),
+        identity,
         records: Vec::new(),
         shutdown,
         permit,
@@ -263,6 +292,9 @@ struct Connection<S> {
     /// Outcome reports of this connection's messages.
     inbox: Arc<AckInbox>,
     client_id: String,
+    /// The device identity of the TLS client certificate (mutual TLS): the device of records
+    /// that name none, in place of the client id. For authentication and ACLs to build on.
+    identity: Option<Arc<str>>,
     /// Scratch space for one message's records, reused.
     records: Vec<Record>,
     shutdown: ShutdownWatch,
@@ -447,7 +479,9 @@ impl<S: ByteStream> Connection<S> {
     /// queued), within the connect deadline, then takes the client id over from any live
     /// connection holding it.
     async fn decide_connect(&mut self, request: Box<ConnectRequest>) -> Result<(), CloseReason> {
-        tracing::Span::current().record("device", request.client_id.as_str());
+        if self.identity.is_none() {
+            tracing::Span::current().record("device", request.client_id.as_str());
+        }
         let sessions = Arc::clone(&self.ctx.sessions);
         // Should the deadline pass, the store may still record the session: its end must be
         // recorded too, or it would look connected until the next restart.
@@ -486,7 +520,7 @@ impl<S: ByteStream> Connection<S> {
         let token = ack.and_then(|id| AckToken::for_point(point, id.get(), &self.inbox));
         let decoded = {
             let ctx = DecodeContext {
-                fallback_device_id: &self.client_id,
+                fallback_device_id: self.identity.as_deref().unwrap_or(&self.client_id),
                 protocol: self.ctx.protocol,
                 source: &topic,
                 received_ts_ms: now_ms(),
@@ -511,7 +545,7 @@ impl<S: ByteStream> Connection<S> {
                     self.session.note_undecodable(id, error.clone());
                 }
                 let letter = DeadLetter {
-                    device_id: self.client_id.clone(),
+                    device_id: self.device_id().to_owned(),
                     protocol: self.ctx.protocol,
                     source: topic,
                     error,
@@ -537,6 +571,11 @@ impl<S: ByteStream> Connection<S> {
         }
         self.published(ack, tracked, Outcome::Stored)?;
         Ok(None)
+    }
+
+    /// The device of records that name none: the certificate identity, else the client id.
+    fn device_id(&self) -> &str {
+        self.identity.as_deref().unwrap_or(&self.client_id)
     }
 
     /// Enqueues what [`Connection::publish`] could not, waiting for room in the fabric while

@@ -14,6 +14,7 @@ use weir_protocols::framing::{parse_hello, write_reply, Frame, FrameError, Frame
 use weir_protocols::reply::{Reply, Status};
 
 use super::ingest::{IngestContext, MessageQueue, Waiting};
+use super::tls::{TlsByteStream, TlsServer};
 use super::{Accepted, ByteStream};
 use crate::config::{TcpFraming, TcpListenerConfig};
 use crate::fabric::Fabric;
@@ -72,6 +73,9 @@ enum CloseReason {
     TooLarge,
     /// A first-frame hello naming a device id weir refuses: answered `undecodable`, then closed.
     InvalidHello,
+    /// A hello naming another device than the TLS client certificate: answered
+    /// `not_authorized`, then closed.
+    IdentityMismatch,
     /// The stream ended inside a length-prefixed frame.
     TruncatedFrame,
     Shutdown,
@@ -86,6 +90,7 @@ impl CloseReason {
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::TooLarge => "too_large",
             CloseReason::InvalidHello => "invalid_hello",
+            CloseReason::IdentityMismatch => "identity_mismatch",
             CloseReason::TruncatedFrame => "truncated_frame",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Io => "io_error",
@@ -104,38 +109,70 @@ pub fn serve(
     let _ = stream.set_nodelay(true);
     // The connection future is the task itself (no async wrapper keeping `accepted` or a second
     // copy of the future): its size is what every idle connection costs.
-    serve_stream(stream, ctx, shutdown, Some(permit))
+    serve_stream(stream, ctx, shutdown, Some(permit), None)
+}
+
+/// Serves one raw TCP connection over TLS: the handshake (under its deadline, in this task),
+/// then frames. With mutual TLS, the client certificate's identity is the connection's device:
+/// no hello is needed, and a hello naming another device is refused.
+pub fn serve_tls(
+    accepted: Accepted,
+    tls: Arc<TlsServer>,
+    ctx: Arc<TcpContext>,
+    shutdown: ShutdownWatch,
+) -> impl std::future::Future<Output = ()> + Send {
+    // The handshake's state is large and gone once it is done: it lives in its own box, and
+    // the task's future is the plain connection's plus that box.
+    let handshake = Box::pin(async move {
+        let Accepted { stream, permit, .. } = accepted;
+        let _ = stream.set_nodelay(true);
+        let mut shutdown = shutdown;
+        let handshaken = tls.handshake_until(stream, shutdown.fired()).await?;
+        Some((handshaken, permit, shutdown))
+    });
+    async move {
+        let Some((handshaken, permit, shutdown)) = handshake.await else { return };
+        let stream = TlsByteStream::new(handshaken.stream);
+        serve_stream(stream, ctx, shutdown, Some(permit), handshaken.identity).await
+    }
 }
 
 /// Serves one raw TCP connection over any byte stream.
-/// `permit` (the listener's connection slot) is released when the connection ends.
-pub async fn serve_stream<S: ByteStream>(
+/// `permit` (the listener's connection slot) is released when the connection ends;
+/// `identity` is the device identity of a TLS client certificate.
+pub fn serve_stream<S: ByteStream>(
     stream: S,
     ctx: Arc<TcpContext>,
     shutdown: ShutdownWatch,
     permit: Option<super::ConnectionPermit>,
-) {
-    let metrics = Arc::clone(&ctx.ingest.metrics);
-    let label = ProtocolLabel { protocol: LABEL };
-    metrics.connections_opened.get_or_create(&label).inc();
-    metrics.connections_active.get_or_create(&label).inc();
+    identity: Option<Arc<str>>,
+) -> impl std::future::Future<Output = ()> + Send {
+    // Built before the future, which then holds the connection but not the arguments it was
+    // made from (an `async fn` would keep both for the connection's life).
     let mut connection = Connection {
         queue: MessageQueue::new(Arc::clone(&ctx.ingest), ctx.config.max_inflight),
         framer: Framer::new(ctx.framing, ctx.config.max_frame_bytes),
         ctx,
         stream,
-        device: String::new(),
+        certified: identity.is_some(),
+        device: identity.map(|id| id.to_string()).unwrap_or_default(),
         seen_first_message: false,
         replies: Vec::new(),
     };
-    let closed = connection.run(shutdown).await;
-    tracing::debug!(reason = closed.label(), "connection closed");
-    metrics.connections_active.get_or_create(&label).dec();
-    metrics
-        .connections_closed
-        .get_or_create(&ProtocolReasonLabel { protocol: LABEL, reason: closed.label() })
-        .inc();
-    drop(permit);
+    async move {
+        let metrics = Arc::clone(&connection.ctx.ingest.metrics);
+        let label = ProtocolLabel { protocol: LABEL };
+        metrics.connections_opened.get_or_create(&label).inc();
+        metrics.connections_active.get_or_create(&label).inc();
+        let closed = connection.run(shutdown).await;
+        tracing::debug!(reason = closed.label(), "connection closed");
+        metrics.connections_active.get_or_create(&label).dec();
+        metrics
+            .connections_closed
+            .get_or_create(&ProtocolReasonLabel { protocol: LABEL, reason: closed.label() })
+            .inc();
+        drop(permit);
+    }
 }
 
 struct Connection<S> {
@@ -143,8 +180,11 @@ struct Connection<S> {
     stream: S,
     queue: MessageQueue,
     framer: Framer,
-    /// Named by the hello; empty without one (each reading must then name its device).
+    /// Named by the hello or the TLS client certificate; empty without either (each reading
+    /// must then name its device).
     device: String,
+    /// `device` is the TLS client certificate's identity; a hello may only repeat it.
+    certified: bool,
     /// Whether the first message (hello or not) has been read; only it may be a hello.
     seen_first_message: bool,
     /// Scratch space for the replies of one write, reused.
@@ -298,6 +338,16 @@ impl<S: ByteStream> Connection<S> {
         if first || framing == Framing::Lines {
             match parse_hello(framing, &body) {
                 Ok(None) => {}
+                Ok(Some(device)) if first && self.certified && device != self.device => {
+                    let reason = format!(
+                        "the hello names device {device:?}, the client certificate {:?}",
+                        self.device
+                    );
+                    tracing::debug!(%reason, "hello refused");
+                    self.ctx.ingest.count_error("identity_mismatch");
+                    self.queue.refuse(self.ctx.framing.reply_format(), Status::NotAuthorized, reason);
+                    return Err(CloseReason::IdentityMismatch);
+                }
                 Ok(Some(device)) if first => {
                     tracing::Span::current().record("device", device.as_str());
                     self.device = device;

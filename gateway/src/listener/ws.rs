@@ -17,6 +17,7 @@ use hyper::service::service_fn;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::CapacityError;
@@ -32,6 +33,7 @@ use weir_protocols::reply::{Reply, ReplyFormat, Status};
 
 use super::ingest::{IngestContext, MessageQueue};
 use super::mqtt::MqttContext;
+use super::tls::TlsServer;
 use super::{Accepted, ByteStream};
 use crate::config::{MqttListenerConfig, WsListenerConfig};
 use crate::fabric::Fabric;
@@ -124,34 +126,71 @@ enum Upgrade {
 
 /// Serves one connection: HTTP requests until it upgrades to a WebSocket, then that.
 pub async fn serve(accepted: Accepted, ctx: Arc<WsContext>, shutdown: watch::Receiver<bool>) {
-    let _ = accepted.stream.set_nodelay(true);
+    let Accepted { stream, id, permit, .. } = accepted;
+    let _ = stream.set_nodelay(true);
+    serve_io(stream, id, None, &ctx, shutdown).await;
+    drop(permit);
+}
+
+/// Serves one connection over TLS (HTTPS, WSS): the handshake under its deadline, in this task,
+/// then as [`serve`]. With mutual TLS the client certificate's identity is the device of
+/// `/ingest` (a `?device=` or header naming another is refused with 403) and of `/mqtt`.
+pub async fn serve_tls(
+    accepted: Accepted,
+    tls: Arc<TlsServer>,
+    ctx: Arc<WsContext>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let Accepted { stream, id, permit, .. } = accepted;
+    let _ = stream.set_nodelay(true);
+    let mut stop = shutdown.clone();
+    // Boxed: the handshake's state is large and gone once it is done.
+    let handshaken = Box::pin(tls.handshake_until(stream, crate::shutdown::signalled(&mut stop))).await;
+    if let Some(handshaken) = handshaken {
+        serve_io(handshaken.stream, id, handshaken.identity, &ctx, shutdown).await;
+    }
+    drop(permit);
+}
+
+async fn serve_io<I>(
+    io: I,
+    id: u64,
+    identity: Option<Arc<str>>,
+    ctx: &Arc<WsContext>,
+    shutdown: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     // The HTTP phase is its own future, so its state is gone once the WebSocket phase runs.
-    let upgrade = Box::pin(serve_http(accepted.stream, &ctx, shutdown.clone())).await;
+    let upgrade = Box::pin(serve_http(io, ctx, identity.clone(), shutdown.clone())).await;
     match upgrade {
         Some(Upgrade::Ingest { on, device }) => {
-            if let Some(ws) = upgraded(on, &ctx, ctx.config.max_message_bytes).await {
-                run_ingest(ws, device, &ctx, shutdown).await;
+            if let Some(ws) = upgraded(on, ctx, ctx.config.max_message_bytes).await {
+                run_ingest(ws, device, ctx, shutdown).await;
             }
         }
         Some(Upgrade::Mqtt { on }) => {
             let max = ctx.config.max_packet_bytes.max(ctx.config.max_message_bytes);
-            if let Some(ws) = upgraded(on, &ctx, max).await {
+            if let Some(ws) = upgraded(on, ctx, max).await {
                 let stream = WsByteStream { ws, pending: None, eof: false };
                 let watch = ctx.shutdown_signal.subscribe();
-                super::mqtt::serve_stream(stream, accepted.id, Arc::clone(&ctx.mqtt), watch, None).await;
+                super::mqtt::serve_stream(stream, id, Arc::clone(&ctx.mqtt), watch, None, identity).await;
             }
         }
         None => {}
     }
-    drop(accepted.permit);
 }
 
 /// HTTP/1.1 requests until the connection closes or upgrades; returns the upgrade, if any.
-async fn serve_http(
-    stream: tokio::net::TcpStream,
+async fn serve_http<I>(
+    io: I,
     ctx: &Arc<WsContext>,
+    identity: Option<Arc<str>>,
     mut shutdown: watch::Receiver<bool>,
-) -> Option<Upgrade> {
+) -> Option<Upgrade>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let upgrade: Arc<Mutex<Option<Upgrade>>> = Arc::new(Mutex::new(None));
     let service = {
         let ctx = Arc::clone(ctx);
@@ -159,13 +198,14 @@ async fn serve_http(
         service_fn(move |request| {
             let ctx = Arc::clone(&ctx);
             let upgrade = Arc::clone(&upgrade);
-            async move { Ok::<_, Infallible>(route(request, &ctx, &upgrade).await) }
+            let identity = identity.clone();
+            async move { Ok::<_, Infallible>(route(request, &ctx, &upgrade, identity.as_deref()).await) }
         })
     };
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(ctx.config.connect_timeout_ms))
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(connection);
     let served = tokio::select! {
@@ -207,16 +247,22 @@ async fn route(
     request: Request<Incoming>,
     ctx: &WsContext,
     upgrade: &Mutex<Option<Upgrade>>,
+    identity: Option<&str>,
 ) -> Response<Full<Bytes>> {
     match request.uri().path() {
         "/ingest" if is_websocket_upgrade(request.headers()) => {
-            let device = match device_id(&request, ctx) {
+            let device = match device_id(&request, ctx, identity) {
                 Ok(device) => device.unwrap_or_default(),
-                Err(reason) => return json_error(StatusCode::BAD_REQUEST, Status::NotAuthorized, &reason),
+                Err((code, reason)) => {
+                    if code == StatusCode::FORBIDDEN {
+                        ctx.ws_ingest.count_error("identity_mismatch");
+                    }
+                    return json_error(code, Status::NotAuthorized, &reason);
+                }
             };
             accept_websocket(request, None, upgrade, |on| Upgrade::Ingest { on, device })
         }
-        "/ingest" if request.method() == Method::POST => http_ingest(request, ctx).await,
+        "/ingest" if request.method() == Method::POST => http_ingest(request, ctx, identity).await,
         "/ingest" => {
             let mut response = plain(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -291,9 +337,27 @@ fn accept_websocket(
     response
 }
 
-/// The device named by `?device=` or the configured header; `None` when neither is given (then
-/// each reading must name its device).
-fn device_id<B>(request: &Request<B>, ctx: &WsContext) -> Result<Option<String>, String> {
+/// The device named by `?device=` or the configured header, else by the TLS client certificate
+/// (`identity`); `None` when none is given (then each reading must name its device). A name
+/// that is not a valid device id is a 400; one that is not the certificate's identity a 403.
+fn device_id<B>(
+    request: &Request<B>,
+    ctx: &WsContext,
+    identity: Option<&str>,
+) -> Result<Option<String>, (StatusCode, String)> {
+    let named = named_device_id(request, ctx).map_err(|reason| (StatusCode::BAD_REQUEST, reason))?;
+    match (named, identity) {
+        (Some(named), Some(identity)) if named != identity => Err((
+            StatusCode::FORBIDDEN,
+            format!("device {named:?} is not the client certificate's identity {identity:?}"),
+        )),
+        (None, Some(identity)) => Ok(Some(identity.to_owned())),
+        (named, _) => Ok(named),
+    }
+}
+
+/// The device named by `?device=` or the configured header, checked.
+fn named_device_id<B>(request: &Request<B>, ctx: &WsContext) -> Result<Option<String>, String> {
     let from_query = request.uri().query().and_then(|query| {
         query.split('&').find_map(|pair| {
             let (name, value) = pair.split_once('=')?;
@@ -482,7 +546,11 @@ async fn sleep_until_some(deadline: Option<Instant>) {
 /// protobuf DevicePayload. Answered after the commit: 200 when every item is stored, 400 when
 /// some were undecodable (they are dead-lettered, the rest stored), 413 when too large, 503 with
 /// Retry-After when weir has no room now (resend).
-async fn http_ingest(request: Request<Incoming>, ctx: &WsContext) -> Response<Full<Bytes>> {
+async fn http_ingest(
+    request: Request<Incoming>,
+    ctx: &WsContext,
+    identity: Option<&str>,
+) -> Response<Full<Bytes>> {
     let max = ctx.config.max_message_bytes;
     let declared = request
         .headers()
@@ -494,9 +562,14 @@ async fn http_ingest(request: Request<Incoming>, ctx: &WsContext) -> Response<Fu
         let reason = format!("body of {} bytes is larger than the limit of {max}", declared.unwrap_or(0));
         return json_error(StatusCode::PAYLOAD_TOO_LARGE, Status::TooLarge, &reason);
     }
-    let device = match device_id(&request, ctx) {
+    let device = match device_id(&request, ctx, identity) {
         Ok(device) => device.unwrap_or_default(),
-        Err(reason) => return json_error(StatusCode::BAD_REQUEST, Status::NotAuthorized, &reason),
+        Err((code, reason)) => {
+            if code == StatusCode::FORBIDDEN {
+                ctx.http_ingest.count_error("identity_mismatch");
+            }
+            return json_error(code, Status::NotAuthorized, &reason);
+        }
     };
     let format = match request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
         Some(t) if is_protobuf_content_type(t) => PayloadFormat::Protobuf,

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod pki;
 pub mod postgres;
 
 use std::path::{Path, PathBuf};
