@@ -29,23 +29,14 @@ enum Answer {
     ConnectFailed,
 }
 
-fn connect_packet(client_id: &str, version: ProtocolVersion) -> Packet {
-    let connect = |protocol_level| Connect {
-        protocol_level,
-        clean_session: true,
-        keep_alive_secs: 60,
-        client_id: client_id.into(),
-        will: None,
-        username: None,
-        password: None,
-    };
-    match version {
-        ProtocolVersion::V5 => Packet::ConnectV5(Box::new(ConnectV5 {
-            connect: connect(5),
+fn connect_for(client_id: &str, version: ProtocolVersion) -> Packet {
+    match (connect_packet(client_id), version) {
+        (Packet::Connect(connect), ProtocolVersion::V5) => Packet::ConnectV5(Box::new(ConnectV5 {
+            connect: Connect { protocol_level: 5, ..connect },
             properties: Properties::default(),
             will_properties: Properties::default(),
         })),
-        _ => Packet::Connect(connect(4)),
+        (packet, _) => packet,
     }
 }
 
@@ -68,7 +59,7 @@ async fn attempt(
     };
     let Ok(mut stream) = connected else { return (Answer::ConnectFailed, None) };
     let mut out = BytesMut::new();
-    encode(&connect_packet(&client_id, version), &mut out);
+    encode(&connect_for(&client_id, version), &mut out);
     if stream.write_all(&out).await.is_err() {
         return (Answer::Closed, None);
     }
