@@ -206,3 +206,43 @@ async fn one_address_gets_at_most_its_share_of_connections() {
     assert!(gw.metric("weir_connections_refused_total") >= 1);
     gw.gateway.shutdown().await;
 }
+
+/// Slowloris: after CONNECT (keepalive 2 s), a device trickles one byte of a PUBLISH every
+/// 300 ms and never completes it. Bytes are not packets: it is closed at 1.5 × its keepalive,
+/// while a device that sends whole packets stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_trickling_bytes_is_closed_at_its_keepalive_deadline() {
+    let gw = TestGateway::start(&listener("")).await;
+    let connect = |id: &str| {
+        let Packet::Connect(c) = connect_packet(id) else { unreachable!() };
+        Packet::Connect(Connect { keep_alive_secs: 2, ..c })
+    };
+    let mut trickler = RawClient::open(gw.mqtt_addr()).await;
+    trickler.send(&connect("trickler")).await;
+    assert!(matches!(trickler.recv().await, Some(Packet::ConnAck(_))));
+    let mut honest = RawClient::open(gw.mqtt_addr()).await;
+    honest.send(&connect("honest")).await;
+    assert!(matches!(honest.recv().await, Some(Packet::ConnAck(_))));
+
+    let mut publish_bytes = BytesMut::new();
+    encode(&publish(weir_protocols::mqtt::QoS::AtMostOnce, 0, "t", "x".repeat(200)), &mut publish_bytes);
+    let started = Instant::now();
+    let mut closed_after = None;
+    for byte in publish_bytes.iter().take(40) {
+        if trickler.send_raw(&[*byte]).await.is_err() {
+            closed_after = Some(started.elapsed());
+            break;
+        }
+        honest.send(&Packet::PingReq).await;
+        assert_eq!(honest.recv().await, Some(Packet::PingResp), "a device sending whole packets stays");
+        if trickler.closed_within(Duration::from_millis(300)).await {
+            closed_after = Some(started.elapsed());
+            break;
+        }
+    }
+    let closed_after = closed_after.expect("the trickling device was closed");
+    println!("trickling device closed after {closed_after:?} (keepalive 2 s)");
+    assert!(closed_after >= Duration::from_millis(2_500), "not before 1.5 x keepalive: {closed_after:?}");
+    assert!(closed_after <= Duration::from_secs(6), "{closed_after:?}");
+    gw.gateway.shutdown().await;
+}

@@ -413,7 +413,9 @@ impl<S: ByteStream> Connection<S> {
                     buf.reserve(READ_CHUNK);
                     match self.stream.try_read_buf(&mut buf) {
                         Ok(0) => return CloseReason::PeerClosed,
-                        Ok(_) => self.session.note_activity(Instant::now().into_std()),
+                        // Only a whole packet counts as activity (in `step`): a device trickling
+                        // bytes that never complete one is closed at its keepalive deadline.
+                        Ok(_) => {}
                         Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(error) => {
                             tracing::debug!(%error, "read failed");
@@ -460,7 +462,10 @@ impl<S: ByteStream> Connection<S> {
     fn step(&mut self, buf: &mut BytesMut) -> Step {
         // The CONNECT decides how the packets after it parse.
         let packet = match self.session.decoder().decode(buf) {
-            Ok(Some(packet)) => packet,
+            Ok(Some(packet)) => {
+                self.session.note_activity(Instant::now().into_std());
+                packet
+            }
             Ok(None) => return Step::NeedMore,
             Err(error) => return Step::Violation(self.session.on_decode_error(error)),
         };
