@@ -1,4 +1,6 @@
 //! Pure protocol code: bytes in, typed frames and records out. No I/O, no runtime, no clock.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod framing;
 pub mod mqtt;
 pub mod payload;
