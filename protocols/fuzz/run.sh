@@ -53,8 +53,18 @@ for target in "${targets[@]}"; do
     fi
     echo "== fuzzing $target for ${seconds}s"
     # -timeout: one input running longer than 10 s is a hang, reported like a crash.
-    if ! nice -n 19 cargo +nightly fuzz run "$target" "${dirs[@]}" -- \
-        -max_total_time="$seconds" -timeout=10 -print_final_stats=1; then
+    run=(nice -n 19 cargo +nightly fuzz run "$target" "${dirs[@]}" --
+        -max_total_time="$seconds" -timeout=10 -print_final_stats=1)
+    if ! $check; then
+        "${run[@]}" || failed+=("$target")
+        continue
+    fi
+    # CI: libFuzzer's progress lines only when something failed.
+    log="$scratch/$target.log"
+    if "${run[@]}" >"$log" 2>&1; then
+        grep -E '^(INFO: seed corpus|stat::number_of_executed_units|stat::peak_rss_mb|Done )' "$log" || true
+    else
+        tail -n 80 "$log"
         failed+=("$target")
     fi
 done

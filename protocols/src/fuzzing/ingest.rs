@@ -58,7 +58,13 @@ pub fn ws_ingest(data: &[u8]) {
         None => {
             let mut out = Vec::new();
             let error = crate::payload::decode(format, payload, &ctx, &mut out).expect_err("failed before");
-            Reply { n, seq: None, status: Status::Undecodable, reason: error.to_string(), format: reply_format }
+            Reply {
+                n,
+                seq: None,
+                status: Status::Undecodable,
+                reason: error.to_string(),
+                format: reply_format,
+            }
         }
     };
     check_reply(&reply);
@@ -78,7 +84,8 @@ fn check_reply(reply: &Reply) {
             // Sent as a WebSocket text message and as one line on raw TCP.
             let text = std::str::from_utf8(&out).expect("a JSON reply is UTF-8");
             assert!(!text.contains('\n'), "a JSON reply spans lines: {text}");
-            let value: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("reply {text} is not JSON: {e}"));
+            let value: Value =
+                serde_json::from_str(text).unwrap_or_else(|e| panic!("reply {text} is not JSON: {e}"));
             let expected = if reply.status == Status::Ok {
                 serde_json::json!({ "ack": reply.seq, "n": reply.n })
             } else {

@@ -20,9 +20,12 @@ pub use mqtt::{mqtt_decode_v311, mqtt_decode_v5};
 pub use payload::{payload_json, payload_protobuf};
 pub use session::mqtt_session;
 
+/// The checks of one fuzz target: bytes in, a panic on any violation.
+pub type Check = fn(&[u8]);
+
 /// Every fuzz target by name, as `protocols/fuzz` builds them and its corpus directories are
 /// named.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Check)] = &[
     ("mqtt_decode_v311", mqtt_decode_v311),
     ("mqtt_decode_v5", mqtt_decode_v5),
     ("mqtt_session", mqtt_session),

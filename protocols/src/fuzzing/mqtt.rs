@@ -84,8 +84,20 @@ fn check_round_trip(decoder: Decoder, packet: &Packet, consumed: usize) {
     let mut out = BytesMut::new();
     encode(packet, &mut out);
     assert_eq!(out.len(), encoded_len(packet), "encoded_len disagrees with encode for {packet:?}");
-    assert!(out.len() <= consumed, "{packet:?} re-encodes to {} bytes, decoded from {consumed}", out.len());
+    // Inputs may use longer forms (non-minimal lengths, acks with a Success reason code), so
+    // the encoding is at most as long; except the one lenient short form, an MQTT 5 CONNACK
+    // without property length, which is encoded with one.
+    let lenient = usize::from(matches!(packet, Packet::ConnAckV5(_)));
+    assert!(
+        out.len() <= consumed + lenient,
+        "{packet:?} re-encodes to {} bytes, decoded from {consumed}",
+        out.len()
+    );
     let unlimited = Decoder { max_packet_size: usize::MAX, ..decoder };
-    assert_eq!(unlimited.decode(&mut out), Ok(Some(packet.clone())), "the re-encoded packet decodes differently");
+    assert_eq!(
+        unlimited.decode(&mut out),
+        Ok(Some(packet.clone())),
+        "the re-encoded packet decodes differently"
+    );
     assert!(out.is_empty(), "bytes left after decoding the re-encoded packet");
 }

@@ -116,7 +116,10 @@ fn reading(record: &Record) -> Reading {
 fn as_protobuf(records: &[Record]) -> Vec<u8> {
     let body = match records {
         [one] => Body::Reading(reading(one)),
-        many => Body::Batch(ReadingBatch { device_id: String::new(), readings: many.iter().map(reading).collect() }),
+        many => Body::Batch(ReadingBatch {
+            device_id: String::new(),
+            readings: many.iter().map(reading).collect(),
+        }),
     };
     DevicePayload { body: Some(body) }.encode_to_vec()
 }

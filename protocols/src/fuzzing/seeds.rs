@@ -52,7 +52,14 @@ fn connect(level: u8, client_id: &str) -> Connect {
 }
 
 fn publish(qos: QoS, pkid: u16, topic: &str, payload: &'static [u8]) -> Publish {
-    Publish { dup: false, qos, retain: false, topic: topic.into(), pkid, payload: Bytes::from_static(payload) }
+    Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.into(),
+        pkid,
+        payload: Bytes::from_static(payload),
+    }
 }
 
 fn user(name: &str, value: &str) -> (String, String) {
@@ -78,11 +85,18 @@ fn packets_v3() -> Vec<(&'static str, Packet)> {
         ("connect-will-credentials", Packet::Connect(full_connect)),
         ("connect-3.1", Packet::Connect(connect(3, "old-device"))),
         ("connack", Packet::ConnAck(ConnAck { session_present: true, code: ConnectReturnCode::Accepted })),
-        ("publish-qos0", Packet::Publish(publish(QoS::AtMostOnce, 0, "devices/d1/telemetry", br#"{"t":21.5}"#))),
+        (
+            "publish-qos0",
+            Packet::Publish(publish(QoS::AtMostOnce, 0, "devices/d1/telemetry", br#"{"t":21.5}"#)),
+        ),
         ("publish-qos1", Packet::Publish(publish(QoS::AtLeastOnce, 1, "a/b", b"\x0a\x00"))),
         (
             "publish-qos2-dup-retain",
-            Packet::Publish(Publish { dup: true, retain: true, ..publish(QoS::ExactlyOnce, 0xFFFF, "t", b"xyz") }),
+            Packet::Publish(Publish {
+                dup: true,
+                retain: true,
+                ..publish(QoS::ExactlyOnce, 0xFFFF, "t", b"xyz")
+            }),
         ),
         ("puback", Packet::PubAck(1)),
         ("pubrec", Packet::PubRec(2)),
@@ -166,74 +180,144 @@ fn packets_v5() -> Vec<(&'static str, Packet)> {
         reason_string: Some("ok".into()),
         ..Properties::default()
     };
-    let diagnostics =
-        Properties { reason_string: Some("why".into()), user_properties: vec![user("a", "b")], ..Properties::default() };
+    let diagnostics = Properties {
+        reason_string: Some("why".into()),
+        user_properties: vec![user("a", "b")],
+        ..Properties::default()
+    };
     let ack = |pkid, reason| AckV5 { pkid, reason, properties: diagnostics.clone() };
     vec![
-        ("connect", Packet::ConnectV5(Box::new(ConnectV5 {
-            connect: connect(5, "d5"),
-            properties: Properties::default(),
-            will_properties: Properties::default(),
-        }))),
+        (
+            "connect",
+            Packet::ConnectV5(Box::new(ConnectV5 {
+                connect: connect(5, "d5"),
+                properties: Properties::default(),
+                will_properties: Properties::default(),
+            })),
+        ),
         ("connect-full", Packet::ConnectV5(Box::new(connect5))),
         ("connect-3.1.1", Packet::Connect(connect(4, "old"))),
-        ("connack", Packet::ConnAckV5(ConnAckV5 {
-            session_present: false,
-            reason: ReasonCode::Success,
-            properties: connack_properties,
-        })),
-        ("publish-qos0", Packet::PublishV5(PublishV5 {
-            publish: publish(QoS::AtMostOnce, 0, "devices/d5/telemetry", br#"{"t":1}"#),
-            properties: Properties::default(),
-        })),
-        ("publish-qos1-properties", Packet::PublishV5(PublishV5 {
-            publish: publish(QoS::AtLeastOnce, 9, "a/b", br#"{"t":1}"#),
-            properties: publish_properties.clone(),
-        })),
-        ("publish-alias-only", Packet::PublishV5(PublishV5 {
-            publish: publish(QoS::ExactlyOnce, 10, "", b"\x0a\x00"),
-            properties: Properties { topic_alias: Some(3), subscription_identifiers: vec![1, 268_435_455], ..Properties::default() },
-        })),
+        (
+            "connack",
+            Packet::ConnAckV5(ConnAckV5 {
+                session_present: false,
+                reason: ReasonCode::Success,
+                properties: connack_properties,
+            }),
+        ),
+        (
+            "publish-qos0",
+            Packet::PublishV5(PublishV5 {
+                publish: publish(QoS::AtMostOnce, 0, "devices/d5/telemetry", br#"{"t":1}"#),
+                properties: Properties::default(),
+            }),
+        ),
+        (
+            "publish-qos1-properties",
+            Packet::PublishV5(PublishV5 {
+                publish: publish(QoS::AtLeastOnce, 9, "a/b", br#"{"t":1}"#),
+                properties: publish_properties.clone(),
+            }),
+        ),
+        (
+            "publish-alias-only",
+            Packet::PublishV5(PublishV5 {
+                publish: publish(QoS::ExactlyOnce, 10, "", b"\x0a\x00"),
+                properties: Properties {
+                    topic_alias: Some(3),
+                    subscription_identifiers: vec![1, 268_435_455],
+                    ..Properties::default()
+                },
+            }),
+        ),
         ("puback", Packet::PubAckV5(AckV5::success(9))),
         ("puback-error", Packet::PubAckV5(ack(9, ReasonCode::PayloadFormatInvalid))),
         ("pubrec", Packet::PubRecV5(ack(10, ReasonCode::Success))),
         ("pubrel", Packet::PubRelV5(AckV5::success(10))),
         ("pubcomp", Packet::PubCompV5(ack(10, ReasonCode::PacketIdentifierNotFound))),
-        ("subscribe", Packet::SubscribeV5(SubscribeV5 {
-            pkid: 3,
-            properties: Properties { subscription_identifiers: vec![7], user_properties: vec![user("s", "1")], ..Properties::default() },
-            filters: vec![
-                ("a/+".into(), SubscriptionOptions { qos: QoS::AtLeastOnce, no_local: true, retain_as_published: true, retain_handling: 2 }),
-                ("b/#".into(), SubscriptionOptions { qos: QoS::AtMostOnce, no_local: false, retain_as_published: false, retain_handling: 0 }),
-            ],
-        })),
-        ("suback", Packet::SubAckV5(SubAckV5 {
-            pkid: 3,
-            properties: diagnostics.clone(),
-            reason_codes: vec![ReasonCode::GrantedQoS1, ReasonCode::ImplementationSpecificError],
-        })),
-        ("unsubscribe", Packet::UnsubscribeV5(UnsubscribeV5 {
-            unsubscribe: Unsubscribe { pkid: 4, filters: vec!["a/+".into(), "c".into()] },
-            properties: Properties { user_properties: vec![user("u", "2")], ..Properties::default() },
-        })),
-        ("unsuback", Packet::UnsubAckV5(UnsubAckV5 {
-            pkid: 4,
-            properties: Properties::default(),
-            reason_codes: vec![ReasonCode::NoSubscriptionExisted, ReasonCode::Success],
-        })),
-        ("disconnect", Packet::DisconnectV5(DisconnectV5 {
-            reason: ReasonCode::DisconnectWithWillMessage,
-            properties: Properties { session_expiry_interval: Some(0), server_reference: Some("s".into()), ..diagnostics.clone() },
-        })),
-        ("disconnect-short", Packet::DisconnectV5(DisconnectV5 { reason: ReasonCode::Success, properties: Properties::default() })),
-        ("auth", Packet::Auth(Auth {
-            reason: ReasonCode::ContinueAuthentication,
-            properties: Properties {
-                authentication_method: Some("SCRAM-SHA-1".into()),
-                authentication_data: Some(Bytes::from_static(b"data")),
-                ..diagnostics
-            },
-        })),
+        (
+            "subscribe",
+            Packet::SubscribeV5(SubscribeV5 {
+                pkid: 3,
+                properties: Properties {
+                    subscription_identifiers: vec![7],
+                    user_properties: vec![user("s", "1")],
+                    ..Properties::default()
+                },
+                filters: vec![
+                    (
+                        "a/+".into(),
+                        SubscriptionOptions {
+                            qos: QoS::AtLeastOnce,
+                            no_local: true,
+                            retain_as_published: true,
+                            retain_handling: 2,
+                        },
+                    ),
+                    (
+                        "b/#".into(),
+                        SubscriptionOptions {
+                            qos: QoS::AtMostOnce,
+                            no_local: false,
+                            retain_as_published: false,
+                            retain_handling: 0,
+                        },
+                    ),
+                ],
+            }),
+        ),
+        (
+            "suback",
+            Packet::SubAckV5(SubAckV5 {
+                pkid: 3,
+                properties: diagnostics.clone(),
+                reason_codes: vec![ReasonCode::GrantedQoS1, ReasonCode::ImplementationSpecificError],
+            }),
+        ),
+        (
+            "unsubscribe",
+            Packet::UnsubscribeV5(UnsubscribeV5 {
+                unsubscribe: Unsubscribe { pkid: 4, filters: vec!["a/+".into(), "c".into()] },
+                properties: Properties { user_properties: vec![user("u", "2")], ..Properties::default() },
+            }),
+        ),
+        (
+            "unsuback",
+            Packet::UnsubAckV5(UnsubAckV5 {
+                pkid: 4,
+                properties: Properties::default(),
+                reason_codes: vec![ReasonCode::NoSubscriptionExisted, ReasonCode::Success],
+            }),
+        ),
+        (
+            "disconnect",
+            Packet::DisconnectV5(DisconnectV5 {
+                reason: ReasonCode::DisconnectWithWillMessage,
+                properties: Properties {
+                    session_expiry_interval: Some(0),
+                    server_reference: Some("s".into()),
+                    ..diagnostics.clone()
+                },
+            }),
+        ),
+        (
+            "disconnect-short",
+            Packet::DisconnectV5(DisconnectV5 {
+                reason: ReasonCode::Success,
+                properties: Properties::default(),
+            }),
+        ),
+        (
+            "auth",
+            Packet::Auth(Auth {
+                reason: ReasonCode::ContinueAuthentication,
+                properties: Properties {
+                    authentication_method: Some("SCRAM-SHA-1".into()),
+                    authentication_data: Some(Bytes::from_static(b"data")),
+                    ..diagnostics
+                },
+            }),
+        ),
         ("pingreq", Packet::PingReq),
     ]
 }
@@ -329,7 +413,10 @@ fn mqtt_session() -> Vec<Seed> {
             Ops::new(limits)
                 .bytes(&[Packet::Connect(connect(4, "d1"))])
                 .accept()
-                .bytes(&[v3(publish(QoS::ExactlyOnce, 7, "t", b"1")), v3(publish(QoS::ExactlyOnce, 7, "t", b"1"))])
+                .bytes(&[
+                    v3(publish(QoS::ExactlyOnce, 7, "t", b"1")),
+                    v3(publish(QoS::ExactlyOnce, 7, "t", b"1")),
+                ])
                 .op(&[COMPLETE, 0, 2])
                 .bytes(&[v3(publish(QoS::ExactlyOnce, 7, "t", b"1")), Packet::PubRel(7), Packet::PubRel(8)]),
         ),
@@ -338,7 +425,10 @@ fn mqtt_session() -> Vec<Seed> {
             Ops::new([0, 7, 64, 12])
                 .bytes(&[Packet::Connect(connect(4, "d1"))])
                 .accept()
-                .bytes(&[v3(publish(QoS::AtLeastOnce, 1, "t", b"1")), v3(publish(QoS::AtLeastOnce, 2, "t", b"2"))])
+                .bytes(&[
+                    v3(publish(QoS::AtLeastOnce, 1, "t", b"1")),
+                    v3(publish(QoS::AtLeastOnce, 2, "t", b"2")),
+                ])
                 .op(&[ADVANCE, 0x10, 0, COMPLETE, 0, 2, ADVANCE, 0x10, 0, COMPLETE, 1, 0]),
         ),
         (
@@ -353,7 +443,10 @@ fn mqtt_session() -> Vec<Seed> {
                 ])
                 .op(&[REFUSE, 0]),
         ),
-        ("v3-connect-refused", Ops::new(limits).bytes(&[Packet::Connect(connect(4, "d1"))]).op(&[DECIDE, 0x40])),
+        (
+            "v3-connect-refused",
+            Ops::new(limits).bytes(&[Packet::Connect(connect(4, "d1"))]).op(&[DECIDE, 0x40]),
+        ),
         ("v3-connect-timeout", Ops::new(limits).op(&[ADVANCE, 0x02, 0x00])),
         (
             "v3-decision-timeout",
@@ -372,7 +465,10 @@ fn mqtt_session() -> Vec<Seed> {
                 .bytes(&[v3(publish(QoS::AtLeastOnce, 1, "t", b"1"))])
                 .op(&[SHUTDOWN, COMPLETE, 0, 2]),
         ),
-        ("v3-shutdown-before-connect", Ops::new(limits).op(&[SHUTDOWN]).bytes(&[Packet::Connect(connect(4, "d1"))])),
+        (
+            "v3-shutdown-before-connect",
+            Ops::new(limits).op(&[SHUTDOWN]).bytes(&[Packet::Connect(connect(4, "d1"))]),
+        ),
         (
             "v5-aliases-and-acks",
             Ops::new(limits)
@@ -396,14 +492,22 @@ fn mqtt_session() -> Vec<Seed> {
                         properties: Properties::default(),
                         filters: vec![(
                             "x/#".into(),
-                            SubscriptionOptions { qos: QoS::AtMostOnce, no_local: false, retain_as_published: false, retain_handling: 0 },
+                            SubscriptionOptions {
+                                qos: QoS::AtMostOnce,
+                                no_local: false,
+                                retain_as_published: false,
+                                retain_handling: 0,
+                            },
                         )],
                     }),
                     Packet::UnsubscribeV5(UnsubscribeV5 {
                         unsubscribe: Unsubscribe { pkid: 5, filters: vec!["x/#".into()] },
                         properties: Properties::default(),
                     }),
-                    Packet::DisconnectV5(DisconnectV5 { reason: ReasonCode::Success, properties: Properties::default() }),
+                    Packet::DisconnectV5(DisconnectV5 {
+                        reason: ReasonCode::Success,
+                        properties: Properties::default(),
+                    }),
                 ]),
         ),
         (
@@ -420,14 +524,11 @@ fn mqtt_session() -> Vec<Seed> {
         ),
         (
             "v5-receive-maximum",
-            Ops::new([0, 7, 64, 12])
-                .bytes(&[connect5(30, Properties::default())])
-                .accept()
-                .bytes(&[
-                    v5(publish(QoS::AtLeastOnce, 1, "t", b"1"), Properties::default()),
-                    Packet::PingReq,
-                    v5(publish(QoS::AtLeastOnce, 2, "t", b"2"), Properties::default()),
-                ]),
+            Ops::new([0, 7, 64, 12]).bytes(&[connect5(30, Properties::default())]).accept().bytes(&[
+                v5(publish(QoS::AtLeastOnce, 1, "t", b"1"), Properties::default()),
+                Packet::PingReq,
+                v5(publish(QoS::AtLeastOnce, 2, "t", b"2"), Properties::default()),
+            ]),
         ),
         (
             "v5-bad-alias",
@@ -439,7 +540,10 @@ fn mqtt_session() -> Vec<Seed> {
         (
             "v5-shutdown-goodbye",
             Ops::new(limits)
-                .bytes(&[connect5(30, Properties { request_problem_information: Some(0), ..Properties::default() })])
+                .bytes(&[connect5(
+                    30,
+                    Properties { request_problem_information: Some(0), ..Properties::default() },
+                )])
                 .accept()
                 .bytes(&[v5(publish(QoS::AtLeastOnce, 1, "t", b"1"), Properties::default())])
                 .op(&[SHUTDOWN, COMPLETE, 0, 1]),
@@ -496,8 +600,14 @@ fn protobuf_payloads() -> Vec<(&'static str, Vec<u8>)> {
 
 fn json_payloads() -> Vec<(&'static str, Vec<u8>)> {
     let texts: &[(&str, &str)] = &[
-        ("flat", r#"{"device_id":"d1","seq":1,"ts":1700000000000,"temp":21.5,"on":true,"mode":"eco","x":null}"#),
-        ("metrics-tags", r#"{"seq":2,"ts":"2024-05-01T12:00:00.250Z","metrics":{"t":1e3,"n":-4},"tags":{"site":"p7","n":3,"b":false}}"#),
+        (
+            "flat",
+            r#"{"device_id":"d1","seq":1,"ts":1700000000000,"temp":21.5,"on":true,"mode":"eco","x":null}"#,
+        ),
+        (
+            "metrics-tags",
+            r#"{"seq":2,"ts":"2024-05-01T12:00:00.250Z","metrics":{"t":1e3,"n":-4},"tags":{"site":"p7","n":3,"b":false}}"#,
+        ),
         ("nested", r#"{"gps":{"lat":48.1,"lon":11.5,"fix":{"q":2}},"a.b":1}"#),
         ("batch", r#"{"device_id":"gw","readings":[{"seq":1,"t":1},{"device_id":"d2","seq":2,"t":2}]}"#),
         ("array", r#"[{"device_id":"a","v":1},{"device_id":"b","v":"x"}]"#),
@@ -560,8 +670,16 @@ fn ws_ingest() -> Vec<Seed> {
     };
     vec![
         ("ws_ingest", "text".into(), with(0, "d1", br#"{"seq":5,"t":21.5}"#)),
-        ("ws_ingest", "text-array".into(), with(4, "", br#"[{"device_id":"a","seq":1},{"device_id":"b","seq":9}]"#)),
-        ("ws_ingest", "text-undecodable".into(), with(2, "d1", br#"{"seq":"x","tags":[1],"line\nbreak":{"deep":[]}}"#)),
+        (
+            "ws_ingest",
+            "text-array".into(),
+            with(4, "", br#"[{"device_id":"a","seq":1},{"device_id":"b","seq":9}]"#),
+        ),
+        (
+            "ws_ingest",
+            "text-undecodable".into(),
+            with(2, "d1", br#"{"seq":"x","tags":[1],"line\nbreak":{"deep":[]}}"#),
+        ),
         ("ws_ingest", "binary".into(), with(1, "d1", &reading)),
         ("ws_ingest", "binary-undecodable".into(), with(5, "d1", b"\xff\xff\xff")),
         ("ws_ingest", "bad-device".into(), with(0, "a+b", b"{}")),

@@ -108,6 +108,10 @@ struct Harness {
     rec_sent: HashSet<u16>,
     /// Every in-flight id handed out, for the completion operations to pick from.
     ids: Vec<InflightId>,
+    /// The session dropped a packet too large for the device's Maximum Packet Size: from then
+    /// on the device misses some answers, and the model of acks and answers is not checked.
+    lossy: bool,
+    unsendable_seen: u64,
 }
 
 /// What the packet just handed to the session must be answered with, besides acks that
@@ -140,6 +144,8 @@ impl Harness {
             awaiting_ack: VecDeque::new(),
             rec_sent: HashSet::new(),
             ids: Vec::new(),
+            lossy: false,
+            unsendable_seen: 0,
         }
     }
 
@@ -194,14 +200,16 @@ impl Harness {
         let connected = self.session.is_connected();
         let mut expect = Expect::Nothing;
         let mut publish_qos = None;
+        // Only the first CONNECT counts; a second one is a violation.
+        let connecting = !connected && !self.session.is_deciding();
         match &packet {
-            Packet::ConnectV5(connect) => {
+            Packet::ConnectV5(connect) if connecting => {
                 if let Some(max) = connect.properties.maximum_packet_size {
                     self.client_max_packet_size = max as usize;
                 }
                 self.clean_start = connect.connect.clean_session;
             }
-            Packet::Connect(connect) => self.clean_start = connect.clean_session,
+            Packet::Connect(connect) if connecting => self.clean_start = connect.clean_session,
             Packet::PubRel(pkid) if connected => expect = Expect::PubComp(*pkid),
             Packet::PubRelV5(rel) if connected => expect = Expect::PubComp(rel.pkid),
             Packet::Publish(p) if connected => publish_qos = Some((p.qos, p.pkid)),
@@ -215,37 +223,47 @@ impl Harness {
         }
         let was_pingreq = connected && packet == Packet::PingReq;
         let result = self.session.on_packet(packet, CONNECTION_ID);
+        // A packet that breaks a rule is answered with the violation alone (MQTT 5: DISCONNECT).
+        if result.is_err() {
+            expect = Expect::Nothing;
+        }
         let sent = self.check_output(expect);
         if let Expect::PubComp(pkid) = expect {
             self.rec_sent.remove(&pkid);
         }
-        if was_pingreq {
+        if was_pingreq && !self.lossy {
             assert_eq!(sent, [Packet::PingResp], "PINGREQ answer");
         }
         match result {
             Err(violation) => self.end(&violation),
-            Ok(Event::None) => {
-                if let Some((QoS::ExactlyOnce, pkid)) = publish_qos {
-                    // A resend: of a message still being stored, or one whose PUBREC was sent.
-                    let in_flight = self.awaiting_ack.contains(&(pkid, QoS::ExactlyOnce));
-                    assert!(
-                        in_flight || self.rec_sent.contains(&pkid),
-                        "QoS 2 PUBLISH {pkid} was neither stored nor a resend"
-                    );
-                } else {
-                    assert!(publish_qos.is_none(), "a PUBLISH reported nothing");
-                }
-            }
+            Ok(Event::None) => match publish_qos {
+                // A resend: of a message still being stored, or of one whose PUBREC was sent.
+                Some((QoS::ExactlyOnce, pkid)) => assert!(
+                    self.lossy
+                        || self.awaiting_ack.contains(&(pkid, QoS::ExactlyOnce))
+                        || self.rec_sent.contains(&pkid),
+                    "QoS 2 PUBLISH {pkid} was neither stored nor a resend"
+                ),
+                Some((qos, pkid)) => panic!("a QoS {qos:?} PUBLISH {pkid} reported nothing"),
+                None => {}
+            },
             Ok(Event::Connect(request)) => {
                 assert!(self.session.is_deciding(), "CONNECT reported without awaiting a decision");
                 assert!(!self.session.can_read(), "reading goes on while the CONNECT is decided");
                 assert!(sent.is_empty(), "answered before the decision: {sent:?}");
                 let id = &request.client_id;
                 assert!(!id.is_empty() && id.len() <= self.limits.max_client_id_len, "client id {id:?}");
-                assert!(!id.contains(['+', '#', '/']) && !id.chars().any(char::is_control), "client id {id:?}");
+                assert!(
+                    !id.contains(['+', '#', '/']) && !id.chars().any(char::is_control),
+                    "client id {id:?}"
+                );
                 let max = self.limits.max_keepalive_secs;
                 if request.version.is_v5() {
-                    assert!(request.keep_alive_secs <= max, "keepalive {} above {max}", request.keep_alive_secs);
+                    assert!(
+                        request.keep_alive_secs <= max,
+                        "keepalive {} above {max}",
+                        request.keep_alive_secs
+                    );
                     assert!(max == 0 || request.keep_alive_secs > 0, "no keepalive granted");
                 }
             }
@@ -305,7 +323,9 @@ impl Harness {
                 self.accepted = true;
                 self.resumed = present;
                 let ok = match &sent[..] {
-                    [Packet::ConnAck(c)] => c.code == ConnectReturnCode::Accepted && c.session_present == present,
+                    [Packet::ConnAck(c)] => {
+                        c.code == ConnectReturnCode::Accepted && c.session_present == present
+                    }
                     [Packet::ConnAckV5(c)] => {
                         let props = &c.properties;
                         c.reason == ReasonCode::Success
@@ -313,7 +333,8 @@ impl Harness {
                             && props.receive_maximum
                                 == Some(u16::try_from(self.limits.max_inflight).unwrap_or(u16::MAX))
                             && props.topic_alias_maximum
-                                == (self.limits.max_topic_aliases > 0).then_some(self.limits.max_topic_aliases)
+                                == (self.limits.max_topic_aliases > 0)
+                                    .then_some(self.limits.max_topic_aliases)
                     }
                     _ => dropped,
                 };
@@ -350,9 +371,17 @@ impl Harness {
             _ => Outcome::Stored,
         };
         let result = self.session.complete(id, outcome);
+        self.released(result);
+    }
+
+    /// Checks what releasing acks (after a completion or a refusal) wrote, and how it ended: a
+    /// failed message closes the connection; on 3.1.1 so does a refused one, when its turn
+    /// comes (it has no error ack), which may be at a later message's completion.
+    fn released(&mut self, result: Result<(), Violation>) {
         self.check_output(Expect::Nothing);
         if let Err(violation) = result {
-            assert!(matches!(violation, Violation::StoreFailed(_)), "{violation:?}");
+            let v3_refusal = violation == Violation::NotAuthorized && !self.session.version().is_v5();
+            assert!(matches!(violation, Violation::StoreFailed(_)) || v3_refusal, "{violation:?}");
             self.end(&violation);
         }
     }
@@ -360,12 +389,7 @@ impl Harness {
     fn refuse(&mut self, index: u8) {
         let Some(id) = self.id(index) else { return };
         let result = self.session.refuse(id, Refusal::NotAuthorized);
-        self.check_output(Expect::Nothing);
-        if let Err(violation) = result {
-            assert!(!self.session.version().is_v5(), "MQTT 5 refusals are acks, not closes");
-            assert_eq!(violation, Violation::NotAuthorized);
-            self.end(&violation);
-        }
+        self.released(result);
     }
 
     fn undecodable(&mut self, index: u8) {
@@ -391,7 +415,8 @@ impl Harness {
         let violation = self.session.taken_over();
         let sent = self.check_output(Expect::Nothing);
         if self.session.version().is_v5() {
-            let told = matches!(&sent[..], [Packet::DisconnectV5(d)] if d.reason == ReasonCode::SessionTakenOver);
+            let told =
+                matches!(&sent[..], [Packet::DisconnectV5(d)] if d.reason == ReasonCode::SessionTakenOver);
             assert!(told || sent.is_empty() && self.session.unsendable() > 0, "takeover: {sent:?}");
         } else {
             assert!(sent.is_empty(), "3.1.1 takeover wrote {sent:?}");
@@ -414,6 +439,10 @@ impl Harness {
             max_packet_size: usize::MAX,
             max_user_properties: usize::MAX,
         };
+        if self.session.unsendable() > self.unsendable_seen {
+            self.unsendable_seen = self.session.unsendable();
+            self.lossy = true;
+        }
         let out = self.session.outgoing();
         let mut sent = Vec::new();
         loop {
@@ -433,6 +462,9 @@ impl Harness {
                     "{packet:?} exceeds the device's maximum packet size {}",
                     self.client_max_packet_size
                 );
+            }
+            if self.lossy && !matches!(packet, Packet::ConnAck(_) | Packet::ConnAckV5(_)) {
+                continue;
             }
             match packet {
                 Packet::ConnAck(_) | Packet::ConnAckV5(_) => {
@@ -455,7 +487,8 @@ impl Harness {
                 Packet::PubCompV5(comp) => {
                     assert_eq!(expect, Expect::PubComp(comp.pkid), "unexpected {packet:?}");
                     let known = self.rec_sent.contains(&comp.pkid) || self.resumed;
-                    let reason = if known { ReasonCode::Success } else { ReasonCode::PacketIdentifierNotFound };
+                    let reason =
+                        if known { ReasonCode::Success } else { ReasonCode::PacketIdentifierNotFound };
                     assert_eq!(comp.reason, reason, "PUBCOMP for PUBREL {}", comp.pkid);
                     pubcomps += 1;
                 }
@@ -469,6 +502,7 @@ impl Harness {
             }
         }
         match expect {
+            _ if self.lossy => {}
             Expect::PubComp(pkid) => assert_eq!(pubcomps, 1, "PUBREL {pkid} answered {sent:?}"),
             Expect::PubRecAgain(pkid) => {
                 assert_eq!(recs_again, 1, "resent QoS 2 PUBLISH {pkid} answered {sent:?}")

@@ -546,10 +546,19 @@ impl Session {
         assert_eq!(alias_bytes, self.alias_table_bytes, "alias table bytes miscounted");
         assert!(alias_bytes <= MAX_ALIAS_TABLE_BYTES);
         assert!(self.topic_aliases.len() <= usize::from(self.limits.max_topic_aliases));
-        assert_eq!(self.phase == Phase::Deciding, self.pending.is_some(), "pending CONNECT in {:?}", self.phase);
+        assert_eq!(
+            self.phase == Phase::Deciding,
+            self.pending.is_some(),
+            "pending CONNECT in {:?}",
+            self.phase
+        );
         match self.phase {
             Phase::Connected => {
-                assert_eq!(self.deadline, self.keepalive.map(|k| self.last_activity + k), "keepalive deadline")
+                assert_eq!(
+                    self.deadline,
+                    self.keepalive.map(|k| self.last_activity + k),
+                    "keepalive deadline"
+                )
             }
             _ => assert!(self.deadline.is_some(), "no connect deadline in {:?}", self.phase),
         }
@@ -1796,6 +1805,37 @@ mod tests {
         assert!(written(&mut s).is_empty());
     }
 
+    /// Found by the session fuzz target's model (which expected only `StoreFailed` from
+    /// `complete`): a refusal behind an unfinished message closes the 3.1.1 connection when its
+    /// turn comes, so from the completion of the message before it, after that one's ack.
+    #[test]
+    fn v3_refusal_closes_when_its_turn_comes() {
+        let mut s = connected();
+        let a = ack_id(s.on_packet(publish(QoS::AtLeastOnce, 1), 1).unwrap());
+        let b = ack_id(s.on_packet(publish(QoS::AtLeastOnce, 2), 1).unwrap());
+        assert_eq!(s.refuse(b, Refusal::NotAuthorized), Ok(()));
+        assert!(written(&mut s).is_empty());
+        assert_eq!(s.complete(a, Outcome::Stored), Err(Violation::NotAuthorized));
+        assert_eq!(written(&mut s), [Packet::PubAck(1)]);
+    }
+
+    /// The MQTT 5 counterpart: the refusal is an ack (0x87), and a failed message behind it
+    /// still closes the connection, from the refusal's release.
+    #[test]
+    fn v5_failed_message_behind_a_refusal_closes_from_the_refusal() {
+        let mut s = connected_v5();
+        let a = ack_id(s.on_packet(publish_v5(QoS::AtLeastOnce, 1, "t", Properties::default()), 1).unwrap());
+        let b = ack_id(s.on_packet(publish_v5(QoS::AtLeastOnce, 2, "t", Properties::default()), 1).unwrap());
+        s.complete(b, Outcome::Failed).unwrap();
+        assert_eq!(s.refuse(a, Refusal::NotAuthorized), Err(Violation::StoreFailed(1)));
+        let sent = written(&mut s);
+        assert!(
+            matches!(&sent[..], [Packet::PubAckV5(ack), Packet::DisconnectV5(d)]
+                if ack.reason == ReasonCode::NotAuthorized && d.reason == ReasonCode::UnspecifiedError),
+            "{sent:?}"
+        );
+    }
+
     #[test]
     fn v5_failed_store_disconnects_without_ack() {
         let mut s = connected_v5();
@@ -2039,7 +2079,10 @@ mod tests {
         let filter = format!("{levels}#"); // '#' alone in level 65,000
         let subscribe = Subscribe { pkid: 1, filters: vec![(filter, QoS::AtLeastOnce)] };
         assert_eq!(feed(&mut s, &[Packet::Subscribe(subscribe)]).unwrap(), [Event::None]);
-        assert_eq!(written(&mut s), [Packet::SubAck(SubAck { pkid: 1, return_codes: vec![SubAck::FAILURE] })]);
+        assert_eq!(
+            written(&mut s),
+            [Packet::SubAck(SubAck { pkid: 1, return_codes: vec![SubAck::FAILURE] })]
+        );
 
         let misplaced = Subscribe { pkid: 2, filters: vec![(format!("{levels}a#"), QoS::AtMostOnce)] };
         assert_eq!(
