@@ -18,6 +18,25 @@ command -v mvn >/dev/null || missing+=(maven)
 # script, which also drops the cluster the Debian package creates on 5432.
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || "$(dirname "$0")/postgres.sh" install
 
+# Rust tools the checks use beyond the stable toolchain, each installed only when missing: a
+# nightly toolchain and cargo-fuzz (test-all.sh runs every protocols fuzz target briefly on its
+# corpus), and cargo-deny (licenses, bans and sources of Cargo.lock; see deny.toml). A machine
+# where the nightly toolchain cannot be downloaded goes on without it: test-all.sh says so and
+# skips the fuzz step.
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+    echo "install-deps.sh: installing the nightly Rust toolchain (for cargo-fuzz)" >&2
+    rustup toolchain install nightly --profile minimal ||
+        echo "install-deps.sh: could not install the nightly toolchain; fuzz runs will be skipped" >&2
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "install-deps.sh: installing cargo-fuzz" >&2
+    nice -n 19 cargo install cargo-fuzz --locked
+fi
+if ! cargo deny --version >/dev/null 2>&1; then
+    echo "install-deps.sh: installing cargo-deny" >&2
+    nice -n 19 cargo install cargo-deny --locked
+fi
+
 if ((${#missing[@]} == 0)); then
     exit 0
 fi

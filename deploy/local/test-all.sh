@@ -30,6 +30,17 @@ echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -j"$jobs" --locked -- -D warnings
 
+# ---- supply chain and fuzzing (deny.toml, protocols/fuzz) ----
+echo "== supply chain: licenses, bans and sources of Cargo.lock (cargo-deny; deny.toml says what is not checked)"
+cargo deny --locked check --hide-inclusion-graph licenses bans sources
+echo "== fuzz targets on their committed corpora, ${WEIR_FUZZ_SECONDS:-30} s each"
+if rustup run nightly rustc --version >/dev/null 2>&1 && cargo fuzz --version >/dev/null 2>&1; then
+    protocols/fuzz/run.sh --check "${WEIR_FUZZ_SECONDS:-30}"
+else
+    echo "fuzz: SKIPPED: no nightly toolchain or no cargo-fuzz (deploy/local/install-deps.sh installs them)"
+fi
+# ---- end of supply chain and fuzzing ----
+
 echo "== tests"
 log=$(mktemp)
 trap 'rm -f "$log"; stop_started' EXIT

@@ -519,6 +519,18 @@ mod tests {
     }
 
     #[test]
+    fn zero_length_will_topic() {
+        let rest = [
+            0x00, 0x00, // empty will topic
+            0x00, 0x00, // empty will payload
+        ];
+        assert_eq!(
+            decode_bytes(&with_flags(0b0000_0110, &rest)), // will QoS 0, clean session
+            Err(DecodeError::ZeroLengthTopic)
+        );
+    }
+
+    #[test]
     fn will_topic_is_a_topic_name() {
         let rest = [
             0x00, 0x01, b'#', // will topic "#"

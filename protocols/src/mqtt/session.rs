@@ -532,6 +532,42 @@ impl Session {
         violation
     }
 
+    /// Panics unless the session's bookkeeping is consistent; the fuzz harness
+    /// (`crate::fuzzing`) calls it after every step.
+    pub(crate) fn assert_invariants(&self) {
+        let used = self.window_used();
+        assert!(used <= self.limits.max_inflight, "{used} in the window of {}", self.limits.max_inflight);
+        // `entry` finds an id by its distance from the front: ids must be consecutive.
+        if let Some(front) = self.inflight.front() {
+            for (offset, entry) in (0u64..).zip(&self.inflight) {
+                assert_eq!(entry.id, front.id + offset, "in-flight ids are not consecutive");
+            }
+        }
+        if let Some(back) = self.inflight.back() {
+            assert_eq!(back.id + 1, self.next_id, "the newest in-flight id is not the last one given");
+        }
+        let alias_bytes: usize = self.topic_aliases.iter().flatten().map(String::len).sum();
+        assert_eq!(alias_bytes, self.alias_table_bytes, "alias table bytes miscounted");
+        assert!(alias_bytes <= MAX_ALIAS_TABLE_BYTES);
+        assert!(self.topic_aliases.len() <= usize::from(self.limits.max_topic_aliases));
+        assert_eq!(
+            self.phase == Phase::Deciding,
+            self.pending.is_some(),
+            "pending CONNECT in {:?}",
+            self.phase
+        );
+        match self.phase {
+            Phase::Connected => {
+                assert_eq!(
+                    self.deadline,
+                    self.keepalive.map(|k| self.last_activity + k),
+                    "keepalive deadline"
+                )
+            }
+            _ => assert!(self.deadline.is_some(), "no connect deadline in {:?}", self.phase),
+        }
+    }
+
     fn window_used(&self) -> usize {
         self.inflight.len() + self.awaiting_rel.len()
     }
@@ -1774,6 +1810,37 @@ mod tests {
         assert!(written(&mut s).is_empty());
     }
 
+    /// Found by the session fuzz target's model (which expected only `StoreFailed` from
+    /// `complete`): a refusal behind an unfinished message closes the 3.1.1 connection when its
+    /// turn comes, so from the completion of the message before it, after that one's ack.
+    #[test]
+    fn v3_refusal_closes_when_its_turn_comes() {
+        let mut s = connected();
+        let a = ack_id(s.on_packet(publish(QoS::AtLeastOnce, 1), 1).unwrap());
+        let b = ack_id(s.on_packet(publish(QoS::AtLeastOnce, 2), 1).unwrap());
+        assert_eq!(s.refuse(b, Refusal::NotAuthorized), Ok(()));
+        assert!(written(&mut s).is_empty());
+        assert_eq!(s.complete(a, Outcome::Stored), Err(Violation::NotAuthorized));
+        assert_eq!(written(&mut s), [Packet::PubAck(1)]);
+    }
+
+    /// The MQTT 5 counterpart: the refusal is an ack (0x87), and a failed message behind it
+    /// still closes the connection, from the refusal's release.
+    #[test]
+    fn v5_failed_message_behind_a_refusal_closes_from_the_refusal() {
+        let mut s = connected_v5();
+        let a = ack_id(s.on_packet(publish_v5(QoS::AtLeastOnce, 1, "t", Properties::default()), 1).unwrap());
+        let b = ack_id(s.on_packet(publish_v5(QoS::AtLeastOnce, 2, "t", Properties::default()), 1).unwrap());
+        s.complete(b, Outcome::Failed).unwrap();
+        assert_eq!(s.refuse(a, Refusal::NotAuthorized), Err(Violation::StoreFailed(1)));
+        let sent = written(&mut s);
+        assert!(
+            matches!(&sent[..], [Packet::PubAckV5(ack), Packet::DisconnectV5(d)]
+                if ack.reason == ReasonCode::NotAuthorized && d.reason == ReasonCode::UnspecifiedError),
+            "{sent:?}"
+        );
+    }
+
     #[test]
     fn v5_failed_store_disconnects_without_ack() {
         let mut s = connected_v5();
@@ -1957,5 +2024,129 @@ mod tests {
         accept(&mut s, Instant::now());
         assert_eq!(written(&mut s), [connack(ConnectReturnCode::Accepted)]);
         assert_eq!(s.decoder().version, ProtocolVersion::V31);
+    }
+
+    // ---- Classic broker CVE classes (the others are next to their decoders: remaining length
+    // past the body in publish.rs/connect.rs/codec.rs, zero-length topics, invalid UTF-8, QoS
+    // > 0 without packet id in publish.rs, topic alias beyond the maximum above) ----
+
+    /// Decodes the packets in `bytes` with the session's own decoder and hands them in, as the
+    /// connection task does; the first violation ends it.
+    fn feed(s: &mut Session, packets: &[Packet]) -> Result<Vec<Event>, Violation> {
+        let mut buf = BytesMut::new();
+        for packet in packets {
+            encode(packet, &mut buf);
+        }
+        let mut events = Vec::new();
+        loop {
+            match s.decoder().decode(&mut buf) {
+                Ok(Some(packet)) => events.push(s.on_packet(packet, 1)?),
+                Ok(None) => return Ok(events),
+                Err(error) => return Err(s.on_decode_error(error)),
+            }
+        }
+    }
+
+    /// Thousands of User Properties in one packet (memory per packet): refused at the cap
+    /// (`max_user_properties`) before they are allocated, and announced as quota exceeded.
+    #[test]
+    fn v5_thousands_of_user_properties_close_with_0x97() {
+        let limits = SessionLimits { max_packet_size: 1 << 20, ..limits_v5() };
+        let mut s = Session::new(limits, Instant::now());
+        s.on_packet(connect_v5("dev5", 30, Properties::default()), 1).unwrap();
+        accept(&mut s, Instant::now());
+        written(&mut s);
+        let properties =
+            Properties { user_properties: vec![("k".into(), "v".into()); 5_000], ..Properties::default() };
+        let violation = feed(&mut s, &[publish_v5(QoS::AtMostOnce, 0, "t", properties)]).unwrap_err();
+        assert_eq!(violation, Violation::Malformed(DecodeError::TooManyUserProperties { max: 32 }));
+        assert_eq!(disconnect_sent(&mut s).0, ReasonCode::QuotaExceeded);
+    }
+
+    /// A topic of 65,000 levels. weir never splits a topic name into levels (it ingests, it
+    /// does not route) and checks a filter in one pass: such a PUBLISH is ingested as any other,
+    /// such a SUBSCRIBE refused (0x80) as any other, a misplaced wildcard at its end is found.
+    #[test]
+    fn topics_of_65_000_levels() {
+        let levels = "/".repeat(64_999); // 65,000 empty levels
+        let mut s = connected();
+        let mut publish = Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: levels.clone(),
+            pkid: 0,
+            payload: Bytes::from_static(b"{}"),
+        };
+        let events = feed(&mut s, &[Packet::Publish(publish.clone())]).unwrap();
+        assert!(matches!(&events[..], [Event::Publish { topic, .. }] if *topic == levels));
+
+        let filter = format!("{levels}#"); // '#' alone in level 65,000
+        let subscribe = Subscribe { pkid: 1, filters: vec![(filter, QoS::AtLeastOnce)] };
+        assert_eq!(feed(&mut s, &[Packet::Subscribe(subscribe)]).unwrap(), [Event::None]);
+        assert_eq!(
+            written(&mut s),
+            [Packet::SubAck(SubAck { pkid: 1, return_codes: vec![SubAck::FAILURE] })]
+        );
+
+        let misplaced = Subscribe { pkid: 2, filters: vec![(format!("{levels}a#"), QoS::AtMostOnce)] };
+        assert_eq!(
+            feed(&mut s, &[Packet::Subscribe(misplaced)]),
+            Err(Violation::Malformed(DecodeError::InvalidTopicFilter))
+        );
+
+        // A wildcard in a topic name of as many levels.
+        let mut s = connected();
+        publish.topic = format!("{levels}+");
+        assert_eq!(
+            feed(&mut s, &[Packet::Publish(publish)]),
+            Err(Violation::Malformed(DecodeError::WildcardInTopic))
+        );
+    }
+
+    /// Keepalive abuse (SlowITe, CVE-2020-13849: a keepalive of 65,535 s lets a silent device
+    /// hold its connection 1.5 × that long). An MQTT 5 device is given Server Keep Alive =
+    /// `max_keepalive_secs` instead. MQTT 3.1.1 cannot be told a lower keepalive, so weir keeps
+    /// the spec's 1.5 × what was asked (computed exactly, without overflow); such connections
+    /// are bounded by the listener's `max_connections`.
+    #[test]
+    fn keepalive_of_65535_seconds() {
+        let t0 = Instant::now();
+        let mut s = Session::new(limits_v5(), t0);
+        let request = request(s.on_packet(connect_v5("d", u16::MAX, Properties::default()), 1).unwrap());
+        assert_eq!(request.keep_alive_secs, 600);
+        accept(&mut s, t0);
+        let [Packet::ConnAckV5(connack)] = &written(&mut s)[..] else { panic!("CONNACK") };
+        assert_eq!(connack.properties.server_keep_alive, Some(600));
+        assert_eq!(s.deadline(), Some(t0 + Duration::from_secs(900)));
+        assert_eq!(s.timed_out(), Violation::KeepaliveTimeout);
+        assert_eq!(disconnect_sent(&mut s).0, ReasonCode::KeepAliveTimeout);
+
+        let mut s = Session::new(SessionLimits::default(), t0);
+        let Packet::Connect(mut c) = connect("dev", true) else { unreachable!() };
+        c.keep_alive_secs = u16::MAX;
+        s.on_packet(Packet::Connect(c), 1).unwrap();
+        accept(&mut s, t0);
+        assert_eq!(s.deadline(), Some(t0 + Duration::from_millis(98_302_500)));
+        assert_eq!(s.timed_out(), Violation::KeepaliveTimeout);
+    }
+
+    /// Duplicate QoS 2 packet ids on MQTT 5 (the 3.1.1 case is `qos2_resend_is_stored_once`):
+    /// a resend is stored once, answered PUBREC again once stored, and the id is free after
+    /// PUBCOMP.
+    #[test]
+    fn v5_duplicate_qos2_packet_ids_are_stored_once() {
+        let mut s = connected_v5();
+        let qos2 = || publish_v5(QoS::ExactlyOnce, 7, "t", Properties::default());
+        let id = ack_id(s.on_packet(qos2(), 1).unwrap());
+        assert_eq!(s.on_packet(qos2(), 1).unwrap(), Event::None, "resent before the commit");
+        assert_eq!(s.pending(), 1);
+        s.complete(id, Outcome::Stored).unwrap();
+        assert_eq!(written(&mut s), [Packet::PubRecV5(AckV5::success(7))]);
+        assert_eq!(s.on_packet(qos2(), 1).unwrap(), Event::None, "resent after PUBREC");
+        assert_eq!(written(&mut s), [Packet::PubRecV5(AckV5::success(7))]);
+        s.on_packet(Packet::PubRelV5(AckV5::success(7)), 1).unwrap();
+        assert_eq!(written(&mut s), [Packet::PubCompV5(AckV5::success(7))]);
+        assert!(matches!(s.on_packet(qos2(), 1).unwrap(), Event::Publish { .. }), "a new message");
     }
 }
