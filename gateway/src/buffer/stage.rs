@@ -34,6 +34,8 @@ use crate::config::{BufferConfig, FsyncPolicy};
 use crate::fabric::{Batch, Item, Payload};
 use crate::metrics::{Metrics, ReasonLabel, SourceLabel};
 
+/// Batches appended together under one fsync at most.
+const MAX_GROUP_BATCHES: usize = 16;
 /// How long the writer waits between attempts when the log has no room.
 const ROOM_RETRY: Duration = Duration::from_millis(20);
 /// The watermark is persisted at most this often while the log has room (each is an fdatasync).
@@ -306,8 +308,9 @@ impl Writer {
                 Err(flume::RecvTimeoutError::Timeout) => {}
                 Err(flume::RecvTimeoutError::Disconnected) => input_open = false,
             }
-            // Group commit: everything already waiting goes in with one fsync.
-            group.extend(input.try_iter());
+            // Group commit: what is already waiting goes in with one fsync (a bounded group: a
+            // fast producer must not keep one fsync, and its acks, waiting).
+            group.extend(input.try_iter().take(MAX_GROUP_BATCHES.saturating_sub(group.len())));
             if self.failed {
                 // Their tokens drop unsettled: the devices are not acked and resend.
                 group.clear();
@@ -866,7 +869,7 @@ mod tests {
         let (buffer, tx, out, metrics) = start(dir.path(), &config(64 * 1024, 128 * 1024));
         let producer = std::thread::spawn(move || {
             let big = "x".repeat(900);
-            for i in 0..40u64 {
+            for i in 0..80u64 {
                 let mut b = batch(i * 10..i * 10 + 10, None);
                 for item in &mut b.items {
                     if let Payload::Record(r) = &mut item.payload {
@@ -877,7 +880,8 @@ mod tests {
             }
             tx
         });
-        // ~400 KB of records into a 128 KiB log with the sink stalled: the writer must wait.
+        // ~800 KB of records into a 128 KiB log with the sink stalled: the writer must wait, and
+        // with it the input (a bounded channel and the writer's bounded group).
         let waited = (0..500).any(|_| {
             std::thread::sleep(Duration::from_millis(10));
             metrics.buffer_waiting.get() == 1
@@ -885,13 +889,13 @@ mod tests {
         assert!(waited, "the log filled up");
         assert!(!producer.is_finished(), "the input is held back");
         let mut got = Vec::new();
-        while got.len() < 400 {
+        while got.len() < 800 {
             let batch = out.recv_timeout(Duration::from_secs(10)).expect("delivered once room returns");
             got.extend(seqs(&batch));
             buffer.commit_log.committed(batch.wal_end.unwrap());
         }
         drop(producer.join().unwrap());
-        assert_eq!(got, (0..400).collect::<Vec<_>>());
+        assert_eq!(got, (0..800).collect::<Vec<_>>());
         assert!(metrics.buffer_full.get_or_create(&ReasonLabel { reason: "max_bytes" }).get() > 0);
         buffer.commit_log.persist();
         buffer.join();
