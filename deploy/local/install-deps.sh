@@ -30,11 +30,12 @@ if ! rustup run nightly rustc --version >/dev/null 2>&1; then
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "install-deps.sh: installing cargo-fuzz" >&2
-    nice -n 19 cargo install cargo-fuzz --locked
+    nice -n 19 cargo install cargo-fuzz --locked --version "~0.13"
 fi
 if ! cargo deny --version >/dev/null 2>&1; then
     echo "install-deps.sh: installing cargo-deny" >&2
-    nice -n 19 cargo install cargo-deny --locked
+    # deny.toml is written for this release line.
+    nice -n 19 cargo install cargo-deny --locked --version "~0.20"
 fi
 
 if ((${#missing[@]} == 0)); then

@@ -10,7 +10,9 @@
 #                                                          (CI: new inputs go to a scratch dir)
 #   protocols/fuzz/run.sh 600 mqtt_session
 #
-# Afterwards, `cargo +nightly fuzz cmin <target>` shrinks a grown corpus before committing it.
+# Afterwards, shrink a grown corpus before committing it, keeping every coverage edge (not every
+# hit-count variant) and the `regression-*` inputs by name (move them aside, cmin, move back):
+#   cargo +nightly fuzz cmin <target> -- -use_counters=0
 set -euo pipefail
 cd "$(dirname "$0")"
 

@@ -2,8 +2,10 @@
 //! toolchain: every committed input goes through its target's own checks
 //! (`weir_protocols::fuzzing`). The seeds were written by weir's encoders (`cargo test -p
 //! weir-protocols --test fuzz_corpus -- --ignored write_seed_corpus` writes them again as
-//! `seed-*`); `cargo fuzz cmin` has since folded them into the corpus under content-hash names.
-//! `regression-*` inputs are crashes that were fixed.
+//! `seed-*`); `cargo fuzz cmin` (see `protocols/fuzz/run.sh`) has since folded them into the
+//! corpus under content-hash names.
+//! `regression-*` inputs are the crashes found (a bug in weir, or a check of the harness that
+//! was wrong), named after what they showed.
 
 use std::fs;
 use std::path::{Path, PathBuf};

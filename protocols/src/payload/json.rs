@@ -941,4 +941,21 @@ mod tests {
         assert_eq!(r.tags.keys().collect::<Vec<_>>(), ["b"]);
         assert_eq!(r.metrics.keys().collect::<Vec<_>>(), ["x", "y"]);
     }
+
+    /// Found by the payload_json fuzz target's round trip: 11112222222222222296.12 decoded to
+    /// the double 1.1112222222222221e19, but that double written in its shortest form, as a
+    /// device's JSON library writes it, decoded one unit in the last place off: serde_json's
+    /// default number parser is not correctly rounded. Metrics are now the correctly rounded
+    /// value of what the device sent (serde_json's `float_roundtrip`).
+    #[test]
+    fn json_float_is_correctly_rounded() {
+        let text = "11112222222222222296.12"; // the fuzzer's number
+        let exact: f64 = text.parse().unwrap(); // the standard library rounds correctly
+        let r = one(&format!(r#"{{"x":{text}}}"#)).unwrap();
+        assert_eq!(number(&r, "x").to_bits(), exact.to_bits());
+        let shortest = format!("{exact:?}");
+        assert_eq!(shortest, "1.1112222222222221e19");
+        let again = one(&format!(r#"{{"x":{shortest}}}"#)).unwrap();
+        assert_eq!(number(&again, "x").to_bits(), exact.to_bits(), "was 1 ULP off");
+    }
 }
