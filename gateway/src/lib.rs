@@ -2,6 +2,7 @@
 //! listeners → fabric → batchers → sink driver, plus the ops HTTP listener.
 
 pub mod ack;
+pub mod auth;
 pub mod buffer;
 pub mod config;
 pub mod fabric;
