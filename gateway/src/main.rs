@@ -176,6 +176,10 @@ impl Signals {
                     tracing::info!("SIGHUP received; reloading TLS certificates");
                     let report = gateway.reload_tls();
                     tracing::info!(reloaded = report.reloaded, failed = report.failed, "TLS reload done");
+                    let (reloaded, failed) = gateway.reload_auth();
+                    if reloaded + failed > 0 {
+                        tracing::info!(reloaded, failed, "password file reload done");
+                    }
                 }
                 Some(()) = recv(&mut self.terminate) => {
                     tracing::info!("SIGTERM received");

@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +36,7 @@ use super::ingest::{IngestContext, MessageQueue};
 use super::mqtt::MqttContext;
 use super::tls::TlsServer;
 use super::{Accepted, ByteStream};
+use crate::auth::{ListenerAuth, PublishPolicy};
 use crate::config::{MqttListenerConfig, WsListenerConfig};
 use crate::fabric::Fabric;
 use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel};
@@ -57,6 +59,8 @@ pub struct WsContext {
     device_header: HeaderName,
     /// What MQTT-over-WebSocket sessions wait on at shutdown.
     shutdown_signal: Arc<ShutdownSignal>,
+    /// Device authentication of every path (`/mqtt` through its MQTT context).
+    auth: Option<Arc<ListenerAuth>>,
 }
 
 impl WsContext {
@@ -66,6 +70,8 @@ impl WsContext {
         metrics: Arc<Metrics>,
         shutdown_signal: Arc<ShutdownSignal>,
         sessions: Arc<Sessions>,
+        auth: Option<Arc<ListenerAuth>>,
+        policy: PublishPolicy,
     ) -> Self {
         let ws_ingest = Arc::new(IngestContext::new(
             fabric.clone(),
@@ -99,12 +105,13 @@ impl WsContext {
         };
         let mqtt = Arc::new(
             MqttContext::new(mqtt_config, fabric, Arc::clone(&metrics), SourceProtocol::MqttWs)
-                .with_sessions(sessions),
+                .with_sessions(sessions)
+                .with_auth(auth.clone(), policy),
         );
         // Validated with the config.
         let device_header =
             config.device_id_header.parse().unwrap_or_else(|_| HeaderName::from_static("x-device-id"));
-        Self { config, ws_ingest, http_ingest, mqtt, metrics, device_header, shutdown_signal }
+        Self { config, ws_ingest, http_ingest, mqtt, metrics, device_header, shutdown_signal, auth }
     }
 
     fn ws_config(&self, max_message: usize) -> WebSocketConfig {
@@ -126,9 +133,9 @@ enum Upgrade {
 
 /// Serves one connection: HTTP requests until it upgrades to a WebSocket, then that.
 pub async fn serve(accepted: Accepted, ctx: Arc<WsContext>, shutdown: watch::Receiver<bool>) {
-    let Accepted { stream, id, permit, .. } = accepted;
+    let Accepted { stream, id, permit, peer } = accepted;
     let _ = stream.set_nodelay(true);
-    serve_io(stream, id, None, &ctx, shutdown).await;
+    serve_io(stream, id, peer.ip(), None, &ctx, shutdown).await;
     drop(permit);
 }
 
@@ -141,13 +148,13 @@ pub async fn serve_tls(
     ctx: Arc<WsContext>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let Accepted { stream, id, permit, .. } = accepted;
+    let Accepted { stream, id, permit, peer } = accepted;
     let _ = stream.set_nodelay(true);
     let mut stop = shutdown.clone();
     // Boxed: the handshake's state is large and gone once it is done.
     let handshaken = Box::pin(tls.handshake_until(stream, crate::shutdown::signalled(&mut stop))).await;
     if let Some(handshaken) = handshaken {
-        serve_io(handshaken.stream, id, handshaken.identity, &ctx, shutdown).await;
+        serve_io(handshaken.stream, id, peer.ip(), handshaken.identity, &ctx, shutdown).await;
     }
     drop(permit);
 }
@@ -155,6 +162,7 @@ pub async fn serve_tls(
 async fn serve_io<I>(
     io: I,
     id: u64,
+    peer: IpAddr,
     identity: Option<Arc<str>>,
     ctx: &Arc<WsContext>,
     shutdown: watch::Receiver<bool>,
@@ -174,7 +182,8 @@ async fn serve_io<I>(
             if let Some(ws) = upgraded(on, ctx, max).await {
                 let stream = WsByteStream { ws, pending: None, eof: false };
                 let watch = ctx.shutdown_signal.subscribe();
-                super::mqtt::serve_stream(stream, id, Arc::clone(&ctx.mqtt), watch, None, identity).await;
+                let mqtt = Arc::clone(&ctx.mqtt);
+                super::mqtt::serve_stream(stream, id, Some(peer), mqtt, watch, None, identity).await;
             }
         }
         None => {}
