@@ -455,3 +455,82 @@ async fn repeated_failures_from_one_address_are_rate_limited() {
     let code = client.connect("dev-1", Some("dev-1"), Some("pw1")).await;
     assert_eq!(code, ConnectReturnCode::ServerUnavailable as u8);
 }
+
+/// `POST /ingest` with an `Authorization` header, answered with the HTTP status weir gives.
+async fn post(addr: SocketAddr, path: &str, authorization: Option<&str>, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let authorization = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: weir\r\nContent-Type: application/json\r\n{authorization}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(PROMPTLY, stream.read_to_end(&mut response)).await.unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+#[tokio::test]
+async fn websocket_and_http_ingest_authenticate_with_the_authorization_header() {
+    use base64::Engine;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("users.txt");
+    weir::auth::password::add_user(&file, "dev-1", b"pw1").unwrap();
+    let gw = TestGateway::start(&format!(
+        "[[listeners]]\nprotocol = \"ws\"\nlisten = \"127.0.0.1:0\"\n[listeners.auth]\nkind = \"password_file\"\npassword_file = {:?}\n",
+        file.display().to_string()
+    ))
+    .await;
+    let addr = gw.mqtt_addr();
+    let basic = |user: &str, password: &str| {
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
+    };
+    let own = r#"{"seq":1,"metrics":{"t":1}}"#;
+
+    let (status, text) = post(addr, "/ingest", Some(&basic("dev-1", "pw1")), own).await;
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = post(addr, "/ingest", Some(&basic("dev-1", "nope")), own).await;
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("WWW-Authenticate: Basic") || text.contains("www-authenticate: Basic"), "{text}");
+    let (status, _) = post(addr, "/ingest", None, own).await;
+    assert_eq!(status, 401);
+    // Another device in the URL, or in the reading.
+    let (status, text) = post(addr, "/ingest?device=dev-2", Some(&basic("dev-1", "pw1")), own).await;
+    assert_eq!(status, 403, "{text}");
+    let theirs = r#"{"device_id":"dev-2","seq":2,"metrics":{"t":1}}"#;
+    let (status, text) = post(addr, "/ingest", Some(&basic("dev-1", "pw1")), theirs).await;
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("not_authorized"), "{text}");
+
+    // A WebSocket: refused without credentials, served with them.
+    let url = format!("ws://{addr}/ingest");
+    assert!(tokio_tungstenite::connect_async(url.as_str()).await.is_err());
+    let mut request = url.as_str().into_client_request().unwrap();
+    request.headers_mut().insert("authorization", basic("dev-1", "pw1").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    ws.send(Message::Text(r#"{"seq":3,"metrics":{"t":1}}"#.into())).await.unwrap();
+    ws.send(Message::Text(r#"{"device_id":"dev-2","seq":4,"metrics":{"t":1}}"#.into())).await.unwrap();
+    let mut statuses = Vec::new();
+    while statuses.len() < 2 {
+        match tokio::time::timeout(PROMPTLY, ws.next()).await.unwrap() {
+            Some(Ok(Message::Text(text))) => {
+                let reply: serde_json::Value = serde_json::from_str(&text).unwrap();
+                statuses.push(reply["error"].as_str().unwrap_or("ok").to_owned());
+            }
+            Some(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(statuses, ["ok", "not_authorized"]);
+    assert!(
+        eventually(PROMPTLY, || rows(&gw.db_path()) == [("dev-1".to_owned(), 1), ("dev-1".to_owned(), 3)])
+            .await
+    );
+    assert_eq!(gw.metric("weir_acl_denied_total"), 2);
+}
