@@ -119,7 +119,7 @@ impl AuthFailure {
 /// How one listener checks credentials.
 pub enum Authenticator {
     Password { path: PathBuf, file: RwLock<Arc<PasswordFile>> },
-    Jwt(JwtVerifier),
+    Jwt(Box<JwtVerifier>),
 }
 
 impl Authenticator {
@@ -134,7 +134,7 @@ impl Authenticator {
             }
             AuthKind::Jwt => {
                 let jwt = config.jwt.as_ref().ok_or("kind = \"jwt\" needs a jwt table")?;
-                JwtVerifier::load(jwt).map(Authenticator::Jwt)
+                JwtVerifier::load(jwt).map(|v| Authenticator::Jwt(Box::new(v)))
             }
         }
     }
