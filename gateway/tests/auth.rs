@@ -534,3 +534,25 @@ async fn websocket_and_http_ingest_authenticate_with_the_authorization_header() 
     );
     assert_eq!(gw.metric("weir_acl_denied_total"), 2);
 }
+
+#[tokio::test]
+async fn the_password_file_is_reread_on_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("users.txt");
+    weir::auth::password::add_user(&file, "dev-1", b"pw1").unwrap();
+    let auth = format!("kind = \"password_file\"\npassword_file = {:?}\n", file.display().to_string());
+    let gw = gateway(&auth, OWN_TOPIC_RULE).await;
+    let login = |user: &'static str, password: &'static str| {
+        let addr = gw.mqtt_addr();
+        async move { Client::open(addr, V311).await.connect(user, Some(user), Some(password)).await }
+    };
+    assert_eq!(login("dev-2", "pw2").await, BAD_CREDENTIALS_V3);
+    weir::auth::password::add_user(&file, "dev-2", b"pw2").unwrap();
+    assert_eq!(gw.gateway.reload_auth(), (1, 0));
+    assert_eq!(login("dev-2", "pw2").await, 0);
+    // A broken file keeps the users loaded before.
+    std::fs::write(&file, "garbage\n").unwrap();
+    assert_eq!(gw.gateway.reload_auth(), (0, 1));
+    assert_eq!(login("dev-1", "pw1").await, 0);
+    assert_eq!(gw.metric("weir_auth_reloads_total"), 2);
+}
