@@ -134,6 +134,118 @@ pub enum TlsVersion {
     Tls13,
 }
 
+/// `[listeners.auth]`: how a listener's devices prove who they are. The identity proven is the
+/// device id of the connection (records that name none get it; a client id, URL or hello
+/// naming another device is refused) and what ACL templates are filled with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `password_file` (MQTT user name and password; HTTP Basic) or `jwt` (the token in the
+    /// MQTT password field; HTTP `Authorization: Bearer`).
+    pub kind: AuthKind,
+    /// With `kind = "password_file"`: lines of `user:$argon2id$...` (`weir passwd add` writes
+    /// them). Relative: from the config file's folder. Re-read on SIGHUP.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// With `kind = "jwt"`: how tokens are checked.
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
+    /// Failed attempts one source address (IPv6: its /64) may make at once; beyond, attempts
+    /// from it are refused without being checked (MQTT 5 CONNACK 0x97, 3.1.1 0x03) and counted
+    /// in `weir_auth_rate_limited_total`.
+    #[serde(default = "defaults::auth_max_failures")]
+    pub max_failures: u32,
+    /// Failed attempts an address gets back per minute (the refill of `max_failures`).
+    #[serde(default = "defaults::auth_failures_per_minute")]
+    pub failures_per_minute: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthKind {
+    PasswordFile,
+    Jwt,
+}
+
+/// `jwt = { ... }` of `[listeners.auth]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The one algorithm accepted (a token naming another, `none` included, is refused).
+    pub algorithm: JwtAlgorithm,
+    /// HS256: the shared secret (the file's bytes, one trailing newline aside; 32 bytes at
+    /// least). RS256/ES256: the PEM public key. Relative: from the config file's folder.
+    pub key_file: PathBuf,
+    /// The claim holding the device id (a string).
+    #[serde(default = "defaults::jwt_device_id_claim")]
+    pub device_id_claim: String,
+    /// Required `aud` (the token must name it), if set.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// Required `iss`, if set.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds. `exp` is required; the connection
+    /// closes at `exp` plus this (MQTT 5: DISCONNECT 0xA0).
+    #[serde(default = "defaults::jwt_leeway_s")]
+    pub leeway_s: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum JwtAlgorithm {
+    #[serde(rename = "HS256")]
+    Hs256,
+    #[serde(rename = "RS256")]
+    Rs256,
+    #[serde(rename = "ES256")]
+    Es256,
+}
+
+impl AuthConfig {
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |path: &mut PathBuf| {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        };
+        if let Some(file) = &mut self.password_file {
+            resolve(file);
+        }
+        if let Some(jwt) = &mut self.jwt {
+            resolve(&mut jwt.key_file);
+        }
+    }
+
+    /// Checks the settings, then loads the password file or key as startup would.
+    fn validate(&self) -> Result<(), (String, String)> {
+        match (self.kind, &self.password_file, &self.jwt) {
+            (AuthKind::PasswordFile, None, _) => {
+                return Err(("password_file".into(), "kind = \"password_file\" needs password_file".into()))
+            }
+            (AuthKind::PasswordFile, _, Some(_)) => {
+                return Err(("jwt".into(), "only for kind = \"jwt\"".into()))
+            }
+            (AuthKind::Jwt, _, None) => {
+                return Err(("jwt".into(), "kind = \"jwt\" needs jwt = { algorithm, key_file }".into()))
+            }
+            (AuthKind::Jwt, Some(_), _) => {
+                return Err(("password_file".into(), "only for kind = \"password_file\"".into()))
+            }
+            _ => {}
+        }
+        if self.max_failures == 0 {
+            return Err(("max_failures".into(), "must be at least 1".into()));
+        }
+        if let Some(jwt) = &self.jwt {
+            if jwt.device_id_claim.is_empty() {
+                return Err(("jwt.device_id_claim".into(), "must name a claim".into()));
+            }
+        }
+        let field = if self.kind == AuthKind::Jwt { "jwt.key_file" } else { "password_file" };
+        crate::auth::Authenticator::load(self).map(drop).map_err(|reason| (field.into(), reason))
+    }
+}
+
 impl TlsConfig {
     /// Makes relative file paths relative to `base` (the config file's directory).
     fn resolve_paths(&mut self, base: &Path) {
@@ -219,6 +331,33 @@ impl ListenerConfig {
             ListenerConfig::Ws(w) => w.tls.as_ref(),
             ListenerConfig::Tcp(t) => t.tls.as_ref(),
             ListenerConfig::MqttBridge(_) => None,
+        }
+    }
+
+    /// The listener's device authentication, if any (tcp authenticates with client
+    /// certificates only).
+    pub fn auth(&self) -> Option<&AuthConfig> {
+        match self {
+            ListenerConfig::Mqtt(m) => m.auth.as_ref(),
+            ListenerConfig::Ws(w) => w.auth.as_ref(),
+            ListenerConfig::Tcp(_) | ListenerConfig::MqttBridge(_) => None,
+        }
+    }
+
+    fn auth_mut(&mut self) -> Option<&mut AuthConfig> {
+        match self {
+            ListenerConfig::Mqtt(m) => m.auth.as_mut(),
+            ListenerConfig::Ws(w) => w.auth.as_mut(),
+            ListenerConfig::Tcp(_) | ListenerConfig::MqttBridge(_) => None,
+        }
+    }
+
+    /// The listener's publish rules (MQTT topics).
+    pub fn acl(&self) -> &[AclRule] {
+        match self {
+            ListenerConfig::Mqtt(m) => &m.acl,
+            ListenerConfig::Ws(w) => &w.acl,
+            ListenerConfig::Tcp(_) | ListenerConfig::MqttBridge(_) => &[],
         }
     }
 
@@ -356,6 +495,24 @@ pub struct MqttListenerConfig {
     /// MQTT over TLS (usually port 8883). Omitted: plain TCP.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Device authentication (user name and password, or JWT). Omitted: devices are anonymous
+    /// (or identified by a client certificate).
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+    /// Publish rules, `[{ publish = "devices/{device_id}/#" }, ...]`. With `auth` or any rule,
+    /// a topic no rule allows is denied (MQTT 5: PUBACK/PUBREC 0x87; 3.1.1: the connection is
+    /// closed). Omitted with no auth: every topic is allowed.
+    #[serde(default)]
+    pub acl: Vec<AclRule>,
+}
+
+/// One ACL rule: an MQTT topic filter (`+`, `#`) a device may publish to, whose levels may hold
+/// `{device_id}`, `{client_id}` or `{username}`. All three are the connection's authenticated
+/// identity (the client id must equal it), always matched as text, never as a wildcard.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclRule {
+    pub publish: String,
 }
 
 impl Default for MqttListenerConfig {
@@ -377,6 +534,8 @@ impl Default for MqttListenerConfig {
             keep_raw: false,
             allow_anonymous: false,
             tls: None,
+            auth: None,
+            acl: Vec::new(),
         }
     }
 }
@@ -435,6 +594,14 @@ pub struct WsListenerConfig {
     /// HTTPS and WSS (every path). Omitted: plain HTTP.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Device authentication on every path: `/mqtt` as an MQTT listener's; `/ingest` (WebSocket
+    /// and POST) with `Authorization: Basic` (password file) or `Bearer` (JWT).
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+    /// Publish rules of `/mqtt` (as an MQTT listener's `acl`). `/ingest` needs none: its device
+    /// must be the authenticated identity.
+    #[serde(default)]
+    pub acl: Vec<AclRule>,
 }
 
 impl Default for WsListenerConfig {
@@ -457,6 +624,8 @@ impl Default for WsListenerConfig {
             keep_raw: false,
             allow_anonymous: false,
             tls: None,
+            auth: None,
+            acl: Vec::new(),
         }
     }
 }
@@ -988,6 +1157,18 @@ mod defaults {
     pub fn connect_timeout_ms() -> u64 {
         10_000
     }
+    pub fn auth_max_failures() -> u32 {
+        10
+    }
+    pub fn auth_failures_per_minute() -> u32 {
+        10
+    }
+    pub fn jwt_device_id_claim() -> String {
+        "sub".into()
+    }
+    pub fn jwt_leeway_s() -> u64 {
+        30
+    }
     pub fn handshake_timeout_ms() -> u64 {
         10_000
     }
@@ -1118,6 +1299,7 @@ impl Config {
             message: e.to_string().trim_end().to_owned(),
         })?;
         config.listeners.iter_mut().filter_map(ListenerConfig::tls_mut).for_each(|t| t.resolve_paths(base));
+        config.listeners.iter_mut().filter_map(ListenerConfig::auth_mut).for_each(|a| a.resolve_paths(base));
         if let Some(tls) = &mut config.ops.tls {
             tls.resolve_paths(base);
         }
@@ -1224,15 +1406,39 @@ impl Config {
                     Ok(())
                 }
             };
-            // Required client certificates authenticate every device.
-            let authenticated = listener.tls().is_some_and(TlsConfig::requires_client_certificates);
+            if let Some(auth) = listener.auth() {
+                auth.validate().map_err(|(field, reason)| invalid(key(&format!("auth.{field}")), reason))?;
+            }
+            for (j, rule) in listener.acl().iter().enumerate() {
+                if let Err(reason) = crate::auth::acl::TopicRule::parse(&rule.publish) {
+                    return Err(invalid(
+                        key(&format!("acl[{j}].publish")),
+                        format!("{:?}: {reason}", rule.publish),
+                    ));
+                }
+            }
+            if matches!(listener, ListenerConfig::Mqtt(_))
+                && listener.auth().is_some()
+                && listener.acl().is_empty()
+            {
+                return Err(invalid(
+                    key("acl"),
+                    "with auth, publishing is denied unless a rule allows it, and there is no rule; \
+                     add e.g. acl = [{ publish = \"devices/{device_id}/#\" }]"
+                        .into(),
+                ));
+            }
+            // Required client certificates, or an auth provider, authenticate every device.
+            let authenticated = listener.tls().is_some_and(TlsConfig::requires_client_certificates)
+                || listener.auth().is_some();
             let exposed = |addr: SocketAddr, allow_anonymous: bool| {
                 if !addr.ip().is_loopback() && !allow_anonymous && !authenticated {
                     Err(invalid(
                         key("listen"),
                         format!(
                             "{addr} is not a loopback address and no authentication is configured; \
-                             require client certificates ([listeners.tls] client_ca_file), or set \
+                             configure [listeners.auth] (a password file or JWT), require client \
+                             certificates ([listeners.tls] client_ca_file), or set \
                              allow_anonymous = true on this listener to accept anonymous devices"
                         ),
                     ))
@@ -1554,6 +1760,69 @@ mod tests {
         .unwrap();
         let config = Config::load(&path).unwrap();
         assert_eq!(config.listeners[0].tls().unwrap().cert_file, dir.path().join("certs/cert.pem"));
+    }
+
+    #[test]
+    fn auth_settings_and_files_are_checked_and_paths_are_relative_to_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("auth")).unwrap();
+        crate::auth::password::add_user(&dir.path().join("auth/users.txt"), "dev-1", b"pw").unwrap();
+        std::fs::write(dir.path().join("auth/jwt.key"), "0123456789abcdef0123456789abcdef\n").unwrap();
+        let public = "[[listeners]]\nprotocol = \"mqtt\"\nlisten = \"0.0.0.0:1883\"\n";
+        let acl = "acl = [{ publish = \"devices/{device_id}/#\" }]\n";
+        let load = |text: String| {
+            let path = dir.path().join("weir.toml");
+            std::fs::write(&path, text).unwrap();
+            Config::load(&path)
+        };
+        // A configured provider satisfies the public-address rule.
+        let config = load(format!(
+            "{public}{acl}[listeners.auth]\nkind = \"password_file\"\npassword_file = \"auth/users.txt\"\n"
+        ))
+        .unwrap();
+        let auth = config.listeners[0].auth().unwrap();
+        assert_eq!(auth.password_file.as_deref(), Some(dir.path().join("auth/users.txt").as_path()));
+        assert_eq!((auth.max_failures, auth.failures_per_minute), (10, 10));
+        let config = load(format!(
+            "{public}{acl}[listeners.auth]\nkind = \"jwt\"\njwt = {{ algorithm = \"HS256\", key_file = \"auth/jwt.key\" }}\n"
+        ))
+        .unwrap();
+        let jwt = config.listeners[0].auth().unwrap().jwt.clone().unwrap();
+        assert_eq!((jwt.device_id_claim.as_str(), jwt.leeway_s), ("sub", 30));
+
+        for (auth, key, reason) in [
+            ("kind = \"password_file\"\n", "listeners[0].auth.password_file", "needs"),
+            (
+                "kind = \"password_file\"\npassword_file = \"missing.txt\"\n",
+                "listeners[0].auth.password_file",
+                "missing.txt",
+            ),
+            ("kind = \"jwt\"\n", "listeners[0].auth.jwt", "needs"),
+            (
+                "kind = \"jwt\"\njwt = { algorithm = \"RS256\", key_file = \"auth/jwt.key\" }\n",
+                "listeners[0].auth.jwt.key_file",
+                "RSA",
+            ),
+            ("kind = \"jwt\"\njwt = { algorithm = \"none\", key_file = \"auth/jwt.key\" }\n", "", "none"),
+            ("kind = \"ldap\"\n", "", "ldap"),
+        ] {
+            let err = load(format!("{public}{acl}[listeners.auth]\n{auth}")).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(reason), "{auth}: {err}");
+        }
+        let err = load(format!(
+            "{public}[listeners.auth]\nkind = \"password_file\"\npassword_file = \"auth/users.txt\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("listeners[0].acl") && err.contains("no rule"), "{err}");
+        let err = load(format!("{public}allow_anonymous = true\nacl = [{{ publish = \"a/#/b\" }}]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listeners[0].acl[0].publish"), "{err}");
+        let err = load(format!("{public}allow_anonymous = true\nacl = [{{ subscribe = \"a\" }}]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("subscribe"), "{err}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! listeners → fabric → batchers → sink driver, plus the ops HTTP listener.
 
 pub mod ack;
+pub mod auth;
 pub mod buffer;
 pub mod config;
 pub mod fabric;
@@ -21,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::auth::{ListenerAuth, PublishPolicy};
 use crate::buffer::DiskBuffer;
 use crate::config::{Config, ListenerConfig, SinkConfig};
 use crate::fabric::{run_batcher, BatchLimits, Fabric};
@@ -45,6 +47,8 @@ pub enum StartError {
     Unsupported(&'static str),
     #[error("TLS of {what}: {error}")]
     Tls { what: String, error: listener::tls::TlsSetupError },
+    #[error("authentication of {what}: {reason}")]
+    Auth { what: String, reason: String },
 }
 
 /// A running gateway. Dropping it does not stop it; call [`Gateway::shutdown`].
@@ -60,6 +64,8 @@ pub struct Gateway {
     pipeline: JoinSet<()>,
     /// Every TLS listener's certificates, for [`Gateway::reload_tls`].
     tls: Vec<Arc<TlsServer>>,
+    /// Every listener's authentication, for [`Gateway::reload_auth`].
+    auth: Vec<Arc<ListenerAuth>>,
 }
 
 /// What [`Gateway::reload_tls`] did.
@@ -96,6 +102,21 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         listener_tls.push(tls_of(listener.tls(), listener.protocol(), format!("listeners[{i}]"))?);
     }
     let ops_tls = tls_of(config.ops.tls.as_ref(), "ops", "ops".into())?;
+    // Password files and keys too, and the publish rules of each listener.
+    let mut listener_auth = Vec::new();
+    for (i, listener) in config.listeners.iter().enumerate() {
+        let what = || format!("listeners[{i}]");
+        let auth = listener
+            .auth()
+            .map(|a| ListenerAuth::new(a, Arc::clone(&metrics)).map(Arc::new))
+            .transpose()
+            .map_err(|reason| StartError::Auth { what: what(), reason })?;
+        let rules: Vec<String> = listener.acl().iter().map(|r| r.publish.clone()).collect();
+        let policy = PublishPolicy::new(&rules, auth.is_some())
+            .map_err(|reason| StartError::Auth { what: what(), reason })?;
+        listener_auth.push((auth, policy));
+    }
+    let auth: Vec<Arc<ListenerAuth>> = listener_auth.iter().filter_map(|(a, _)| a.clone()).collect();
     let tls: Vec<Arc<TlsServer>> = listener_tls.iter().chain([&ops_tls]).flatten().cloned().collect();
 
     let mut bound = Vec::new();
@@ -177,7 +198,9 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
 
     let mut listener_addrs = Vec::new();
     let mut listeners = JoinSet::new();
-    for ((listener, socket), tls) in config.listeners.iter().zip(bound).zip(listener_tls) {
+    for (((listener, socket), tls), (listener_auth, policy)) in
+        config.listeners.iter().zip(bound).zip(listener_tls).zip(listener_auth)
+    {
         if let Some((addr, socket)) = &socket {
             listener_addrs.push(socket.local_addr().map_err(|source| StartError::Bind {
                 addr: *addr,
@@ -195,7 +218,8 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
                         Arc::clone(&metrics),
                         weir_proto::SourceProtocol::Mqtt,
                     )
-                    .with_sessions(Arc::clone(&sessions)),
+                    .with_sessions(Arc::clone(&sessions))
+                    .with_auth(listener_auth, policy),
                 );
                 let signal = Arc::clone(&shutdown_signal);
                 let max_connections = mqtt.max_connections;
@@ -235,6 +259,8 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
                     Arc::clone(&metrics),
                     Arc::clone(&shutdown_signal),
                     Arc::clone(&sessions),
+                    listener_auth,
+                    policy,
                 ));
                 let shutdown = shutdown_rx.clone();
                 let admission = admission(listener, "ws", &metrics);
@@ -333,6 +359,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         listeners,
         pipeline,
         tls,
+        auth,
     })
 }
 
@@ -409,6 +436,26 @@ impl Gateway {
             }
         }
         report
+    }
+
+    /// Re-reads every listener's password file (what SIGHUP does). A file that fails to load
+    /// leaves its listener with the previous users (logged, and counted in
+    /// `weir_auth_reloads_total`). Returns how many reloaded and how many failed.
+    pub fn reload_auth(&self) -> (usize, usize) {
+        let (mut reloaded, mut failed) = (0, 0);
+        for auth in &self.auth {
+            let result = auth.authenticator().reload();
+            let label = metrics::ResultLabel { result: if result.is_ok() { "ok" } else { "error" } };
+            self.metrics.auth_reloads.get_or_create(&label).inc();
+            match result {
+                Ok(()) => reloaded += 1,
+                Err(reason) => {
+                    tracing::error!(%reason, "password file not reloaded; the previous users stay");
+                    failed += 1;
+                }
+            }
+        }
+        (reloaded, failed)
     }
 
     /// Stops in three bounded phases: stop accepting and reading; flush batches, wait for the

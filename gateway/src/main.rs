@@ -1,4 +1,5 @@
-//! The `weir` command: run the gateway, check a config, print the default config.
+//! The `weir` command: run the gateway, check a config, print the default config, manage a
+//! password file.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +43,28 @@ enum Command {
     },
     /// Print the documented default configuration.
     DefaultConfig,
+    /// Manage a password file ([listeners.auth] kind = "password_file").
+    Passwd {
+        #[command(subcommand)]
+        command: PasswdCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PasswdCommand {
+    /// Add a user (a device id) or replace its password. The password is read from the terminal
+    /// (asked twice, not echoed) or, with --password-stdin or when stdin is not a terminal, as
+    /// one line of stdin; never from the command line, where other users could see it.
+    Add {
+        /// The password file; created (mode 0600) if missing, rewritten atomically.
+        #[arg(long, short)]
+        file: PathBuf,
+        /// The user: the device id the password proves.
+        user: String,
+        /// Read the password as the first line of stdin, without prompting.
+        #[arg(long)]
+        password_stdin: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -56,6 +79,25 @@ fn main() -> ExitCode {
         Command::DefaultConfig => {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
+        }
+        Command::Passwd { command: PasswdCommand::Add { file, user, password_stdin } } => {
+            let password = match read_password(password_stdin) {
+                Ok(password) => password,
+                Err(error) => {
+                    eprintln!("weir passwd: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match weir::auth::password::add_user(&file, &user, password.as_bytes()) {
+                Ok(()) => {
+                    println!("{}: user {user:?} set", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("weir passwd: {error}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Check { config } => match Config::load(&config) {
             Ok(_) => {
@@ -134,6 +176,10 @@ impl Signals {
                     tracing::info!("SIGHUP received; reloading TLS certificates");
                     let report = gateway.reload_tls();
                     tracing::info!(reloaded = report.reloaded, failed = report.failed, "TLS reload done");
+                    let (reloaded, failed) = gateway.reload_auth();
+                    if reloaded + failed > 0 {
+                        tracing::info!(reloaded, failed, "password file reload done");
+                    }
                 }
                 Some(()) = recv(&mut self.terminate) => {
                     tracing::info!("SIGTERM received");
@@ -154,6 +200,42 @@ async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
         Some(signal) => signal.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// The password for `weir passwd add`: one line of stdin, or typed twice at the terminal with
+/// echo off.
+fn read_password(from_stdin: bool) -> Result<String, String> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let stdin = std::io::stdin();
+    let read_line = || -> Result<String, String> {
+        let mut line = String::new();
+        stdin.lock().read_line(&mut line).map_err(|e| format!("cannot read the password: {e}"))?;
+        let line = line.strip_suffix('\n').unwrap_or(&line);
+        Ok(line.strip_suffix('\r').unwrap_or(line).to_owned())
+    };
+    if from_stdin || !stdin.is_terminal() {
+        return read_line();
+    }
+    use rustix::termios::{tcgetattr, tcsetattr, LocalModes, OptionalActions};
+    let saved = tcgetattr(&stdin).map_err(|e| format!("cannot read the terminal settings: {e}"))?;
+    let mut quiet = saved.clone();
+    quiet.local_modes.remove(LocalModes::ECHO);
+    tcsetattr(&stdin, OptionalActions::Now, &quiet).map_err(|e| format!("cannot turn echo off: {e}"))?;
+    let ask = |prompt: &str| {
+        eprint!("{prompt}");
+        let _ = std::io::stderr().flush();
+        let line = read_line();
+        eprintln!();
+        line
+    };
+    let first = ask("Password: ");
+    let second = first.is_ok().then(|| ask("Again: "));
+    let _ = tcsetattr(&stdin, OptionalActions::Now, &saved);
+    let first = first?;
+    if second.transpose()?.as_deref() != Some(first.as_str()) {
+        return Err("the passwords differ".into());
+    }
+    Ok(first)
 }
 
 fn init_logging(format: LogFormat, filter: &str) {

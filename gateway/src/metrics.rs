@@ -86,6 +86,11 @@ pub struct Metrics {
     pub tls_handshakes: Family<ProtocolLabel, Counter>,
     pub tls_handshake_failures: Family<ProtocolReasonLabel, Counter>,
     pub tls_reloads: Family<ResultLabel, Counter>,
+    pub auth_successes: Family<ProtocolLabel, Counter>,
+    pub auth_failures: Family<ProtocolReasonLabel, Counter>,
+    pub auth_rate_limited: Family<ProtocolLabel, Counter>,
+    pub auth_reloads: Family<ResultLabel, Counter>,
+    pub acl_denied: Family<ProtocolLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -147,6 +152,11 @@ impl Metrics {
             tls_handshakes: Family::default(),
             tls_handshake_failures: Family::default(),
             tls_reloads: Family::default(),
+            auth_successes: Family::default(),
+            auth_failures: Family::default(),
+            auth_rate_limited: Family::default(),
+            auth_reloads: Family::default(),
+            acl_denied: Family::default(),
         };
         let r = &mut m.registry;
         r.register("connections_active", "Open device connections", m.connections_active.clone());
@@ -161,6 +171,31 @@ impl Metrics {
             "tls_reloads",
             "TLS certificate reloads (SIGHUP), by result; on error the previous certificates stay",
             m.tls_reloads.clone(),
+        );
+        r.register(
+            "auth_successes",
+            "Devices authenticated (password file or JWT), by protocol",
+            m.auth_successes.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "Failed device authentications, by protocol and reason (the connection was refused)",
+            m.auth_failures.clone(),
+        );
+        r.register(
+            "auth_rate_limited",
+            "Authentications refused unchecked: too many failures from the source address",
+            m.auth_rate_limited.clone(),
+        );
+        r.register(
+            "auth_reloads",
+            "Password file reloads (SIGHUP), by result; on error the previous users stay",
+            m.auth_reloads.clone(),
+        );
+        r.register(
+            "acl_denied",
+            "Messages refused by the publish ACL (or naming another device than the authenticated one), by protocol",
+            m.acl_denied.clone(),
         );
         r.register(
             "connections_closed",

@@ -90,6 +90,9 @@ pub struct MessageQueue {
     records: Vec<Record>,
     /// Answer "unavailable" at once instead of waiting when the fabric is full (HTTP).
     busy_is_error: bool,
+    /// The authenticated device: a message with a record naming another is refused
+    /// (`not_authorized`, counted in `weir_acl_denied_total`).
+    owner: Option<Arc<str>>,
 }
 
 impl MessageQueue {
@@ -103,7 +106,14 @@ impl MessageQueue {
             inbox: AckInbox::new(),
             records: Vec::new(),
             busy_is_error: false,
+            owner: None,
         }
+    }
+
+    /// Refuses messages with records of any device but `owner` (the authenticated identity).
+    pub fn owned_by(mut self, owner: Option<Arc<str>>) -> Self {
+        self.owner = owner;
+        self
     }
 
     /// A queue whose messages are refused with "unavailable" when the fabric has no room, instead
@@ -172,7 +182,6 @@ impl MessageQueue {
         let n = self.next_n;
         self.next_n += 1;
         let tracked = ctx.ack != AckPoint::Received;
-        let token = AckToken::for_point(ctx.ack, n, &self.inbox);
         let received_ts_ms = now_ms();
         let decoded = {
             let decode_ctx = DecodeContext {
@@ -185,6 +194,26 @@ impl MessageQueue {
             };
             payload::decode(format, &payload, &decode_ctx, &mut self.records)
         };
+        // Checked before the ack token is made: a token dropped unsettled counts as a failure.
+        if let (Some(owner), Ok(())) = (&self.owner, &decoded) {
+            if let Some(other) = self.records.iter().find(|r| *r.device_id != **owner) {
+                let reason =
+                    format!("a record names device {:?}; this connection is {owner:?}", other.device_id);
+                self.records.clear();
+                ctx.metrics.acl_denied.get_or_create(&ProtocolLabel { protocol: ctx.label }).inc();
+                tracing::debug!(%reason, "message not authorized");
+                let status = Some((Status::NotAuthorized, reason));
+                self.pending.push_back(Pending {
+                    n,
+                    seq: None,
+                    format: reply_format,
+                    undecodable: None,
+                    status,
+                });
+                return Ok(None);
+            }
+        }
+        let token = AckToken::for_point(ctx.ack, n, &self.inbox);
         let mut pending = Pending { n, seq: None, format: reply_format, undecodable: None, status: None };
         let mut items = Vec::new();
         match decoded {

@@ -177,6 +177,7 @@ mod tests {
     /// `load-tests/idle.sh` measures the real cost.
     #[tokio::test]
     async fn the_mqtt_and_tcp_connection_futures_stay_small() {
+        const MQTT_BOUND: usize = 936;
         let metrics = Arc::new(Metrics::new());
         let (fabric, _rx) = Fabric::new(1, 10, 1 << 20, WhenFull::Block, Arc::clone(&metrics));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -196,7 +197,10 @@ mod tests {
         ));
         let future = mqtt::serve(accepted().await, Arc::clone(&mqtt), signal.subscribe());
         let size = std::mem::size_of_val(&future);
-        assert!(size <= 896, "the MQTT connection future grew to {size} bytes");
+        // MQTT was 888 before authentication: its connections now keep the source address
+        // (for the failed-login limit) until CONNECT, then a token's expiry, in one 24-byte
+        // field, and the run loop a little more for the refusals that close.
+        assert!(size <= MQTT_BOUND, "the MQTT connection future grew to {size} bytes");
 
         let tcp =
             Arc::new(tcp::TcpContext::new(TcpListenerConfig::default(), fabric, Arc::clone(&metrics), addr));
@@ -226,7 +230,7 @@ mod tests {
         let tls = Arc::new(tls::TlsServer::new(&settings, "mqtt", metrics).unwrap());
         let future = mqtt::serve_tls(accepted().await, Arc::clone(&tls), mqtt, signal.subscribe());
         let size = std::mem::size_of_val(&future);
-        assert!(size <= 896, "the MQTT-over-TLS connection future grew to {size} bytes");
+        assert!(size <= MQTT_BOUND + 32, "the MQTT-over-TLS connection future grew to {size} bytes");
         let future = tcp::serve_tls(accepted().await, tls, tcp, signal.subscribe());
         let size = std::mem::size_of_val(&future);
         assert!(size <= 896, "the TCP-over-TLS connection future grew to {size} bytes");

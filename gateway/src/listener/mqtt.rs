@@ -4,9 +4,15 @@
 //! `max_inflight` messages await their ack; MQTT 5 devices by their Receive Maximum, while weir
 //! keeps reading them (so PINGREQ is answered).
 //!
-//! A CONNECT is answered once [`Sessions`] decided it: for a persistent session, after its
-//! record is durable (Session Present = 1 when a stored session is resumed). A newer connection
-//! with the same client id takes the session over and this one is closed.
+//! A CONNECT is answered once the listener's authentication (if any) and then [`Sessions`]
+//! decided it: for a persistent session, after its record is durable (Session Present = 1 when
+//! a stored session is resumed). A newer connection with the same client id takes the session
+//! over and this one is closed. The identity a device proves (password, token, or client
+//! certificate) is its device id; with auth or ACL rules, its client id must be that identity,
+//! each PUBLISH must be allowed by the rules, and its records may not name another device. A
+//! token's connection is closed when the token expires.
+
+use std::net::IpAddr;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,8 +23,8 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 use weir_proto::{Record, SourceProtocol};
 use weir_protocols::mqtt::session::{
-    ConnectDecision, ConnectRefusal, ConnectRequest, Event, InflightId, Outcome, Session, SessionLimits,
-    Violation,
+    ConnectDecision, ConnectRefusal, ConnectRequest, Event, InflightId, Outcome, Refusal as SessionRefusal,
+    Session, SessionLimits, Violation,
 };
 use weir_protocols::mqtt::DecodeError;
 use weir_protocols::payload::{self, DecodeContext, PayloadFormat, PayloadLimits};
@@ -28,6 +34,7 @@ use super::ingest::now_ms;
 use super::tls::{TlsByteStream, TlsServer};
 use super::{Accepted, ByteStream};
 use crate::ack::{AckEvent, AckInbox, AckToken};
+use crate::auth::{AuthFailure, Credentials, ListenerAuth, PublishPolicy};
 use crate::config::{AckPoint, MqttListenerConfig};
 use crate::fabric::{message_items, DeadLetter, Fabric, Item, SendError};
 use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel, ReasonLabel};
@@ -55,6 +62,10 @@ pub struct MqttContext {
     /// Persistent sessions and the live connection of each client id, shared by every MQTT
     /// listener.
     sessions: Arc<Sessions>,
+    /// Device authentication; `None`: devices are anonymous or identified by certificate.
+    auth: Option<Arc<ListenerAuth>>,
+    /// What devices may publish to.
+    policy: PublishPolicy,
 }
 
 impl MqttContext {
@@ -69,7 +80,24 @@ impl MqttContext {
         let messages_received =
             metrics.messages_received.get_or_create(&ProtocolLabel { protocol: label }).clone();
         let sessions = Sessions::without_store(Arc::clone(&metrics));
-        Self { config, fabric, metrics, label, protocol, messages_received, sessions }
+        Self {
+            config,
+            fabric,
+            metrics,
+            label,
+            protocol,
+            messages_received,
+            sessions,
+            auth: None,
+            policy: PublishPolicy::default(),
+        }
+    }
+
+    /// Authenticates devices with `auth` and enforces `policy` on their publishes.
+    pub fn with_auth(mut self, auth: Option<Arc<ListenerAuth>>, policy: PublishPolicy) -> Self {
+        self.auth = auth;
+        self.policy = policy;
+        self
     }
 
     /// Uses `sessions` (the gateway's store, shared with its other MQTT listeners) instead of
@@ -97,6 +125,11 @@ enum CloseReason {
     ServerUnavailable,
     /// A newer connection with the same client id took over.
     TakenOver,
+    /// The token the connection was accepted with expired.
+    CredentialsExpired,
+    /// A publish the ACL does not allow, on a connection that cannot be told otherwise (QoS 0,
+    /// MQTT 3.1.1).
+    NotAuthorized,
 }
 
 impl CloseReason {
@@ -113,6 +146,8 @@ impl CloseReason {
             CloseReason::Refused => "connect_refused",
             CloseReason::ServerUnavailable => "server_unavailable",
             CloseReason::TakenOver => "taken_over",
+            CloseReason::CredentialsExpired => "credentials_expired",
+            CloseReason::NotAuthorized => "not_authorized",
         }
     }
 }
@@ -123,11 +158,11 @@ pub fn serve(
     ctx: Arc<MqttContext>,
     shutdown: ShutdownWatch,
 ) -> impl Future<Output = ()> + Send {
-    let Accepted { stream, id, permit, .. } = accepted;
+    let Accepted { stream, id, permit, peer } = accepted;
     let _ = stream.set_nodelay(true);
     // The connection future is the task itself (no async wrapper keeping `accepted` or a second
     // copy of the future): its size is what every idle connection costs.
-    serve_stream(stream, id, ctx, shutdown, Some(permit), None)
+    serve_stream(stream, id, Some(peer.ip()), ctx, shutdown, Some(permit), None)
 }
 
 /// Answers a connection admission control refused: reads its CONNECT (for at most
@@ -187,25 +222,27 @@ pub fn serve_tls(
     // The handshake's state is large and gone once it is done: it lives in its own box, and
     // the task's future is the plain connection's plus that box.
     let handshake = Box::pin(async move {
-        let Accepted { stream, id, permit, .. } = accepted;
+        let Accepted { stream, id, permit, peer } = accepted;
         let _ = stream.set_nodelay(true);
         let mut shutdown = shutdown;
         let handshaken = tls.handshake_until(stream, shutdown.fired()).await?;
-        Some((handshaken, id, permit, shutdown))
+        Some((handshaken, id, peer, permit, shutdown))
     });
     async move {
-        let Some((handshaken, id, permit, shutdown)) = handshake.await else { return };
+        let Some((handshaken, id, peer, permit, shutdown)) = handshake.await else { return };
         let stream = TlsByteStream::new(handshaken.stream);
-        serve_stream(stream, id, ctx, shutdown, Some(permit), handshaken.identity).await
+        serve_stream(stream, id, Some(peer.ip()), ctx, shutdown, Some(permit), handshaken.identity).await
     }
 }
 
 /// Serves one MQTT connection over any byte stream (TCP, TLS, a WebSocket's binary messages).
 /// `permit` (the listener's connection slot) is released when the connection ends.
-/// `identity` is the device identity of a TLS client certificate.
+/// `identity` is the device identity of a TLS client certificate; `peer` the source address
+/// (failed logins are limited per address).
 pub fn serve_stream<S: ByteStream>(
     stream: S,
     id: u64,
+    peer: Option<IpAddr>,
     ctx: Arc<MqttContext>,
     shutdown: ShutdownWatch,
     permit: Option<super::ConnectionPermit>,
@@ -236,6 +273,7 @@ pub fn serve_stream<S: ByteStream>(
         inbox: AckInbox::new(),
         client_id: String::new(),
         identity,
+        guard: peer.map_or(Guard::None, Guard::Peer),
         records: Vec::new(),
         shutdown,
         permit,
@@ -275,6 +313,40 @@ enum Step {
     Violation(Violation),
 }
 
+/// What a connection keeps for authentication, by phase.
+#[derive(Debug, Clone, Copy)]
+enum Guard {
+    /// Before the CONNECT is decided: where the device connects from.
+    Peer(IpAddr),
+    /// Accepted with a token: when it expires.
+    Expires(Instant),
+    None,
+}
+
+impl Guard {
+    fn peer(self) -> Option<IpAddr> {
+        match self {
+            Guard::Peer(ip) => Some(ip),
+            _ => None,
+        }
+    }
+
+    fn expires(self) -> Option<Instant> {
+        match self {
+            Guard::Expires(at) => Some(at),
+            _ => None,
+        }
+    }
+}
+
+/// Why a publish stopped the connection.
+enum Stop {
+    /// Closed (the fabric is closing, an ack could not be given).
+    Closed(CloseReason),
+    /// Refused (not authorized): to be announced, then closed.
+    Violation(Violation),
+}
+
 /// What the session store must hear when the connection ends.
 #[derive(Debug, Default, Clone, Copy)]
 struct SessionEnd {
@@ -292,9 +364,14 @@ struct Connection<S> {
     /// Outcome reports of this connection's messages.
     inbox: Arc<AckInbox>,
     client_id: String,
-    /// The device identity of the TLS client certificate (mutual TLS): the device of records
-    /// that name none, in place of the client id. For authentication and ACLs to build on.
+    /// The identity the device proved (password or token, else its TLS client certificate):
+    /// the device of records that name none, in place of the client id, and what ACL
+    /// templates are filled with.
     identity: Option<Arc<str>>,
+    /// The source address until the CONNECT is decided (for the failed-login limit), then
+    /// when the token the connection was accepted with expires (it is closed then). One field
+    /// for both keeps every idle connection smaller.
+    guard: Guard,
     /// Scratch space for one message's records, reused.
     records: Vec<Record>,
     shutdown: ShutdownWatch,
@@ -337,15 +414,23 @@ impl<S: ByteStream> Connection<S> {
         // Shutdown was signalled (a connected device then stops being read; one without CONNECT
         // is still read, briefly, to be told server busy).
         let mut draining = false;
+        // A publish was refused in a way that closes the connection.
+        let mut refused: Option<CloseReason> = None;
         loop {
-            while stopped.is_none() && self.session.can_read() {
+            while stopped.is_none() && refused.is_none() && self.session.can_read() {
                 let waiting = match self.step(&mut buf) {
                     Step::NeedMore => break,
                     Step::Continue => None,
                     Step::Publish { topic, payload, ack, format } => {
                         match self.publish(topic, payload, ack, format) {
                             Ok(waiting) => waiting,
-                            Err(closed) => return closed,
+                            Err(Stop::Closed(closed)) => return closed,
+                            Err(Stop::Violation(violation)) => {
+                                // Closed after the flush below sends what the session queued
+                                // (acks before it; MQTT 5: the DISCONNECT saying why).
+                                refused = Some(self.violation_reason(violation));
+                                break;
+                            }
                         }
                     }
                     Step::Connect(request) => {
@@ -376,6 +461,10 @@ impl<S: ByteStream> Connection<S> {
             if let Err(closed) = self.flush().await {
                 return closed;
             }
+            if let Some(reason) = refused {
+                let _ = self.stream.shutdown().await;
+                return reason;
+            }
             if let Some(reason) = stopped {
                 // Reading is over; leave once every in-flight message has its answer.
                 if self.session.pending() == 0 || reason == CloseReason::Disconnect {
@@ -403,7 +492,12 @@ impl<S: ByteStream> Connection<S> {
                 self.session.release_idle_memory();
                 self.inbox.release_idle_memory();
             }
-            let deadline = self.session.deadline().map(Instant::from_std);
+            // One timer for the session's deadline (while reading) and the token's expiry.
+            let deadline = match (self.session.deadline().filter(|_| reading), self.guard.expires()) {
+                (Some(d), Some(e)) => Some(Instant::from_std(d).min(e)),
+                (Some(d), None) => Some(Instant::from_std(d)),
+                (None, e) => e,
+            };
             tokio::select! {
                 ready = self.stream.readable(), if reading => {
                     if let Err(error) = ready {
@@ -431,7 +525,13 @@ impl<S: ByteStream> Connection<S> {
                         return closed;
                     }
                 },
-                _ = sleep_until_some(deadline), if reading => {
+                _ = sleep_until_some(deadline), if deadline.is_some() => {
+                    if self.guard.expires().is_some_and(|e| e <= Instant::now()) {
+                        tracing::debug!("credentials expired; closing");
+                        let violation = self.session.credentials_expired();
+                        refused = Some(self.violation_reason(violation));
+                        continue;
+                    }
                     if draining {
                         // No CONNECT came within the shutdown grace: not the device's error.
                         let _ = self.stream.shutdown().await;
@@ -484,9 +584,23 @@ impl<S: ByteStream> Connection<S> {
     /// queued), within the connect deadline, then takes the client id over from any live
     /// connection holding it.
     async fn decide_connect(&mut self, request: Box<ConnectRequest>) -> Result<(), CloseReason> {
-        if self.identity.is_none() {
-            tracing::Span::current().record("device", request.client_id.as_str());
+        if let Err(refusal) = Box::pin(self.authenticate(&request)).await {
+            self.client_id = request.client_id;
+            return Err(match refusal {
+                Some(refusal) => {
+                    match self.session.decide(ConnectDecision::Refuse(refusal), Instant::now().into_std()) {
+                        Err(violation) => self.close_for(violation).await,
+                        Ok(()) => CloseReason::Refused,
+                    }
+                }
+                None => {
+                    let violation = self.session.timed_out();
+                    self.close_for(violation).await
+                }
+            });
         }
+        let device = self.identity.as_deref().unwrap_or(&request.client_id);
+        tracing::Span::current().record("device", device);
         let sessions = Arc::clone(&self.ctx.sessions);
         // Should the deadline pass, the store may still record the session: its end must be
         // recorded too, or it would look connected until the next restart.
@@ -509,6 +623,71 @@ impl<S: ByteStream> Connection<S> {
         Ok(())
     }
 
+    /// Authenticates the CONNECT with the listener's provider (under the connect deadline),
+    /// and checks that an identified device's client id is its identity where the publish
+    /// policy is enforced. `Err(None)`: the deadline passed.
+    async fn authenticate(&mut self, request: &ConnectRequest) -> Result<(), Option<ConnectRefusal>> {
+        if let Some(auth) = self.ctx.auth.clone() {
+            let credentials =
+                Credentials { username: request.username.as_deref(), password: request.password.as_deref() };
+            let deadline = self.session.deadline().map(Instant::from_std);
+            let authenticated = tokio::select! {
+                result = auth.authenticate(self.ctx.label, self.guard.peer(), credentials) => result,
+                _ = sleep_until_some(deadline) => return Err(None),
+            };
+            let refusal = |failure: &AuthFailure| match failure {
+                AuthFailure::RateLimited => ConnectRefusal::QuotaExceeded,
+                f if f.is_bad_credentials() => ConnectRefusal::BadUserNameOrPassword,
+                _ => ConnectRefusal::NotAuthorized,
+            };
+            let authenticated = authenticated.map_err(|failure| Some(refusal(&failure)))?;
+            if let Some(certified) = self.identity.as_deref().filter(|c| **c != *authenticated.device_id) {
+                let failure = AuthFailure::IdentityMismatch(format!(
+                    "authenticated as {:?}, the client certificate names {certified:?}",
+                    authenticated.device_id
+                ));
+                auth.count_failure(self.ctx.label, &failure);
+                tracing::info!(%failure, "connection refused");
+                return Err(Some(ConnectRefusal::NotAuthorized));
+            }
+            self.guard = match authenticated.expires {
+                Some(at) => {
+                    let left = at.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+                    Guard::Expires(Instant::now() + left)
+                }
+                None => Guard::None,
+            };
+            self.identity = Some(authenticated.device_id);
+        }
+        if let (true, Some(identity)) = (self.ctx.policy.is_enforced(), self.identity.as_deref()) {
+            if request.client_id != identity {
+                let failure = AuthFailure::IdentityMismatch(format!(
+                    "the client id {:?} is not the authenticated identity {identity:?}",
+                    request.client_id
+                ));
+                let label = ProtocolReasonLabel { protocol: self.ctx.label, reason: "client_id_mismatch" };
+                self.ctx.metrics.auth_failures.get_or_create(&label).inc();
+                tracing::info!(%failure, "connection refused");
+                return Err(Some(ConnectRefusal::NotAuthorized));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a message the device may not publish (counted): MQTT 5 QoS 1/2 get PUBACK/PUBREC
+    /// 0x87 in order with the other acks and the connection goes on; QoS 0 (nothing to answer)
+    /// and 3.1.1 (no error ack) close the connection, MQTT 5 after DISCONNECT 0x87.
+    fn deny_publish(&mut self, topic: &str, ack: Option<InflightId>, why: &str) -> Result<(), Stop> {
+        self.ctx.metrics.acl_denied.get_or_create(&ProtocolLabel { protocol: self.ctx.label }).inc();
+        tracing::debug!(topic, why, "publish not authorized");
+        match ack {
+            Some(id) if self.session.version().is_v5() => {
+                self.session.refuse(id, SessionRefusal::NotAuthorized).map_err(Stop::Violation)
+            }
+            _ => Err(Stop::Violation(self.session.not_authorized())),
+        }
+    }
+
     /// Decodes one message and enqueues its records (or its dead letter) where the fabric has
     /// room now. Synchronous, the hot path; what has to wait for room is returned.
     fn publish(
@@ -517,12 +696,12 @@ impl<S: ByteStream> Connection<S> {
         payload: Bytes,
         ack: Option<InflightId>,
         format: Option<PayloadFormat>,
-    ) -> Result<Option<Waiting>, CloseReason> {
+    ) -> Result<Option<Waiting>, Stop> {
         let metrics = Arc::clone(&self.ctx.metrics);
         self.ctx.messages_received.inc();
-        let point = self.ctx.config.ack;
-        let tracked = point != AckPoint::Received;
-        let token = ack.and_then(|id| AckToken::for_point(point, id.get(), &self.inbox));
+        if !self.ctx.policy.allows(&topic, self.identity.as_deref()) {
+            return self.deny_publish(&topic, ack, "no ACL rule allows the topic").map(|()| None);
+        }
         let decoded = {
             let ctx = DecodeContext {
                 fallback_device_id: self.identity.as_deref().unwrap_or(&self.client_id),
@@ -535,6 +714,19 @@ impl<S: ByteStream> Connection<S> {
             let format = format.unwrap_or_else(|| PayloadFormat::from(self.ctx.config.payload));
             payload::decode(format, &payload, &ctx, &mut self.records)
         };
+        // An identified device writes its own records only (checked before the ack token is
+        // made: a token dropped unsettled would count as a failed store).
+        if let (true, Some(identity), Ok(())) =
+            (self.ctx.policy.is_enforced(), self.identity.as_deref(), &decoded)
+        {
+            if self.records.iter().any(|r| r.device_id != identity) {
+                self.records.clear();
+                return self.deny_publish(&topic, ack, "a record names another device").map(|()| None);
+            }
+        }
+        let point = self.ctx.config.ack;
+        let tracked = point != AckPoint::Received;
+        let token = ack.and_then(|id| AckToken::for_point(point, id.get(), &self.inbox));
         let mut items = Vec::new();
         match decoded {
             Ok(()) => {
@@ -570,11 +762,11 @@ impl<S: ByteStream> Connection<S> {
                 }
                 Err(SendError::Closed(item)) => {
                     item.settle(Outcome::Failed);
-                    return Err(CloseReason::Shutdown);
+                    return Err(Stop::Closed(CloseReason::Shutdown));
                 }
             }
         }
-        self.published(ack, tracked, Outcome::Stored)?;
+        self.published(ack, tracked, Outcome::Stored).map_err(Stop::Closed)?;
         Ok(None)
     }
 
@@ -681,6 +873,15 @@ impl<S: ByteStream> Connection<S> {
                 tracing::debug!(%violation, "closing connection");
                 return CloseReason::TakenOver;
             }
+            // Counted where decided (weir_acl_denied_total).
+            Violation::NotAuthorized => {
+                tracing::debug!(%violation, "closing connection");
+                return CloseReason::NotAuthorized;
+            }
+            Violation::CredentialsExpired => {
+                tracing::debug!(%violation, "closing connection");
+                return CloseReason::CredentialsExpired;
+            }
             Violation::Malformed(DecodeError::PacketTooLarge { .. }) => {
                 (CloseReason::ProtocolError, "packet_too_large")
             }
@@ -702,7 +903,6 @@ impl<S: ByteStream> Connection<S> {
             Violation::BadAuthenticationMethod(_) => {
                 (CloseReason::ProtocolError, "bad_authentication_method")
             }
-            Violation::NotAuthorized => (CloseReason::ProtocolError, "not_authorized"),
             Violation::NotConnected => (CloseReason::ProtocolError, "not_connected"),
             Violation::DuplicateConnect => (CloseReason::ProtocolError, "duplicate_connect"),
             Violation::ClientIdRejected(_) => (CloseReason::ProtocolError, "client_id_rejected"),

@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +36,7 @@ use super::ingest::{IngestContext, MessageQueue};
 use super::mqtt::MqttContext;
 use super::tls::TlsServer;
 use super::{Accepted, ByteStream};
+use crate::auth::{AuthFailure, Authenticator, Credentials, ListenerAuth, PublishPolicy};
 use crate::config::{MqttListenerConfig, WsListenerConfig};
 use crate::fabric::Fabric;
 use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel};
@@ -57,6 +59,8 @@ pub struct WsContext {
     device_header: HeaderName,
     /// What MQTT-over-WebSocket sessions wait on at shutdown.
     shutdown_signal: Arc<ShutdownSignal>,
+    /// Device authentication of every path (`/mqtt` through its MQTT context).
+    auth: Option<Arc<ListenerAuth>>,
 }
 
 impl WsContext {
@@ -66,6 +70,8 @@ impl WsContext {
         metrics: Arc<Metrics>,
         shutdown_signal: Arc<ShutdownSignal>,
         sessions: Arc<Sessions>,
+        auth: Option<Arc<ListenerAuth>>,
+        policy: PublishPolicy,
     ) -> Self {
         let ws_ingest = Arc::new(IngestContext::new(
             fabric.clone(),
@@ -99,12 +105,13 @@ impl WsContext {
         };
         let mqtt = Arc::new(
             MqttContext::new(mqtt_config, fabric, Arc::clone(&metrics), SourceProtocol::MqttWs)
-                .with_sessions(sessions),
+                .with_sessions(sessions)
+                .with_auth(auth.clone(), policy),
         );
         // Validated with the config.
         let device_header =
             config.device_id_header.parse().unwrap_or_else(|_| HeaderName::from_static("x-device-id"));
-        Self { config, ws_ingest, http_ingest, mqtt, metrics, device_header, shutdown_signal }
+        Self { config, ws_ingest, http_ingest, mqtt, metrics, device_header, shutdown_signal, auth }
     }
 
     fn ws_config(&self, max_message: usize) -> WebSocketConfig {
@@ -120,15 +127,15 @@ impl WsContext {
 
 /// What an HTTP request turned into once its 101 response is out.
 enum Upgrade {
-    Ingest { on: OnUpgrade, device: String },
+    Ingest { on: OnUpgrade, device: String, proven: Proven },
     Mqtt { on: OnUpgrade },
 }
 
 /// Serves one connection: HTTP requests until it upgrades to a WebSocket, then that.
 pub async fn serve(accepted: Accepted, ctx: Arc<WsContext>, shutdown: watch::Receiver<bool>) {
-    let Accepted { stream, id, permit, .. } = accepted;
+    let Accepted { stream, id, permit, peer } = accepted;
     let _ = stream.set_nodelay(true);
-    serve_io(stream, id, None, &ctx, shutdown).await;
+    serve_io(stream, id, peer.ip(), None, &ctx, shutdown).await;
     drop(permit);
 }
 
@@ -141,13 +148,13 @@ pub async fn serve_tls(
     ctx: Arc<WsContext>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let Accepted { stream, id, permit, .. } = accepted;
+    let Accepted { stream, id, permit, peer } = accepted;
     let _ = stream.set_nodelay(true);
     let mut stop = shutdown.clone();
     // Boxed: the handshake's state is large and gone once it is done.
     let handshaken = Box::pin(tls.handshake_until(stream, crate::shutdown::signalled(&mut stop))).await;
     if let Some(handshaken) = handshaken {
-        serve_io(handshaken.stream, id, handshaken.identity, &ctx, shutdown).await;
+        serve_io(handshaken.stream, id, peer.ip(), handshaken.identity, &ctx, shutdown).await;
     }
     drop(permit);
 }
@@ -155,6 +162,7 @@ pub async fn serve_tls(
 async fn serve_io<I>(
     io: I,
     id: u64,
+    peer: IpAddr,
     identity: Option<Arc<str>>,
     ctx: &Arc<WsContext>,
     shutdown: watch::Receiver<bool>,
@@ -162,11 +170,11 @@ async fn serve_io<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // The HTTP phase is its own future, so its state is gone once the WebSocket phase runs.
-    let upgrade = Box::pin(serve_http(io, ctx, identity.clone(), shutdown.clone())).await;
+    let upgrade = Box::pin(serve_http(io, ctx, peer, identity.clone(), shutdown.clone())).await;
     match upgrade {
-        Some(Upgrade::Ingest { on, device }) => {
+        Some(Upgrade::Ingest { on, device, proven }) => {
             if let Some(ws) = upgraded(on, ctx, ctx.config.max_message_bytes).await {
-                run_ingest(ws, device, ctx, shutdown).await;
+                run_ingest(ws, device, proven, ctx, shutdown).await;
             }
         }
         Some(Upgrade::Mqtt { on }) => {
@@ -174,7 +182,8 @@ async fn serve_io<I>(
             if let Some(ws) = upgraded(on, ctx, max).await {
                 let stream = WsByteStream { ws, pending: None, eof: false };
                 let watch = ctx.shutdown_signal.subscribe();
-                super::mqtt::serve_stream(stream, id, Arc::clone(&ctx.mqtt), watch, None, identity).await;
+                let mqtt = Arc::clone(&ctx.mqtt);
+                super::mqtt::serve_stream(stream, id, Some(peer), mqtt, watch, None, identity).await;
             }
         }
         None => {}
@@ -185,6 +194,7 @@ async fn serve_io<I>(
 async fn serve_http<I>(
     io: I,
     ctx: &Arc<WsContext>,
+    peer: IpAddr,
     identity: Option<Arc<str>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Option<Upgrade>
@@ -199,7 +209,7 @@ where
             let ctx = Arc::clone(&ctx);
             let upgrade = Arc::clone(&upgrade);
             let identity = identity.clone();
-            async move { Ok::<_, Infallible>(route(request, &ctx, &upgrade, identity.as_deref()).await) }
+            async move { Ok::<_, Infallible>(route(request, &ctx, &upgrade, peer, identity).await) }
         })
     };
     let connection = http1::Builder::new()
@@ -247,8 +257,20 @@ async fn route(
     request: Request<Incoming>,
     ctx: &WsContext,
     upgrade: &Mutex<Option<Upgrade>>,
-    identity: Option<&str>,
+    peer: IpAddr,
+    certified: Option<Arc<str>>,
 ) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    let proven = if path == "/ingest" {
+        let label = if is_websocket_upgrade(request.headers()) { "ws" } else { "http" };
+        match authenticate(&request, ctx, label, peer, certified).await {
+            Ok(proven) => proven,
+            Err(response) => return response,
+        }
+    } else {
+        Proven { identity: certified, owner: false, expires: None }
+    };
+    let identity = proven.identity.as_deref();
     match request.uri().path() {
         "/ingest" if is_websocket_upgrade(request.headers()) => {
             let device = match device_id(&request, ctx, identity) {
@@ -260,9 +282,9 @@ async fn route(
                     return json_error(code, Status::NotAuthorized, &reason);
                 }
             };
-            accept_websocket(request, None, upgrade, |on| Upgrade::Ingest { on, device })
+            accept_websocket(request, None, upgrade, |on| Upgrade::Ingest { on, device, proven })
         }
-        "/ingest" if request.method() == Method::POST => http_ingest(request, ctx, identity).await,
+        "/ingest" if request.method() == Method::POST => http_ingest(request, ctx, proven).await,
         "/ingest" => {
             let mut response = plain(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -286,6 +308,92 @@ async fn route(
         "/mqtt" => plain(StatusCode::UPGRADE_REQUIRED, "/mqtt is MQTT over WebSocket (subprotocol mqtt)\n"),
         _ => plain(StatusCode::NOT_FOUND, "not found: use /ingest or /mqtt\n"),
     }
+}
+
+/// Who an `/ingest` request proved to be.
+#[derive(Debug, Clone, Default)]
+struct Proven {
+    /// The device: authenticated by the listener's provider, else the TLS client certificate's.
+    identity: Option<Arc<str>>,
+    /// Authenticated by the provider: messages may hold only this device's records.
+    owner: bool,
+    /// When the token expires; a WebSocket is closed then.
+    expires: Option<Instant>,
+}
+
+/// Checks an `/ingest` request's `Authorization` (`Basic` for a password file, `Bearer` for
+/// JWT) when the listener authenticates devices: 401 with `WWW-Authenticate` when missing or
+/// wrong, 429 when its address failed too often, 403 when it contradicts the certificate.
+async fn authenticate<B>(
+    request: &Request<B>,
+    ctx: &WsContext,
+    label: &'static str,
+    peer: IpAddr,
+    certified: Option<Arc<str>>,
+) -> Result<Proven, Response<Full<Bytes>>> {
+    let Some(auth) = &ctx.auth else {
+        return Ok(Proven { identity: certified, owner: false, expires: None });
+    };
+    let (username, password) = authorization(request.headers());
+    let credentials = Credentials { username: username.as_deref(), password: password.as_deref() };
+    match auth.authenticate(label, Some(peer), credentials).await {
+        Ok(authenticated) => {
+            if let Some(certified) = certified.filter(|c| **c != *authenticated.device_id) {
+                let failure = AuthFailure::IdentityMismatch(format!(
+                    "authenticated as {:?}, the client certificate names {certified:?}",
+                    authenticated.device_id
+                ));
+                auth.count_failure(label, &failure);
+                return Err(json_error(StatusCode::FORBIDDEN, Status::NotAuthorized, &failure.to_string()));
+            }
+            let expires = authenticated.expires.map(|at| {
+                Instant::now() + at.duration_since(std::time::SystemTime::now()).unwrap_or_default()
+            });
+            Ok(Proven { identity: Some(authenticated.device_id), owner: true, expires })
+        }
+        Err(AuthFailure::RateLimited) => {
+            let mut response = json_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                Status::NotAuthorized,
+                &AuthFailure::RateLimited.to_string(),
+            );
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+            Err(response)
+        }
+        Err(failure) => {
+            let mut response =
+                json_error(StatusCode::UNAUTHORIZED, Status::NotAuthorized, &failure.to_string());
+            let challenge = match auth.authenticator() {
+                Authenticator::Password { .. } => "Basic realm=\"weir\"",
+                Authenticator::Jwt(_) => "Bearer realm=\"weir\"",
+            };
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+            Err(response)
+        }
+    }
+}
+
+/// The user and password of `Authorization: Basic`, or the token of `Bearer` (as the
+/// password); nothing for a missing or unreadable header.
+fn authorization(headers: &HeaderMap) -> (Option<String>, Option<Vec<u8>>) {
+    use base64::Engine;
+    let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+        return (None, None);
+    };
+    let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value, ""));
+    let rest = rest.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return (None, Some(rest.as_bytes().to_vec()));
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD.decode(rest).ok();
+        if let Some((user, password)) =
+            decoded.as_deref().and_then(|d| std::str::from_utf8(d).ok()).and_then(|t| t.split_once(':'))
+        {
+            return (Some(user.to_owned()), Some(password.as_bytes().to_vec()));
+        }
+    }
+    (None, None)
 }
 
 fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
@@ -417,6 +525,7 @@ fn close_label(reason: &Closed) -> &'static str {
         Closed::Protocol => "protocol_error",
         Closed::Shutdown => "shutdown",
         Closed::Io => "io_error",
+        Closed::Expired => "credentials_expired",
     }
 }
 
@@ -427,11 +536,13 @@ enum Closed {
     Protocol,
     Shutdown,
     Io,
+    Expired,
 }
 
 async fn run_ingest(
     mut ws: WebSocketStream<TokioIo<Upgraded>>,
     device: String,
+    proven: Proven,
     ctx: &WsContext,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -441,7 +552,8 @@ async fn run_ingest(
     if !device.is_empty() {
         tracing::Span::current().record("device", device.as_str());
     }
-    let mut queue = MessageQueue::new(Arc::clone(&ctx.ws_ingest), ctx.config.max_inflight);
+    let owner = proven.identity.filter(|_| proven.owner);
+    let mut queue = MessageQueue::new(Arc::clone(&ctx.ws_ingest), ctx.config.max_inflight).owned_by(owner);
     let idle = (ctx.config.idle_timeout_ms > 0).then(|| Duration::from_millis(ctx.config.idle_timeout_ms));
     let mut last_input = Instant::now();
     let mut replies = Vec::new();
@@ -505,6 +617,11 @@ async fn run_ingest(
                 let frame = CloseFrame { code: CloseCode::Away, reason: "idle timeout".into() };
                 ending = Some((Closed::Idle, Some(frame)));
             }
+            _ = sleep_until_some(proven.expires), if ending.is_none() => {
+                // 1008: policy violation, the code for "not (or no longer) allowed".
+                let frame = CloseFrame { code: CloseCode::Policy, reason: "credentials expired".into() };
+                ending = Some((Closed::Expired, Some(frame)));
+            }
             _ = crate::shutdown::signalled(&mut shutdown), if ending.is_none() => {
                 let frame = CloseFrame { code: CloseCode::Away, reason: "gateway shutting down".into() };
                 ending = Some((Closed::Shutdown, Some(frame)));
@@ -546,11 +663,8 @@ async fn sleep_until_some(deadline: Option<Instant>) {
 /// protobuf DevicePayload. Answered after the commit: 200 when every item is stored, 400 when
 /// some were undecodable (they are dead-lettered, the rest stored), 413 when too large, 503 with
 /// Retry-After when weir has no room now (resend).
-async fn http_ingest(
-    request: Request<Incoming>,
-    ctx: &WsContext,
-    identity: Option<&str>,
-) -> Response<Full<Bytes>> {
+async fn http_ingest(request: Request<Incoming>, ctx: &WsContext, proven: Proven) -> Response<Full<Bytes>> {
+    let identity = proven.identity.as_deref();
     let max = ctx.config.max_message_bytes;
     let declared = request
         .headers()
@@ -592,7 +706,9 @@ async fn http_ingest(
         }
     };
     let items = split_json_array(format, &body);
-    let mut queue = MessageQueue::answering_busy(Arc::clone(&ctx.http_ingest), items.len().max(1));
+    let owner = proven.identity.clone().filter(|_| proven.owner);
+    let mut queue =
+        MessageQueue::answering_busy(Arc::clone(&ctx.http_ingest), items.len().max(1)).owned_by(owner);
     let reply_format =
         if format == PayloadFormat::Protobuf { ReplyFormat::Protobuf } else { ReplyFormat::Json };
     for item in items {
@@ -643,7 +759,9 @@ fn http_response(replies: &[Reply]) -> Response<Full<Bytes>> {
         (StatusCode::PAYLOAD_TOO_LARGE, false)
     } else if worst(Status::Unavailable) {
         (StatusCode::SERVICE_UNAVAILABLE, true)
-    } else if worst(Status::Undecodable) || worst(Status::NotAuthorized) {
+    } else if worst(Status::NotAuthorized) {
+        (StatusCode::FORBIDDEN, false)
+    } else if worst(Status::Undecodable) {
         (StatusCode::BAD_REQUEST, false)
     } else {
         (StatusCode::OK, false)

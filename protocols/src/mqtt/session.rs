@@ -266,6 +266,8 @@ pub enum Violation {
     DecisionTimeout,
     #[error("another connection took over the session")]
     SessionTakenOver,
+    #[error("the credentials of this connection have expired; reconnect with new ones")]
+    CredentialsExpired,
 }
 
 impl Violation {
@@ -293,6 +295,9 @@ impl Violation {
             Violation::ConnectRefused(refusal) => refusal.reason_code(),
             Violation::DecisionTimeout => ReasonCode::ServerUnavailable,
             Violation::SessionTakenOver => ReasonCode::SessionTakenOver,
+            // MQTT 5.0 §3.14.2.1: 0xA0 "Maximum connect time: the maximum connection time
+            // authorized for this connection has been exceeded" — what an expired token is.
+            Violation::CredentialsExpired => ReasonCode::MaximumConnectTime,
         })
     }
 }
@@ -566,6 +571,23 @@ impl Session {
             }
             _ => assert!(self.deadline.is_some(), "no connect deadline in {:?}", self.phase),
         }
+    }
+
+    /// The credentials the connection was accepted with (a token) have expired: it must go.
+    /// MQTT 5 is told DISCONNECT 0xA0 (maximum connect time) first; 3.1.1 is just closed.
+    pub fn credentials_expired(&mut self) -> Violation {
+        let violation = Violation::CredentialsExpired;
+        self.announce(&violation);
+        violation
+    }
+
+    /// A message the device may not publish, with no ack to carry the refusal (QoS 0, or any
+    /// QoS on 3.1.1, which has no error ack): the connection must go. MQTT 5 is told DISCONNECT
+    /// 0x87 (not authorized) first; 3.1.1 is just closed [MQTT-3.3.5-2].
+    pub fn not_authorized(&mut self) -> Violation {
+        let violation = Violation::NotAuthorized;
+        self.announce(&violation);
+        violation
     }
 
     fn window_used(&self) -> usize {
@@ -1839,6 +1861,28 @@ mod tests {
                 if ack.reason == ReasonCode::NotAuthorized && d.reason == ReasonCode::UnspecifiedError),
             "{sent:?}"
         );
+    }
+
+    #[test]
+    fn expired_credentials_and_unacked_refusals_disconnect_with_their_codes() {
+        let mut s = connected_v5();
+        assert_eq!(s.credentials_expired(), Violation::CredentialsExpired);
+        let packets = written(&mut s);
+        assert!(
+            matches!(&packets[..], [Packet::DisconnectV5(d)] if d.reason == ReasonCode::MaximumConnectTime),
+            "{packets:?}"
+        );
+        let mut s = connected_v5();
+        assert_eq!(s.not_authorized(), Violation::NotAuthorized);
+        let packets = written(&mut s);
+        assert!(
+            matches!(&packets[..], [Packet::DisconnectV5(d)] if d.reason == ReasonCode::NotAuthorized),
+            "{packets:?}"
+        );
+        let mut s = connected();
+        assert_eq!(s.credentials_expired(), Violation::CredentialsExpired);
+        assert_eq!(s.not_authorized(), Violation::NotAuthorized);
+        assert!(written(&mut s).is_empty(), "3.1.1 has no server DISCONNECT");
     }
 
     #[test]
