@@ -466,10 +466,26 @@ pub struct MqttListenerConfig {
     /// with DISCONNECT 0x97 (quota exceeded) before they are allocated.
     #[serde(default = "defaults::max_user_properties")]
     pub max_user_properties: usize,
-    /// Longest keepalive, in seconds, an MQTT 5 device gets: one asking for 0 (none) or more is
-    /// told this as Server Keep Alive and disconnected after 1.5 times it of silence.
+    /// Longest keepalive, in seconds, a device gets: one asking for 0 (none) or more is held to
+    /// this and disconnected after 1.5 times it of silence (MQTT 5 devices are told it as Server
+    /// Keep Alive; 3.1.1 devices cannot be).
     #[serde(default = "defaults::max_keepalive_s")]
     pub max_keepalive_s: u16,
+    /// Longest topic name accepted, in bytes; a longer one closes the connection (MQTT 5:
+    /// DISCONNECT 0x90).
+    #[serde(default = "defaults::max_topic_bytes")]
+    pub max_topic_bytes: usize,
+    /// Most levels in a topic name (`a/b/c` has 3); more closes the connection likewise.
+    #[serde(default = "defaults::max_topic_levels")]
+    pub max_topic_levels: usize,
+    /// Messages per second one connection (one device) may send; beyond it (after a burst of
+    /// one second's worth) weir stops reading it until it is back within its rate: the device
+    /// is slowed, nothing is dropped. 0: no limit.
+    #[serde(default = "defaults::max_messages_per_s")]
+    pub max_messages_per_s: u32,
+    /// Payload bytes per second one connection may send, paced the same way. 0: no limit.
+    #[serde(default = "defaults::max_bytes_per_s")]
+    pub max_bytes_per_s: u64,
     /// Open connections on this listener; at the bound weir stops accepting.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
@@ -526,6 +542,10 @@ impl Default for MqttListenerConfig {
             max_topic_aliases: defaults::max_topic_aliases(),
             max_user_properties: defaults::max_user_properties(),
             max_keepalive_s: defaults::max_keepalive_s(),
+            max_topic_bytes: defaults::max_topic_bytes(),
+            max_topic_levels: defaults::max_topic_levels(),
+            max_messages_per_s: defaults::max_messages_per_s(),
+            max_bytes_per_s: defaults::max_bytes_per_s(),
             max_connections: defaults::max_connections(),
             max_connections_per_ip: defaults::max_connections_per_ip(),
             max_connection_rate: defaults::max_connection_rate(),
@@ -565,6 +585,14 @@ pub struct WsListenerConfig {
     /// Messages per connection awaiting their ack; at the bound weir stops reading.
     #[serde(default = "defaults::max_inflight")]
     pub max_inflight: usize,
+    /// Messages per second one connection (one device) may send; beyond it (after a burst of
+    /// one second's worth) weir stops reading it until it is back within its rate: the device
+    /// is slowed, nothing is dropped. 0: no limit.
+    #[serde(default = "defaults::max_messages_per_s")]
+    pub max_messages_per_s: u32,
+    /// Payload bytes per second one connection may send, paced the same way. 0: no limit.
+    #[serde(default = "defaults::max_bytes_per_s")]
+    pub max_bytes_per_s: u64,
     /// Open connections on this listener; at the bound weir stops accepting.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
@@ -614,6 +642,8 @@ impl Default for WsListenerConfig {
             max_frame_bytes: defaults::max_frame_bytes(),
             max_packet_bytes: defaults::max_packet_bytes(),
             max_inflight: defaults::max_inflight(),
+            max_messages_per_s: defaults::max_messages_per_s(),
+            max_bytes_per_s: defaults::max_bytes_per_s(),
             max_connections: defaults::max_connections(),
             max_connections_per_ip: defaults::max_connections_per_ip(),
             max_connection_rate: defaults::max_connection_rate(),
@@ -656,6 +686,14 @@ pub struct TcpListenerConfig {
     /// Frames per connection awaiting their ack; at the bound weir stops reading.
     #[serde(default = "defaults::max_inflight")]
     pub max_inflight: usize,
+    /// Messages per second one connection (one device) may send; beyond it (after a burst of
+    /// one second's worth) weir stops reading it until it is back within its rate: the device
+    /// is slowed, nothing is dropped. 0: no limit.
+    #[serde(default = "defaults::max_messages_per_s")]
+    pub max_messages_per_s: u32,
+    /// Payload bytes per second one connection may send, paced the same way. 0: no limit.
+    #[serde(default = "defaults::max_bytes_per_s")]
+    pub max_bytes_per_s: u64,
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
     #[serde(default = "defaults::max_connections_per_ip")]
@@ -687,6 +725,8 @@ impl Default for TcpListenerConfig {
             ack: defaults::ack(),
             max_frame_bytes: defaults::max_message_bytes(),
             max_inflight: defaults::max_inflight(),
+            max_messages_per_s: defaults::max_messages_per_s(),
+            max_bytes_per_s: defaults::max_bytes_per_s(),
             max_connections: defaults::max_connections(),
             max_connections_per_ip: defaults::max_connections_per_ip(),
             max_connection_rate: defaults::max_connection_rate(),
@@ -1142,6 +1182,18 @@ mod defaults {
     pub fn max_keepalive_s() -> u16 {
         600
     }
+    pub fn max_topic_bytes() -> usize {
+        1024
+    }
+    pub fn max_topic_levels() -> usize {
+        32
+    }
+    pub fn max_messages_per_s() -> u32 {
+        10_000
+    }
+    pub fn max_bytes_per_s() -> u64 {
+        16 << 20
+    }
     pub fn max_connections_per_ip() -> usize {
         1000
     }
@@ -1455,6 +1507,8 @@ impl Config {
                     check("max_topic_aliases", m.max_topic_aliases.into(), 0, 1024)?;
                     check("max_user_properties", m.max_user_properties, 0, 1024)?;
                     check("max_keepalive_s", m.max_keepalive_s.into(), 1, 65_535)?;
+                    check("max_topic_bytes", m.max_topic_bytes, 1, 65_535)?;
+                    check("max_topic_levels", m.max_topic_levels, 1, 65_535)?;
                     check("max_connections", m.max_connections, 1, usize::MAX)?;
                 }
                 ListenerConfig::Ws(w) => {

@@ -6,6 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProtocolLabel {
@@ -91,6 +92,8 @@ pub struct Metrics {
     pub auth_rate_limited: Family<ProtocolLabel, Counter>,
     pub auth_reloads: Family<ResultLabel, Counter>,
     pub acl_denied: Family<ProtocolLabel, Counter>,
+    pub throttled: Family<ProtocolReasonLabel, Counter>,
+    pub throttled_seconds: Family<ProtocolLabel, Counter<f64, AtomicU64>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -157,6 +160,8 @@ impl Metrics {
             auth_rate_limited: Family::default(),
             auth_reloads: Family::default(),
             acl_denied: Family::default(),
+            throttled: Family::default(),
+            throttled_seconds: Family::default(),
         };
         let r = &mut m.registry;
         r.register("connections_active", "Open device connections", m.connections_active.clone());
@@ -196,6 +201,16 @@ impl Metrics {
             "acl_denied",
             "Messages refused by the publish ACL (or naming another device than the authenticated one), by protocol",
             m.acl_denied.clone(),
+        );
+        r.register(
+            "throttled",
+            "Times a device connection went over its message or byte rate and was paused (not read; nothing dropped), by protocol and reason (messages | bytes)",
+            m.throttled.clone(),
+        );
+        r.register(
+            "throttled_seconds",
+            "Time device connections spent paused for being over their rate, by protocol",
+            m.throttled_seconds.clone(),
         );
         r.register(
             "connections_closed",

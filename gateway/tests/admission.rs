@@ -12,7 +12,7 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use weir_protocols::mqtt::{
-    encode, Connect, ConnectV5, Decoder, Packet, Properties, ProtocolVersion, ReasonCode,
+    encode, Connect, ConnectV5, Decoder, Packet, Properties, ProtocolVersion, QoS, ReasonCode,
 };
 
 /// What one connection attempt got.
@@ -244,5 +244,94 @@ async fn a_device_trickling_bytes_is_closed_at_its_keepalive_deadline() {
     println!("trickling device closed after {closed_after:?} (keepalive 2 s)");
     assert!(closed_after >= Duration::from_millis(2_500), "not before 1.5 x keepalive: {closed_after:?}");
     assert!(closed_after <= Duration::from_secs(6), "{closed_after:?}");
+    gw.gateway.shutdown().await;
+}
+
+/// A device over its message rate (`max_messages_per_s = 500`, a burst of one second's worth)
+/// is slowed: it sends 1,500 QoS 1 messages at once and gets their PUBACKs no faster than its
+/// rate lets it (every message stored, none dropped), while a quiet device on the same
+/// listener is never held back: each of its messages is acknowledged promptly throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_device_is_slowed_while_others_keep_their_latency() {
+    const FLOOD: u16 = 1_500;
+    const RATE: u64 = 500;
+    let gw = TestGateway::start(&listener(&format!("max_messages_per_s = {RATE}"))).await;
+    let addr = gw.mqtt_addr();
+
+    let quiet = tokio::spawn(async move {
+        let mut device = RawClient::connect(addr, "quiet").await;
+        let mut latencies = Vec::new();
+        for seq in 1..=20u16 {
+            let sent = Instant::now();
+            device.send(&publish(QoS::AtLeastOnce, seq, "t/quiet", reading("quiet", seq.into()))).await;
+            assert_eq!(device.recv().await, Some(Packet::PubAck(seq)), "quiet device's message {seq}");
+            latencies.push(sent.elapsed());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        latencies
+    });
+
+    let mut flooder = RawClient::connect(addr, "flooder").await;
+    let mut burst = BytesMut::new();
+    for seq in 1..=FLOOD {
+        encode(&publish(QoS::AtLeastOnce, seq, "t/flood", reading("flooder", seq.into())), &mut burst);
+    }
+    let started = Instant::now();
+    flooder.send_raw(&burst).await.unwrap();
+    for seq in 1..=FLOOD {
+        assert_eq!(flooder.recv().await, Some(Packet::PubAck(seq)), "the flood's message {seq}");
+    }
+    let flood_took = started.elapsed();
+    let latencies = quiet.await.unwrap();
+    let worst = latencies.iter().max().copied().unwrap_or_default();
+    println!(
+        "flood of {FLOOD} at {RATE}/s acknowledged in {flood_took:?}; quiet device: worst {worst:?} of {} acks, \
+         throttled {} times",
+        latencies.len(),
+        gw.metric("weir_throttled_total")
+    );
+    // The first 500 fit the burst; the other 1,000 come at 500 a second.
+    let budget = Duration::from_millis(1_000 * (u64::from(FLOOD) - RATE) / RATE);
+    assert!(flood_took >= budget - Duration::from_millis(50), "faster than its rate: {flood_took:?}");
+    assert!(gw.metric("weir_throttled_total") > 0);
+    // Relative, not a latency target: the quiet device's worst wait is a fraction of the time
+    // the flood was held back.
+    assert!(worst < flood_took / 4, "the quiet device waited {worst:?} (the flood took {flood_took:?})");
+    assert_eq!(gw.metric("weir_messages_received_total"), u64::from(FLOOD) + 20);
+    gw.gateway.shutdown().await;
+}
+
+/// Slowloris on raw TCP: a device trickles the bytes of a line and never ends it. Only whole
+/// frames count as input, so it is closed at the idle deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_device_trickling_a_frame_is_closed_at_the_idle_deadline() {
+    let gw = TestGateway::start(
+        "[[listeners]]\nprotocol = \"tcp\"\nlisten = \"127.0.0.1:0\"\nframing = \"lines\"\nidle_timeout_ms = 1500\n\
+         [sink]\nkind = \"blackhole\"\n",
+    )
+    .await;
+    let mut stream = TcpStream::connect(gw.gateway.listener_addrs()[0]).await.unwrap();
+    // A whole first frame (so the connect deadline is met), then a line that never ends.
+    stream.write_all(format!("{}\n", reading("trickler", 1)).as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut closed_after = None;
+    let mut scratch = [0u8; 256];
+    for byte in reading("trickler", 2).bytes().cycle().take(40) {
+        if stream.write_all(&[byte]).await.is_err() {
+            closed_after = Some(started.elapsed());
+            break;
+        }
+        // Replies (the first frame's ack) are read and dropped; EOF or reset means closed.
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(200), stream.read(&mut scratch)).await
+        {
+            closed_after = Some(started.elapsed());
+            break;
+        }
+    }
+    let closed_after = closed_after.expect("the trickling device was closed");
+    println!("trickling TCP device closed after {closed_after:?} (idle timeout 1.5 s)");
+    assert!(closed_after >= Duration::from_millis(1_300), "{closed_after:?}");
+    assert!(closed_after <= Duration::from_secs(5), "{closed_after:?}");
     gw.gateway.shutdown().await;
 }

@@ -31,6 +31,7 @@ use weir_protocols::payload::{self, DecodeContext, PayloadFormat, PayloadLimits}
 
 use super::admission::Refusal;
 use super::ingest::now_ms;
+use super::throttle::{self, RateLimits, Throttle};
 use super::tls::{TlsByteStream, TlsServer};
 use super::{Accepted, ByteStream};
 use crate::ack::{AckEvent, AckInbox, AckToken};
@@ -66,6 +67,8 @@ pub struct MqttContext {
     auth: Option<Arc<ListenerAuth>>,
     /// What devices may publish to.
     policy: PublishPolicy,
+    /// Each connection's message and byte rate.
+    rates: RateLimits,
 }
 
 impl MqttContext {
@@ -80,6 +83,7 @@ impl MqttContext {
         let messages_received =
             metrics.messages_received.get_or_create(&ProtocolLabel { protocol: label }).clone();
         let sessions = Sessions::without_store(Arc::clone(&metrics));
+        let rates = RateLimits::new(config.max_messages_per_s, config.max_bytes_per_s);
         Self {
             config,
             fabric,
@@ -90,6 +94,7 @@ impl MqttContext {
             sessions,
             auth: None,
             policy: PublishPolicy::default(),
+            rates,
         }
     }
 
@@ -259,6 +264,8 @@ pub fn serve_stream<S: ByteStream>(
             max_user_properties: ctx.config.max_user_properties,
             max_topic_aliases: ctx.config.max_topic_aliases,
             max_keepalive_secs: ctx.config.max_keepalive_s,
+            max_topic_bytes: ctx.config.max_topic_bytes,
+            max_topic_levels: ctx.config.max_topic_levels,
             ..SessionLimits::default()
         },
         Instant::now().into_std(),
@@ -279,6 +286,7 @@ pub fn serve_stream<S: ByteStream>(
         permit,
         takeover: None,
         session_end: SessionEnd::default(),
+        throttle: Throttle::default(),
     };
     async move { connection.serve().await }
 }
@@ -380,6 +388,8 @@ struct Connection<S> {
     /// Fires when a newer connection takes this client id over; set once connected.
     takeover: Option<Arc<Takeover>>,
     session_end: SessionEnd,
+    /// The device's message and byte budget; over it, the connection is not read for a while.
+    throttle: Throttle,
 }
 
 impl<S: ByteStream> Connection<S> {
@@ -417,11 +427,19 @@ impl<S: ByteStream> Connection<S> {
         // A publish was refused in a way that closes the connection.
         let mut refused: Option<CloseReason> = None;
         loop {
-            while stopped.is_none() && refused.is_none() && self.session.can_read() {
+            while stopped.is_none()
+                && refused.is_none()
+                && self.session.can_read()
+                && !self.throttle.is_paused()
+            {
                 let waiting = match self.step(&mut buf) {
                     Step::NeedMore => break,
                     Step::Continue => None,
                     Step::Publish { topic, payload, ack, format } => {
+                        let now = Instant::now();
+                        if let Some(pause) = self.throttle.charge(&self.ctx.rates, payload.len(), now) {
+                            throttle::count_pause(&self.ctx.metrics, self.ctx.label, pause, now);
+                        }
                         match self.publish(topic, payload, ack, format) {
                             Ok(waiting) => waiting,
                             Err(Stop::Closed(closed)) => return closed,
@@ -475,7 +493,7 @@ impl<S: ByteStream> Connection<S> {
                     return reason;
                 }
             }
-            let reading = stopped.is_none() && self.session.can_read();
+            let reading = stopped.is_none() && self.session.can_read() && !self.throttle.is_paused();
             if reading && !was_reading {
                 self.session.note_activity(Instant::now().into_std());
             }
@@ -492,12 +510,16 @@ impl<S: ByteStream> Connection<S> {
                 self.session.release_idle_memory();
                 self.inbox.release_idle_memory();
             }
-            // One timer for the session's deadline (while reading) and the token's expiry.
-            let deadline = match (self.session.deadline().filter(|_| reading), self.guard.expires()) {
-                (Some(d), Some(e)) => Some(Instant::from_std(d).min(e)),
-                (Some(d), None) => Some(Instant::from_std(d)),
-                (None, e) => e,
-            };
+            // One timer for the session's deadline (while reading), the token's expiry and the
+            // end of a pause.
+            let deadline = [
+                self.session.deadline().filter(|_| reading).map(Instant::from_std),
+                self.guard.expires(),
+                self.throttle.paused_until().filter(|_| stopped.is_none()),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             tokio::select! {
                 ready = self.stream.readable(), if reading => {
                     if let Err(error) = ready {
@@ -526,10 +548,18 @@ impl<S: ByteStream> Connection<S> {
                     }
                 },
                 _ = sleep_until_some(deadline), if deadline.is_some() => {
-                    if self.guard.expires().is_some_and(|e| e <= Instant::now()) {
+                    let now = Instant::now();
+                    if self.throttle.is_paused() && self.throttle.resume_if_due(now) {
+                        continue;
+                    }
+                    if self.guard.expires().is_some_and(|e| e <= now) {
                         tracing::debug!("credentials expired; closing");
                         let violation = self.session.credentials_expired();
                         refused = Some(self.violation_reason(violation));
+                        continue;
+                    }
+                    if !reading {
+                        // Only the session's deadline is left, and it runs while reading.
                         continue;
                     }
                     if draining {
@@ -885,6 +915,7 @@ impl<S: ByteStream> Connection<S> {
             Violation::Malformed(DecodeError::PacketTooLarge { .. }) => {
                 (CloseReason::ProtocolError, "packet_too_large")
             }
+            Violation::TopicTooLong { .. } => (CloseReason::ProtocolError, "topic_too_long"),
             Violation::Malformed(DecodeError::TooManyUserProperties { .. }) => {
                 (CloseReason::ProtocolError, "too_many_user_properties")
             }

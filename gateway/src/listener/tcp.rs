@@ -14,6 +14,7 @@ use weir_protocols::framing::{parse_hello, write_reply, Frame, FrameError, Frame
 use weir_protocols::reply::{Reply, Status};
 
 use super::ingest::{IngestContext, MessageQueue, Waiting};
+use super::throttle::{self, RateLimits, Throttle};
 use super::tls::{TlsByteStream, TlsServer};
 use super::{Accepted, ByteStream};
 use crate::config::{TcpFraming, TcpListenerConfig};
@@ -34,6 +35,8 @@ pub struct TcpContext {
     ingest: Arc<IngestContext>,
     /// The records' `source`: the listener's address, `tcp://127.0.0.1:7000`.
     source: String,
+    /// Each connection's message and byte rate.
+    rates: RateLimits,
 }
 
 impl TcpContext {
@@ -56,7 +59,8 @@ impl TcpContext {
             config.ack,
             config.keep_raw,
         ));
-        Self { config, framing, ingest, source: format!("tcp://{local_addr}") }
+        let rates = RateLimits::new(config.max_messages_per_s, config.max_bytes_per_s);
+        Self { config, framing, ingest, source: format!("tcp://{local_addr}"), rates }
     }
 }
 
@@ -158,6 +162,7 @@ pub fn serve_stream<S: ByteStream>(
         device: identity.map(|id| id.to_string()).unwrap_or_default(),
         seen_first_message: false,
         replies: Vec::new(),
+        throttle: Throttle::default(),
     };
     async move {
         let metrics = Arc::clone(&connection.ctx.ingest.metrics);
@@ -189,6 +194,8 @@ struct Connection<S> {
     seen_first_message: bool,
     /// Scratch space for the replies of one write, reused.
     replies: Vec<Reply>,
+    /// The device's message and byte budget; over it, the connection is not read for a while.
+    throttle: Throttle,
 }
 
 impl<S: ByteStream> Connection<S> {
@@ -212,7 +219,7 @@ impl<S: ByteStream> Connection<S> {
             if let Err(closed) = self.flush().await {
                 return closed;
             }
-            while stopped.is_none() && self.queue.can_read() {
+            while stopped.is_none() && self.queue.can_read() && !self.throttle.is_paused() {
                 let next = match self.framer.decode(&mut buf) {
                     Ok(None) if input_ended => {
                         let last = self.framer.finish(&mut buf);
@@ -227,6 +234,15 @@ impl<S: ByteStream> Connection<S> {
                     Ok(None) => break,
                     Ok(Some(frame)) => {
                         framed = true;
+                        // Only a whole frame counts as input: a device trickling bytes that
+                        // never complete one is closed at the idle deadline (slowloris).
+                        let now = Instant::now();
+                        last_input = now;
+                        if let Frame::Message(body) = &frame {
+                            if let Some(pause) = self.throttle.charge(&self.ctx.rates, body.len(), now) {
+                                throttle::count_pause(&self.ctx.ingest.metrics, LABEL, pause, now);
+                            }
+                        }
                         match self.on_frame(frame) {
                             Ok(None) => {}
                             Ok(Some(waiting)) => {
@@ -267,7 +283,8 @@ impl<S: ByteStream> Connection<S> {
                     return reason;
                 }
             }
-            let reading = stopped.is_none() && !input_ended && self.queue.can_read();
+            let paused = stopped.is_none() && self.throttle.is_paused();
+            let reading = stopped.is_none() && !input_ended && self.queue.can_read() && !paused;
             // The idle clock runs only while weir waits for the device: not while it holds the
             // device back (at max_inflight) or still owes it replies.
             let idle_clock_running = reading && self.queue.pending() == 0;
@@ -275,11 +292,13 @@ impl<S: ByteStream> Connection<S> {
                 last_input = Instant::now();
             }
             idle_clock_was_running = idle_clock_running;
+            // What the timer is for: closing the connection, or (`None`) ending a pause.
             let deadline = match stopped {
                 Some(_) => None,
-                None if !framed => Some((connect_deadline, CloseReason::ConnectTimeout)),
+                None if paused => self.throttle.paused_until().map(|at| (at, None)),
+                None if !framed => Some((connect_deadline, Some(CloseReason::ConnectTimeout))),
                 None if idle_clock_running => {
-                    idle_timeout.map(|t| (last_input + t, CloseReason::IdleTimeout))
+                    idle_timeout.map(|t| (last_input + t, Some(CloseReason::IdleTimeout)))
                 }
                 None => None,
             };
@@ -303,7 +322,7 @@ impl<S: ByteStream> Connection<S> {
                     buf.reserve(READ_CHUNK);
                     match self.stream.try_read_buf(&mut buf) {
                         Ok(0) => input_ended = true,
-                        Ok(_) => last_input = Instant::now(),
+                        Ok(_) => {}
                         Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(error) => {
                             tracing::debug!(%error, "read failed");
@@ -313,7 +332,10 @@ impl<S: ByteStream> Connection<S> {
                 },
                 event = self.queue.next_outcome() => self.queue.apply(event),
                 _ = sleep_until_some(deadline.map(|(at, _)| at)) => {
-                    let reason = deadline.map_or(CloseReason::IdleTimeout, |(_, reason)| reason);
+                    let Some(reason) = deadline.map_or(Some(CloseReason::IdleTimeout), |(_, reason)| reason) else {
+                        self.throttle.resume_if_due(Instant::now());
+                        continue;
+                    };
                     tracing::debug!(reason = reason.label(), "device silent; closing");
                     self.ctx.ingest.count_error(reason.label());
                     let _ = self.stream.shutdown().await;

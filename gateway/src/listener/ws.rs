@@ -34,6 +34,7 @@ use weir_protocols::reply::{Reply, ReplyFormat, Status};
 
 use super::ingest::{IngestContext, MessageQueue};
 use super::mqtt::MqttContext;
+use super::throttle::{self, RateLimits, Throttle};
 use super::tls::TlsServer;
 use super::{Accepted, ByteStream};
 use crate::auth::{AuthFailure, Authenticator, Credentials, ListenerAuth, PublishPolicy};
@@ -61,6 +62,8 @@ pub struct WsContext {
     shutdown_signal: Arc<ShutdownSignal>,
     /// Device authentication of every path (`/mqtt` through its MQTT context).
     auth: Option<Arc<ListenerAuth>>,
+    /// Each `/ingest` WebSocket's message and byte rate (`/mqtt` through its MQTT context).
+    rates: RateLimits,
 }
 
 impl WsContext {
@@ -97,6 +100,8 @@ impl WsContext {
             ack: config.ack,
             max_packet_bytes: config.max_packet_bytes,
             max_inflight: config.max_inflight,
+            max_messages_per_s: config.max_messages_per_s,
+            max_bytes_per_s: config.max_bytes_per_s,
             max_connections: config.max_connections,
             connect_timeout_ms: config.connect_timeout_ms,
             keep_raw: config.keep_raw,
@@ -111,7 +116,8 @@ impl WsContext {
         // Validated with the config.
         let device_header =
             config.device_id_header.parse().unwrap_or_else(|_| HeaderName::from_static("x-device-id"));
-        Self { config, ws_ingest, http_ingest, mqtt, metrics, device_header, shutdown_signal, auth }
+        let rates = RateLimits::new(config.max_messages_per_s, config.max_bytes_per_s);
+        Self { config, ws_ingest, http_ingest, mqtt, metrics, device_header, shutdown_signal, auth, rates }
     }
 
     fn ws_config(&self, max_message: usize) -> WebSocketConfig {
@@ -556,6 +562,8 @@ async fn run_ingest(
     let mut queue = MessageQueue::new(Arc::clone(&ctx.ws_ingest), ctx.config.max_inflight).owned_by(owner);
     let idle = (ctx.config.idle_timeout_ms > 0).then(|| Duration::from_millis(ctx.config.idle_timeout_ms));
     let mut last_input = Instant::now();
+    // The device's message and byte budget; over it, the socket is not read for a while.
+    let mut throttle = Throttle::default();
     let mut replies = Vec::new();
     // Set once reading is over: the close frame to send after the last reply.
     let mut ending: Option<(Closed, Option<CloseFrame>)> = None;
@@ -577,11 +585,20 @@ async fn run_ingest(
             replies = Vec::new();
         }
         queue.release_idle_memory();
-        let reading = ending.is_none() && queue.can_read();
+        let reading = ending.is_none() && queue.can_read() && !throttle.is_paused();
         let idle_deadline = idle.filter(|_| reading && queue.pending() == 0).map(|d| last_input + d);
         tokio::select! {
             message = ws.next(), if reading => {
-                last_input = Instant::now();
+                let now = Instant::now();
+                last_input = now;
+                let size = match &message {
+                    Some(Ok(Message::Text(text))) => Some(text.len()),
+                    Some(Ok(Message::Binary(payload))) => Some(payload.len()),
+                    _ => None,
+                };
+                if let Some(pause) = size.and_then(|size| throttle.charge(&ctx.rates, size, now)) {
+                    throttle::count_pause(&ctx.metrics, "ws", pause, now);
+                }
                 match message {
                     Some(Ok(Message::Text(text))) => {
                         let payload = Bytes::from(text);
@@ -613,6 +630,11 @@ async fn run_ingest(
                 }
             }
             event = queue.next_outcome() => queue.apply(event),
+            _ = sleep_until_some(throttle.paused_until()), if ending.is_none() && throttle.is_paused() => {
+                throttle.resume_if_due(Instant::now());
+                // The pause was weir's doing, not the device's silence.
+                last_input = Instant::now();
+            }
             _ = sleep_until_some(idle_deadline) => {
                 let frame = CloseFrame { code: CloseCode::Away, reason: "idle timeout".into() };
                 ending = Some((Closed::Idle, Some(frame)));

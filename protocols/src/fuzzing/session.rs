@@ -7,8 +7,8 @@
 //! ```text
 //! b0   max_inflight = 1 + (b0 & 7), max_topic_aliases = b0 >> 3
 //! b1   max_packet_size = 32 << (b1 & 7), max_user_properties = b1 >> 3
-//! b2   max_client_id_len
-//! b3   max_keepalive_secs = 5 × b3
+//! b2   max_client_id_len, max_topic_bytes = 8 + b2
+//! b3   max_keepalive_secs = 5 × b3, max_topic_levels = 1 + (b3 & 7)
 //! op 0 BYTES len(u8) bytes   bytes from the device (read now, or buffered while not reading)
 //! op 1 ADVANCE ms(u16)       the clock moves on 10 × ms milliseconds; a passed deadline closes
 //! op 2 DECIDE d(u8)          the session store's answer to a CONNECT (accept or a refusal)
@@ -52,6 +52,8 @@ pub fn mqtt_session(data: &[u8]) {
         max_user_properties: usize::from(b1 >> 3),
         max_topic_aliases: u16::from(b0 >> 3),
         max_keepalive_secs: 5 * u16::from(b3),
+        max_topic_bytes: 8 + usize::from(b2),
+        max_topic_levels: 1 + usize::from(b3 & 7),
     };
     let mut harness = Harness::new(limits);
     while !input.is_empty() && !harness.ended {
@@ -258,19 +260,21 @@ impl Harness {
                     "client id {id:?}"
                 );
                 let max = self.limits.max_keepalive_secs;
-                if request.version.is_v5() {
+                if max > 0 {
                     assert!(
                         request.keep_alive_secs <= max,
                         "keepalive {} above {max}",
                         request.keep_alive_secs
                     );
-                    assert!(max == 0 || request.keep_alive_secs > 0, "no keepalive granted");
+                    assert!(request.keep_alive_secs > 0, "no keepalive granted");
                 }
             }
             Ok(Event::Publish { topic, qos, ack, .. }) => {
                 let (sent_qos, pkid) = publish_qos.expect("a PUBLISH event for a PUBLISH");
                 assert_eq!(qos, sent_qos);
                 assert!(!topic.is_empty() && !topic.contains(['+', '#']), "topic {topic:?}");
+                assert!(topic.len() <= self.limits.max_topic_bytes, "topic of {} bytes", topic.len());
+                assert!(topic.split('/').count() <= self.limits.max_topic_levels, "topic {topic:?}");
                 assert_eq!(ack.is_some(), qos != QoS::AtMostOnce, "ack for a QoS {qos:?} message");
                 if let Some(id) = ack {
                     self.awaiting_ack.push_back((pkid, qos));

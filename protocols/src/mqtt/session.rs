@@ -46,9 +46,16 @@ pub struct SessionLimits {
     pub max_user_properties: usize,
     /// Topic aliases an MQTT 5 device may define (Topic Alias Maximum); 0 disables them.
     pub max_topic_aliases: u16,
-    /// Longest keepalive an MQTT 5 device gets: one asking for 0 (none) or more is given this
-    /// as Server Keep Alive. 3.1.1 devices keep the keepalive they asked for.
+    /// Longest keepalive a device gets: an MQTT 5 device asking for 0 (none) or more is told
+    /// this as Server Keep Alive. MQTT 3.1.1 cannot be told; such a device is held to it all the
+    /// same (closed after 1.5 times it of silence), so a keepalive of 0 or 65,535 s cannot pin a
+    /// silent connection (SlowITe). 0: devices keep what they asked for.
     pub max_keepalive_secs: u16,
+    /// Longest topic name accepted, in bytes (after topic alias resolution); a longer one closes
+    /// the connection (MQTT 5: DISCONNECT 0x90 topic name invalid).
+    pub max_topic_bytes: usize,
+    /// Most levels (`/`-separated parts) in a topic name; more closes the connection as above.
+    pub max_topic_levels: usize,
 }
 
 impl Default for SessionLimits {
@@ -61,6 +68,8 @@ impl Default for SessionLimits {
             max_user_properties: 32,
             max_topic_aliases: 16,
             max_keepalive_secs: 600,
+            max_topic_bytes: 1024,
+            max_topic_levels: 32,
         }
     }
 }
@@ -268,6 +277,8 @@ pub enum Violation {
     SessionTakenOver,
     #[error("the credentials of this connection have expired; reconnect with new ones")]
     CredentialsExpired,
+    #[error("topic name of {bytes} bytes in {levels} levels; at most {max_bytes} bytes and {max_levels} levels are accepted")]
+    TopicTooLong { bytes: usize, levels: usize, max_bytes: usize, max_levels: usize },
 }
 
 impl Violation {
@@ -288,6 +299,7 @@ impl Violation {
             Violation::KeepaliveTimeout => ReasonCode::KeepAliveTimeout,
             Violation::ReceiveMaximumExceeded(_) => ReasonCode::ReceiveMaximumExceeded,
             Violation::TopicAliasInvalid { .. } => ReasonCode::TopicAliasInvalid,
+            Violation::TopicTooLong { .. } => ReasonCode::TopicNameInvalid,
             Violation::AliasTableFull => ReasonCode::QuotaExceeded,
             Violation::ServerBusy => ReasonCode::ServerBusy,
             Violation::BadAuthenticationMethod(_) => ReasonCode::BadAuthenticationMethod,
@@ -880,11 +892,13 @@ impl Session {
             return Err(self.reject_client_id(reason));
         }
         // MQTT 3.1.1 3.1.2.10: the server allows one and a half keepalive periods of silence
-        // (from the CONNACK on).
+        // (from the CONNACK on). A device that cannot be told a shorter keepalive is held to
+        // the maximum silently.
+        let keep_alive_secs = self.granted_keepalive(connect.keep_alive_secs);
         self.phase = Phase::Deciding;
         self.pending = Some(Box::new(PendingConnect {
             clean_start: connect.clean_session,
-            keep_alive_secs: connect.keep_alive_secs,
+            keep_alive_secs,
             requested_keep_alive_secs: connect.keep_alive_secs,
             assigned_client_id: None,
         }));
@@ -894,7 +908,7 @@ impl Session {
             version: self.version,
             clean_start: connect.clean_session,
             session_expiry_secs: None,
-            keep_alive_secs: connect.keep_alive_secs,
+            keep_alive_secs,
             username: connect.username,
             password: connect.password,
         })))
@@ -925,8 +939,7 @@ impl Session {
             return Err(self.refuse_connect_v5(&Violation::ClientIdRejected(reason)));
         }
         let requested = connect.keep_alive_secs;
-        let max = self.limits.max_keepalive_secs;
-        let keep_alive_secs = if requested == 0 || requested > max { max } else { requested };
+        let keep_alive_secs = self.granted_keepalive(requested);
         self.session_expiry_requested = properties.session_expiry_interval.unwrap_or(0);
         self.phase = Phase::Deciding;
         self.pending = Some(Box::new(PendingConnect {
@@ -953,6 +966,32 @@ impl Session {
         }
         if client_id.contains(['+', '#', '/']) || client_id.chars().any(char::is_control) {
             return Err("contains a wildcard, '/' or a control character");
+        }
+        Ok(())
+    }
+
+    /// The keepalive a device asking for `requested` gets: at most `max_keepalive_secs`, and
+    /// that when it asked for none.
+    fn granted_keepalive(&self, requested: u16) -> u16 {
+        let max = self.limits.max_keepalive_secs;
+        if max > 0 && (requested == 0 || requested > max) {
+            max
+        } else {
+            requested
+        }
+    }
+
+    /// Refuses a topic name beyond the configured length or depth.
+    fn check_topic(&self, topic: &str) -> Result<(), Violation> {
+        let (max_bytes, max_levels) = (self.limits.max_topic_bytes, self.limits.max_topic_levels);
+        let levels = || topic.bytes().filter(|&b| b == b'/').count() + 1;
+        if topic.len() > max_bytes || levels() > max_levels {
+            return Err(Violation::TopicTooLong {
+                bytes: topic.len(),
+                levels: levels(),
+                max_bytes,
+                max_levels,
+            });
         }
         Ok(())
     }
@@ -985,6 +1024,8 @@ impl Session {
                 return Err(Violation::TopicAliasInvalid { alias, max });
             }
             let slot = usize::from(alias - 1);
+            // Checked before it is kept as an alias (and again, resolved, below).
+            self.check_topic(&publish.topic)?;
             if publish.topic.is_empty() {
                 match self.topic_aliases.get(slot).and_then(Option::as_ref) {
                     Some(topic) => publish.topic = topic.clone(),
@@ -1017,6 +1058,7 @@ impl Session {
 
     fn on_publish(&mut self, publish: Publish, format: Option<PayloadFormat>) -> Result<Event, Violation> {
         let Publish { qos, pkid, topic, payload, .. } = publish;
+        self.check_topic(&topic)?;
         if qos == QoS::ExactlyOnce {
             if self.awaiting_rel.contains(&pkid) {
                 // Already stored and PUBREC sent; the device missed it. Answer again, store once.
@@ -1439,10 +1481,11 @@ mod tests {
         assert_eq!(s.deadline(), Some(t0 + Duration::from_secs(85)));
     }
 
+    /// Only where `max_keepalive_secs` is 0 (by default a keepalive of 0 gets the maximum).
     #[test]
     fn keepalive_zero_never_times_out() {
         let t0 = Instant::now();
-        let mut s = Session::new(SessionLimits::default(), t0);
+        let mut s = Session::new(SessionLimits { max_keepalive_secs: 0, ..SessionLimits::default() }, t0);
         let Packet::Connect(mut c) = connect("dev", true) else { unreachable!() };
         c.keep_alive_secs = 0;
         s.on_packet(Packet::Connect(c), 1).unwrap();
@@ -1763,7 +1806,12 @@ mod tests {
 
     #[test]
     fn v5_alias_table_is_bounded_in_bytes() {
-        let mut s = connected_v5();
+        // Topics as long as the table's bound (by default they are limited far below it).
+        let limits = SessionLimits { max_topic_bytes: usize::MAX, ..limits_v5() };
+        let mut s = Session::new(limits, Instant::now());
+        s.on_packet(connect_v5("d", 30, Properties::default()), 1).unwrap();
+        accept(&mut s, Instant::now());
+        written(&mut s);
         let long = "x".repeat(MAX_ALIAS_TABLE_BYTES / 2);
         s.on_packet(publish_v5(QoS::AtMostOnce, 0, &long, alias(1)), 1).unwrap();
         s.on_packet(publish_v5(QoS::AtMostOnce, 0, &long, alias(2)), 1).unwrap();
@@ -2107,13 +2155,13 @@ mod tests {
         assert_eq!(disconnect_sent(&mut s).0, ReasonCode::QuotaExceeded);
     }
 
-    /// A topic of 65,000 levels. weir never splits a topic name into levels (it ingests, it
-    /// does not route) and checks a filter in one pass: such a PUBLISH is ingested as any other,
-    /// such a SUBSCRIBE refused (0x80) as any other, a misplaced wildcard at its end is found.
+    /// A topic of 65,000 levels. By default (`max_topic_levels` 32) such a PUBLISH closes the
+    /// connection. Where the limits allow it, it is ingested as any other: weir never splits a
+    /// topic name into levels (it ingests, it does not route) and counts them in one pass. Such
+    /// a SUBSCRIBE is refused (0x80) as any other; a misplaced wildcard at its end is found.
     #[test]
     fn topics_of_65_000_levels() {
         let levels = "/".repeat(64_999); // 65,000 empty levels
-        let mut s = connected();
         let mut publish = Publish {
             dup: false,
             qos: QoS::AtMostOnce,
@@ -2122,6 +2170,22 @@ mod tests {
             pkid: 0,
             payload: Bytes::from_static(b"{}"),
         };
+        let mut s = connected();
+        let refused = feed(&mut s, &[Packet::Publish(publish.clone())]).unwrap_err();
+        assert_eq!(
+            refused,
+            Violation::TopicTooLong { bytes: 64_999, levels: 65_000, max_bytes: 1024, max_levels: 32 }
+        );
+
+        let unlimited = SessionLimits {
+            max_topic_bytes: usize::MAX,
+            max_topic_levels: usize::MAX,
+            ..SessionLimits::default()
+        };
+        let mut s = Session::new(unlimited, Instant::now());
+        s.on_packet(connect("dev", true), 1).unwrap();
+        accept(&mut s, Instant::now());
+        written(&mut s);
         let events = feed(&mut s, &[Packet::Publish(publish.clone())]).unwrap();
         assert!(matches!(&events[..], [Event::Publish { topic, .. }] if *topic == levels));
 
@@ -2157,8 +2221,8 @@ mod tests {
     fn keepalive_of_65535_seconds() {
         let t0 = Instant::now();
         let mut s = Session::new(limits_v5(), t0);
-        let request = request(s.on_packet(connect_v5("d", u16::MAX, Properties::default()), 1).unwrap());
-        assert_eq!(request.keep_alive_secs, 600);
+        let granted = request(s.on_packet(connect_v5("d", u16::MAX, Properties::default()), 1).unwrap());
+        assert_eq!(granted.keep_alive_secs, 600);
         accept(&mut s, t0);
         let [Packet::ConnAckV5(connack)] = &written(&mut s)[..] else { panic!("CONNACK") };
         assert_eq!(connack.properties.server_keep_alive, Some(600));
@@ -2171,8 +2235,50 @@ mod tests {
         c.keep_alive_secs = u16::MAX;
         s.on_packet(Packet::Connect(c), 1).unwrap();
         accept(&mut s, t0);
-        assert_eq!(s.deadline(), Some(t0 + Duration::from_millis(98_302_500)));
+        // 3.1.1 cannot be told: the device is held to 600 s all the same.
+        assert_eq!(s.deadline(), Some(t0 + Duration::from_secs(900)));
         assert_eq!(s.timed_out(), Violation::KeepaliveTimeout);
+
+        // A keepalive of 0 (none) gets the maximum too; below it, what was asked.
+        for (asked, held) in [(0, 600), (60, 60)] {
+            let mut s = Session::new(SessionLimits::default(), t0);
+            let Packet::Connect(mut c) = connect("dev", true) else { unreachable!() };
+            c.keep_alive_secs = asked;
+            assert_eq!(request(s.on_packet(Packet::Connect(c), 1).unwrap()).keep_alive_secs, held);
+            accept(&mut s, t0);
+            assert_eq!(s.deadline(), Some(t0 + Duration::from_millis(1500 * u64::from(held))));
+        }
+
+        // max_keepalive_secs = 0: devices keep what they asked for, 65,535 s included.
+        let mut s = Session::new(SessionLimits { max_keepalive_secs: 0, ..SessionLimits::default() }, t0);
+        let Packet::Connect(mut c) = connect("dev", true) else { unreachable!() };
+        c.keep_alive_secs = u16::MAX;
+        s.on_packet(Packet::Connect(c), 1).unwrap();
+        accept(&mut s, t0);
+        assert_eq!(s.deadline(), Some(t0 + Duration::from_millis(98_302_500)));
+    }
+
+    /// Topic names beyond `max_topic_bytes` or `max_topic_levels` close the connection: MQTT 5
+    /// after DISCONNECT 0x90, and before a topic alias could keep them.
+    #[test]
+    fn topic_length_and_levels_are_limited() {
+        let limits = SessionLimits { max_topic_bytes: 16, max_topic_levels: 3, ..SessionLimits::default() };
+        for (topic, ok) in
+            [("a/b/c", true), ("a/b/c/d", false), ("0123456789abcdef", true), ("0123456789abcdefg", false)]
+        {
+            let mut s = Session::new(limits, Instant::now());
+            s.on_packet(connect_v5("d", 30, Properties::default()), 1).unwrap();
+            accept(&mut s, Instant::now());
+            written(&mut s);
+            let properties = Properties { topic_alias: Some(1), ..Properties::default() };
+            let result = feed(&mut s, &[publish_v5(QoS::AtLeastOnce, 1, topic, properties)]);
+            assert_eq!(result.is_ok(), ok, "{topic}: {result:?}");
+            if !ok {
+                assert!(matches!(result, Err(Violation::TopicTooLong { .. })));
+                assert_eq!(disconnect_sent(&mut s).0, ReasonCode::TopicNameInvalid);
+                assert_eq!(s.alias_table_bytes, 0, "{topic} kept as an alias");
+            }
+        }
     }
 
     /// Duplicate QoS 2 packet ids on MQTT 5 (the 3.1.1 case is `qos2_resend_is_stored_once`):
