@@ -530,19 +530,30 @@ async fn raw_tcp_over_mtls_takes_the_device_from_the_certificate() {
     assert!(line.as_deref().is_some_and(|l| l.starts_with("{\"ack\"")), "{line:?}");
     drop((lines, write));
 
+    // A reading naming another device is refused (and counted); the connection goes on.
+    let (read, mut write) = tokio::io::split(client.connect(addr).await.unwrap());
+    let mut lines = BufReader::new(read).lines();
+    write
+        .write_all(b"{\"device_id\":\"pump-6\",\"seq\":9,\"temp\":1.0}\n{\"seq\":4,\"temp\":4.8}\n")
+        .await
+        .unwrap();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await.unwrap().unwrap();
+    assert!(line.as_deref().is_some_and(|l| l.contains("not_authorized")), "{line:?}");
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await.unwrap().unwrap();
+    assert!(line.as_deref().is_some_and(|l| l.starts_with("{\"ack\"")), "{line:?}");
+    assert_eq!(gw.metric("weir_acl_denied_total"), 1);
+    drop((lines, write));
+
     // A hello naming another device is refused, and the connection closed.
     let (read, mut write) = tokio::io::split(client.connect(addr).await.unwrap());
     let mut lines = BufReader::new(read).lines();
-    write.write_all(b"{\"hello\":\"pump-6\"}\n{\"seq\":4,\"temp\":4.8}\n").await.unwrap();
+    write.write_all(b"{\"hello\":\"pump-6\"}\n{\"seq\":5,\"temp\":4.8}\n").await.unwrap();
     let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await.unwrap().unwrap();
     assert!(line.as_deref().is_some_and(|l| l.contains("not_authorized")), "{line:?}");
     let end = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await.unwrap();
     assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
 
-    assert_eq!(
-        rows(&gw.db_path()),
-        [("pump-5".to_string(), 1), ("pump-5".to_string(), 2), ("pump-5".to_string(), 3)]
-    );
+    assert_eq!(rows(&gw.db_path()), [1, 2, 3, 4].map(|seq| ("pump-5".to_string(), seq)));
     gw.gateway.shutdown().await;
 }
 

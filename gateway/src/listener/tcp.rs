@@ -154,7 +154,8 @@ pub fn serve_stream<S: ByteStream>(
     // Built before the future, which then holds the connection but not the arguments it was
     // made from (an `async fn` would keep both for the connection's life).
     let mut connection = Connection {
-        queue: MessageQueue::new(Arc::clone(&ctx.ingest), ctx.config.max_inflight),
+        // A certified device writes its own records only; others are refused (not_authorized).
+        queue: MessageQueue::new(Arc::clone(&ctx.ingest), ctx.config.max_inflight).owned_by(identity.clone()),
         framer: Framer::new(ctx.framing, ctx.config.max_frame_bytes),
         ctx,
         stream,
