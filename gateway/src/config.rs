@@ -37,6 +37,9 @@ pub struct Config {
     /// MQTT persistent sessions, shared by every MQTT listener (also MQTT over WebSocket).
     #[serde(default)]
     pub sessions: SessionsConfig,
+    /// What weir keeps about each device it hears from (`/api/devices`, the dashboard).
+    #[serde(default)]
+    pub sources: SourcesConfig,
     #[serde(default)]
     pub fabric: FabricConfig,
     #[serde(default)]
@@ -815,6 +818,27 @@ impl Default for SessionsConfig {
     }
 }
 
+/// Source awareness: the per-device table behind `/api/devices`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SourcesConfig {
+    /// Devices tracked at most (about 400 bytes each); when full, the least recently seen are
+    /// dropped from the table (counted in weir_devices_evicted_total). 0 turns tracking off.
+    pub max_devices: usize,
+    /// A device is "silent" once it has sent nothing for this long and for five of its usual
+    /// intervals between messages.
+    pub silence_min_s: u64,
+    /// A device whose clock differs from weir's (receive time minus its timestamp, smoothed) by
+    /// more than this is flagged "skewed".
+    pub clock_skew_warn_ms: u64,
+}
+
+impl Default for SourcesConfig {
+    fn default() -> Self {
+        Self { max_devices: 100_000, silence_min_s: 60, clock_skew_warn_ms: 300_000 }
+    }
+}
+
 /// What a sender meets when its shard is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -1320,6 +1344,7 @@ impl Default for Config {
             ops: OpsConfig::default(),
             listeners: defaults::listeners(),
             sessions: SessionsConfig::default(),
+            sources: SourcesConfig::default(),
             fabric: FabricConfig::default(),
             sink: SinkConfig::default(),
             buffer: None,

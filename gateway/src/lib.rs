@@ -12,6 +12,7 @@ pub mod ops;
 pub mod sessions;
 pub mod shutdown;
 pub mod sink;
+pub mod sources;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -185,8 +186,15 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         max_bytes: f.batch_max_bytes,
         linger: Duration::from_millis(f.linger_ms),
     };
-    for shard in shards {
-        pipeline.spawn(run_batcher(shard, limits, batches_tx.clone()));
+    // Each shard's batcher tells the source table what its batches say about their devices.
+    let sources = (config.sources.max_devices > 0)
+        .then(|| sources::Sources::new(shard_count, config.sources.clone(), Arc::clone(&metrics)));
+    for (index, shard) in shards.into_iter().enumerate() {
+        let observer = sources.as_ref().map(|s| (Arc::clone(s), index));
+        pipeline.spawn(run_batcher(shard, limits, batches_tx.clone(), observer));
+    }
+    if let Some(sources) = &sources {
+        pipeline.spawn(sources::update_gauges_until(Arc::clone(sources), shutdown_rx.clone()));
     }
     drop(batches_tx);
 
@@ -346,7 +354,12 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         what: "ops",
         source,
     })?;
-    pipeline.spawn(ops::serve(ops_socket, Arc::clone(&metrics), ops_tls, shutdown_rx));
+    pipeline.spawn(ops::serve(
+        ops_socket,
+        ops::OpsState { metrics: Arc::clone(&metrics), sources },
+        ops_tls,
+        shutdown_rx,
+    ));
     tracing::info!(listeners = ?listener_addrs, ops = %ops_addr, shards = shard_count, "weir started");
     Ok(Gateway {
         listener_addrs,

@@ -94,6 +94,20 @@ pub struct Metrics {
     pub acl_denied: Family<ProtocolLabel, Counter>,
     pub throttled: Family<ProtocolReasonLabel, Counter>,
     pub throttled_seconds: Family<ProtocolLabel, Counter<f64, AtomicU64>>,
+    pub source_devices: Gauge,
+    pub source_devices_flagged: Family<FlagLabel, Gauge>,
+    pub source_devices_seen: Counter,
+    pub source_devices_evicted: Counter,
+    pub source_seq_missing: Counter,
+    pub source_duplicates: Counter,
+    pub source_reorders: Counter,
+    pub source_seq_restarts: Counter,
+    pub source_schema_changes: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlagLabel {
+    pub flag: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -162,6 +176,15 @@ impl Metrics {
             acl_denied: Family::default(),
             throttled: Family::default(),
             throttled_seconds: Family::default(),
+            source_devices: Gauge::default(),
+            source_devices_flagged: Family::default(),
+            source_devices_seen: Counter::default(),
+            source_devices_evicted: Counter::default(),
+            source_seq_missing: Counter::default(),
+            source_duplicates: Counter::default(),
+            source_reorders: Counter::default(),
+            source_seq_restarts: Counter::default(),
+            source_schema_changes: Counter::default(),
         };
         let r = &mut m.registry;
         r.register("connections_active", "Open device connections", m.connections_active.clone());
@@ -211,6 +234,47 @@ impl Metrics {
             "throttled_seconds",
             "Time device connections spent paused for being over their rate, by protocol",
             m.throttled_seconds.clone(),
+        );
+        r.register("devices", "Devices in the source table (/api/devices)", m.source_devices.clone());
+        r.register(
+            "devices_flagged",
+            "Devices in the source table by flag: silent, gaps, schema_changed (within the hour), skewed (clock), dead_letters",
+            m.source_devices_flagged.clone(),
+        );
+        r.register(
+            "devices_seen",
+            "Devices added to the source table (new, or back after eviction)",
+            m.source_devices_seen.clone(),
+        );
+        r.register(
+            "devices_evicted",
+            "Devices dropped from the full source table, least recently seen first ([sources] max_devices)",
+            m.source_devices_evicted.clone(),
+        );
+        r.register(
+            "device_seq_missing",
+            "Records devices numbered but never sent (sequence gaps: lost before weir); late arrivals are taken back off the devices' gap counts",
+            m.source_seq_missing.clone(),
+        );
+        r.register(
+            "device_duplicates",
+            "Records with a sequence number the device already sent (resends)",
+            m.source_duplicates.clone(),
+        );
+        r.register(
+            "device_reorders",
+            "Records that arrived after a higher sequence number of their device",
+            m.source_reorders.clone(),
+        );
+        r.register(
+            "device_seq_restarts",
+            "Devices that started counting their sequence again (reboots)",
+            m.source_seq_restarts.clone(),
+        );
+        r.register(
+            "device_schema_changes",
+            "Changes of a device's payload schema (metric names, value kinds, tag names)",
+            m.source_schema_changes.clone(),
         );
         r.register(
             "connections_closed",

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 use weir_protocols::mqtt::session::Outcome;
 
 use super::{Budget, Item, ShardReceiver};
+use crate::sources::Sources;
 
 /// When a batch closes.
 #[derive(Debug, Clone, Copy)]
@@ -127,7 +128,13 @@ impl Drop for Batch {
 }
 
 /// Drains one shard into batches sent to the sink driver, until the shard's senders are gone.
-pub async fn run_batcher(shard: ShardReceiver, limits: BatchLimits, batches_tx: flume::Sender<Batch>) {
+/// `observer`: the source table and this shard's index in it; each batch is shown to it.
+pub async fn run_batcher(
+    shard: ShardReceiver,
+    limits: BatchLimits,
+    batches_tx: flume::Sender<Batch>,
+    observer: Option<(Arc<Sources>, usize)>,
+) {
     let ShardReceiver { items_rx, budget } = shard;
     loop {
         let Ok(first) = items_rx.recv_async().await else { return };
@@ -156,6 +163,9 @@ pub async fn run_batcher(shard: ShardReceiver, limits: BatchLimits, batches_tx: 
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
+        if let Some((sources, index)) = &observer {
+            sources.observe(*index, &batch.items, crate::listener::ingest::now_ms());
+        }
         // A failed send means the sink driver is gone: the batch drops and fails its acks.
         if batches_tx.send_async(batch).await.is_err() || input_ended {
             return;
@@ -183,7 +193,7 @@ mod tests {
         let (batches_tx, batches_rx) = flume::bounded(4);
         let limits =
             BatchLimits { max_records, max_bytes: 1 << 30, linger: Duration::from_millis(linger_ms) };
-        let task = tokio::spawn(run_batcher(shards.pop().unwrap(), limits, batches_tx));
+        let task = tokio::spawn(run_batcher(shards.pop().unwrap(), limits, batches_tx, None));
         (fabric, batches_rx, task)
     }
 
@@ -230,7 +240,7 @@ mod tests {
         let (fabric, mut shards) = Fabric::new(1, 4, 1 << 30, WhenFull::DropNewest, Arc::clone(&metrics));
         let (batches_tx, batches) = flume::bounded(4);
         let limits = BatchLimits { max_records: 2, max_bytes: 1 << 30, linger: Duration::from_millis(1) };
-        let _task = tokio::spawn(run_batcher(shards.pop().unwrap(), limits, batches_tx));
+        let _task = tokio::spawn(run_batcher(shards.pop().unwrap(), limits, batches_tx, None));
         for seq in 0..4 {
             fabric.send(item(seq)).await.unwrap();
         }

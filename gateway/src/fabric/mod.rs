@@ -17,6 +17,7 @@ pub use batcher::{run_batcher, Batch, BatchLimits};
 use crate::ack::AckToken;
 use crate::config::WhenFull;
 use crate::metrics::{Metrics, ReasonLabel, ShardLabel};
+pub use crate::sources::MessageMeta;
 
 /// A message that could not be decoded, kept with its raw bytes and the reason.
 #[derive(Debug, Clone)]
@@ -42,18 +43,20 @@ pub struct Item {
     pub ack: Option<AckToken>,
     /// Approximate memory held, counted against the shard's byte bound.
     pub bytes: usize,
+    /// On a message's first item: the message's size and format (for source awareness).
+    pub message: Option<MessageMeta>,
 }
 
 impl Item {
     pub fn record(record: Record, ack: Option<AckToken>) -> Self {
         let bytes = record_bytes(&record);
-        Self { payload: Payload::Record(record), ack, bytes }
+        Self { payload: Payload::Record(record), ack, bytes, message: None }
     }
 
     pub fn dead_letter(letter: DeadLetter, ack: Option<AckToken>) -> Self {
         let bytes =
             128 + letter.device_id.len() + letter.source.len() + letter.error.len() + letter.raw.len();
-        Self { payload: Payload::DeadLetter(letter), ack, bytes }
+        Self { payload: Payload::DeadLetter(letter), ack, bytes, message: None }
     }
 
     pub fn device_id(&self) -> &str {
@@ -61,6 +64,12 @@ impl Item {
             Payload::Record(r) => &r.device_id,
             Payload::DeadLetter(d) => &d.device_id,
         }
+    }
+
+    /// Marks this item as its message's first (`meta` describes the message).
+    pub fn of_message(mut self, meta: MessageMeta) -> Self {
+        self.message = Some(meta);
+        self
     }
 
     /// Reports this item's outcome to its device connection, if it has one.
@@ -79,12 +88,21 @@ fn record_bytes(r: &Record) -> usize {
 
 /// Turns one message's decoded records (drained from `records`) into fabric items, each with
 /// its share of the message's ack token: the message is acknowledged when its last record is.
-pub fn message_items(records: &mut Vec<Record>, token: Option<AckToken>, items: &mut Vec<Item>) {
+pub fn message_items(
+    records: &mut Vec<Record>,
+    token: Option<AckToken>,
+    meta: MessageMeta,
+    items: &mut Vec<Item>,
+) {
     let mut shares = token.map(|t| t.split(records.len()));
     items.reserve(records.len());
+    let first = items.len();
     for record in records.drain(..) {
         let share = shares.as_mut().and_then(Vec::pop);
         items.push(Item::record(record, share));
+    }
+    if let Some(item) = items.get_mut(first) {
+        item.message = Some(meta);
     }
 }
 

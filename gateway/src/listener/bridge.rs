@@ -31,7 +31,7 @@ use weir_protocols::payload::{self, DecodeContext, PayloadFormat, PayloadLimits}
 use super::ingest::now_ms;
 use crate::ack::{AckEvent, AckInbox, AckToken};
 use crate::config::{AckPoint, BridgeConfig};
-use crate::fabric::{message_items, DeadLetter, Fabric, Item};
+use crate::fabric::{message_items, DeadLetter, Fabric, Item, MessageMeta};
 use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel, ReasonLabel};
 
 /// The protocol label of the bridge's metrics.
@@ -512,10 +512,11 @@ impl Connection<'_> {
             payload::decode(bridge.format, &payload, &ctx, &mut self.records)
         };
         let mut items = Vec::new();
+        let meta = MessageMeta::new(&payload, bridge.format);
         match decoded {
             Ok(()) => {
                 bridge.metrics.records_decoded.inc_by(self.records.len() as u64);
-                message_items(&mut self.records, token, &mut items);
+                message_items(&mut self.records, token, meta, &mut items);
             }
             Err(error) => {
                 bridge
@@ -533,7 +534,7 @@ impl Connection<'_> {
                     raw: payload,
                     received_ts_ms,
                 };
-                items.push(Item::dead_letter(letter, token));
+                items.push(Item::dead_letter(letter, token).of_message(meta));
             }
         }
         self.enqueue_all(id, items, tracked).await
@@ -581,7 +582,10 @@ impl Connection<'_> {
         };
         self.skipping = size;
         self.discard_skipped();
-        self.enqueue_all(id, vec![Item::dead_letter(letter, token)], tracked).await?;
+        // Its format is unknown (never read): `Auto` leaves the device's last known format.
+        let meta =
+            MessageMeta { bytes: u32::try_from(size).unwrap_or(u32::MAX), format: PayloadFormat::Auto };
+        self.enqueue_all(id, vec![Item::dead_letter(letter, token).of_message(meta)], tracked).await?;
         Ok(true)
     }
 

@@ -15,7 +15,7 @@ use weir_protocols::reply::{Reply, ReplyFormat, Status};
 
 use crate::ack::{AckEvent, AckInbox, AckToken};
 use crate::config::AckPoint;
-use crate::fabric::{message_items, DeadLetter, Fabric, Item, SendError};
+use crate::fabric::{message_items, DeadLetter, Fabric, Item, MessageMeta, SendError};
 use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel, ReasonLabel};
 
 /// What every connection of one message-oriented listener shares.
@@ -216,17 +216,19 @@ impl MessageQueue {
         let token = AckToken::for_point(ctx.ack, n, &self.inbox);
         let mut pending = Pending { n, seq: None, format: reply_format, undecodable: None, status: None };
         let mut items = Vec::new();
+        let meta = MessageMeta::new(&payload, format);
         match decoded {
             Ok(()) => {
                 ctx.metrics.records_decoded.inc_by(self.records.len() as u64);
                 pending.seq = self.records.iter().filter_map(|r| r.seq).max();
-                message_items(&mut self.records, token, &mut items);
+                message_items(&mut self.records, token, meta, &mut items);
             }
             Err(error) => {
                 let reason = error.to_string();
                 tracing::debug!(%reason, source, "message not decodable; dead-lettered");
                 pending.undecodable = Some(reason.clone());
-                items.push(self.dead_letter(device_id, source, payload, reason, received_ts_ms, token));
+                let letter = self.dead_letter(device_id, source, payload, reason, received_ts_ms, token);
+                items.push(letter.of_message(meta));
             }
         }
         self.enqueue_now(pending, items, tracked)
@@ -250,7 +252,8 @@ impl MessageQueue {
         let token = AckToken::for_point(self.ctx.ack, n, &self.inbox);
         let pending =
             Pending { n, seq: None, format: reply_format, undecodable: Some(reason.clone()), status: None };
-        let item = self.dead_letter(device_id, source, payload, reason, now_ms(), token);
+        let meta = MessageMeta::new(&payload, PayloadFormat::Auto);
+        let item = self.dead_letter(device_id, source, payload, reason, now_ms(), token).of_message(meta);
         self.enqueue_now(pending, vec![item], tracked)
     }
 

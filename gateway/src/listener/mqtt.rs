@@ -37,7 +37,7 @@ use super::{Accepted, ByteStream};
 use crate::ack::{AckEvent, AckInbox, AckToken};
 use crate::auth::{AuthFailure, Credentials, ListenerAuth, PublishPolicy};
 use crate::config::{AckPoint, MqttListenerConfig};
-use crate::fabric::{message_items, DeadLetter, Fabric, Item, SendError};
+use crate::fabric::{message_items, DeadLetter, Fabric, Item, MessageMeta, SendError};
 use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel, ReasonLabel};
 use crate::sessions::{taken_over, Sessions, Takeover};
 use crate::shutdown::ShutdownWatch;
@@ -758,10 +758,14 @@ impl<S: ByteStream> Connection<S> {
         let tracked = point != AckPoint::Received;
         let token = ack.and_then(|id| AckToken::for_point(point, id.get(), &self.inbox));
         let mut items = Vec::new();
+        let meta = MessageMeta::new(
+            &payload,
+            format.unwrap_or_else(|| PayloadFormat::from(self.ctx.config.payload)),
+        );
         match decoded {
             Ok(()) => {
                 metrics.records_decoded.inc_by(self.records.len() as u64);
-                message_items(&mut self.records, token, &mut items);
+                message_items(&mut self.records, token, meta, &mut items);
             }
             Err(error) => {
                 metrics.records_dead_lettered.get_or_create(&ReasonLabel { reason: "undecodable" }).inc();
@@ -779,7 +783,7 @@ impl<S: ByteStream> Connection<S> {
                     raw: payload,
                     received_ts_ms: now_ms(),
                 };
-                items.push(Item::dead_letter(letter, token));
+                items.push(Item::dead_letter(letter, token).of_message(meta));
             }
         }
         let mut items = items.into_iter();

@@ -498,7 +498,7 @@ fn named_device_id<B>(request: &Request<B>, ctx: &WsContext) -> Result<Option<St
     Ok(id)
 }
 
-fn percent_decode(text: &str) -> Option<String> {
+pub(crate) fn percent_decode(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
