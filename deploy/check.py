@@ -469,6 +469,33 @@ def cmd_grafana(_args):
     return failures.finish(f"{len(used)} of {len(metrics)} weir series used")
 
 
+def cmd_promql(_args):
+    """Every dashboard query is valid PromQL: Grafana's variables are filled in, each query
+    becomes a recording rule, and promtool parses them."""
+    if shutil.which("promtool") is None:
+        print("promtool is not installed (apt-get install prometheus)")
+        return SKIPPED
+    need_yaml()
+    dashboard = json.loads(Path("deploy/grafana/weir-dashboard.json").read_text())
+    queries = [v for k, v in walk(dashboard, []) if k == "expr" and isinstance(v, str)]
+    values = {"__rate_interval": "1m", "__interval": "30s", "__range": "1h"}
+    filled = [re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), ".*"), q) for q in queries]
+    rules = {"groups": [{"name": "weir-dashboard", "rules": [
+        {"record": f"weir_dashboard:query_{i}", "expr": q} for i, q in enumerate(filled)]}]}
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(rules, f)
+    try:
+        result = subprocess.run(["promtool", "check", "rules", f.name], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    if result.returncode != 0:
+        lines = (result.stderr + result.stdout).replace(f.name, "dashboard queries").splitlines()
+        print("\n".join(l for l in lines if l.strip() and not l.startswith("Checking") and l.strip() != "FAILED:"))
+        return FAILED
+    print(f"{len(filled)} queries parsed by promtool")
+    return OK
+
+
 # --- weir configs -------------------------------------------------------------------------------
 
 def referenced_files(config):
@@ -567,6 +594,7 @@ COMMANDS = {
     "compose": cmd_compose,
     "dockerfile": cmd_dockerfile,
     "grafana": cmd_grafana,
+    "promql": cmd_promql,
     "weir-check": cmd_weir_check,
 }
 

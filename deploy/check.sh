@@ -6,7 +6,7 @@
 #
 # Needs python3 (3.11+, with PyYAML) and kubectl (for kustomize). Uses, when installed:
 # haproxy, hadolint, kubernetes-validate (pip), docker compose or docker-compose v2,
-# systemd-analyze, openssl; a check whose tool is missing is SKIPPED, not FAILED.
+# promtool, systemd-analyze, openssl; a check whose tool is missing is SKIPPED, not FAILED.
 #
 # Environment:
 #   WEIR_BIN   a weir binary: every weir config is run through `weir check` (skipped without it)
@@ -181,6 +181,7 @@ report docker-build "SKIPPED (building the image needs a Docker daemon and crate
 
 # --- Grafana -------------------------------------------------------------------------------------
 run_check grafana-dashboard check grafana
+run_check grafana-promql check promql
 
 # --- systemd -------------------------------------------------------------------------------------
 # `verify` insists that ExecStart's binary exists: a copy of the unit points it at WEIR_BIN, or
