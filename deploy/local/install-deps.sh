@@ -3,7 +3,7 @@
 #   mosquitto-clients (mosquitto_pub: the stock-client compatibility tests), mosquitto (benchmark
 #   baseline), sqlite3 (reading the embedded sink back in the README demo), a JRE and Maven
 #   (deploy/local/kafka.sh fetches Kafka's jars from Maven Central and runs the broker), Chromium
-#   (the dashboard test drives it headless), and the PostgreSQL server (through
+#   (the dashboard test drives it headless), haproxy (deploy/check.sh), and the PostgreSQL server (through
 #   deploy/local/postgres.sh install).
 # Idempotent: does nothing when everything is present. Debian/Ubuntu (apt-get); root or sudo.
 set -euo pipefail
@@ -15,6 +15,8 @@ command -v sqlite3 >/dev/null || missing+=(sqlite3)
 command -v java >/dev/null || missing+=(default-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
 command -v chromium >/dev/null || missing+=(chromium)
+# deploy/check.sh validates the compose stack's load balancer config with it.
+command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]] || missing+=(haproxy)
 
 # The PostgreSQL server (deploy/local/postgres.sh runs its own cluster on 5433): installed by that
 # script, which also drops the cluster the Debian package creates on 5432.

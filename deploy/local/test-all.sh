@@ -48,3 +48,6 @@ trap 'rm -f "$log"; stop_started' EXIT
 cargo test --workspace -j"$jobs" --locked -- --show-output 2>&1 | tee "$log"
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+
+echo "== deployment artifacts (deploy/check.sh; every weir config through this build's weir check)"
+WEIR_BIN="${CARGO_TARGET_DIR:-target}/debug/weir" deploy/check.sh
