@@ -364,6 +364,51 @@ impl ListenerConfig {
         }
     }
 
+    /// Per-connection messages and bytes per second; `None` for the bridge (it pulls).
+    pub fn rates(&self) -> Option<(u32, u64)> {
+        match self {
+            ListenerConfig::Mqtt(m) => Some((m.max_messages_per_s, m.max_bytes_per_s)),
+            ListenerConfig::Ws(w) => Some((w.max_messages_per_s, w.max_bytes_per_s)),
+            ListenerConfig::Tcp(t) => Some((t.max_messages_per_s, t.max_bytes_per_s)),
+            ListenerConfig::MqttBridge(_) => None,
+        }
+    }
+
+    /// This listener with the settings a reload changes in place (rates, ACL rules) taken from
+    /// `from` (a listener of the same protocol; otherwise this one unchanged).
+    pub fn with_live_settings_of(&self, from: &ListenerConfig) -> ListenerConfig {
+        self.with_rates_of(from).with_acl_of(from)
+    }
+
+    /// This listener with `from`'s message and byte rates.
+    pub fn with_rates_of(&self, from: &ListenerConfig) -> ListenerConfig {
+        let mut merged = self.clone();
+        match (&mut merged, from) {
+            (ListenerConfig::Mqtt(m), ListenerConfig::Mqtt(f)) => {
+                (m.max_messages_per_s, m.max_bytes_per_s) = (f.max_messages_per_s, f.max_bytes_per_s);
+            }
+            (ListenerConfig::Ws(w), ListenerConfig::Ws(f)) => {
+                (w.max_messages_per_s, w.max_bytes_per_s) = (f.max_messages_per_s, f.max_bytes_per_s);
+            }
+            (ListenerConfig::Tcp(t), ListenerConfig::Tcp(f)) => {
+                (t.max_messages_per_s, t.max_bytes_per_s) = (f.max_messages_per_s, f.max_bytes_per_s);
+            }
+            _ => {}
+        }
+        merged
+    }
+
+    /// This listener with `from`'s publish rules.
+    pub fn with_acl_of(&self, from: &ListenerConfig) -> ListenerConfig {
+        let mut merged = self.clone();
+        match (&mut merged, from) {
+            (ListenerConfig::Mqtt(m), ListenerConfig::Mqtt(f)) => m.acl = f.acl.clone(),
+            (ListenerConfig::Ws(w), ListenerConfig::Ws(f)) => w.acl = f.acl.clone(),
+            _ => {}
+        }
+        merged
+    }
+
     fn tls_mut(&mut self) -> Option<&mut TlsConfig> {
         match self {
             ListenerConfig::Mqtt(m) => m.tls.as_mut(),

@@ -67,6 +67,10 @@ pub struct Gateway {
     tls: Vec<Arc<TlsServer>>,
     /// Every listener's authentication, for [`Gateway::reload_auth`].
     auth: Vec<Arc<ListenerAuth>>,
+    /// Per listener, in config order: what [`Gateway::reload_config`] changes in place.
+    live: Vec<LiveListener>,
+    /// The configuration in effect (the start's, with what reloads applied).
+    running: std::sync::Mutex<Config>,
 }
 
 /// What [`Gateway::reload_tls`] did.
@@ -115,8 +119,19 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         let rules: Vec<String> = listener.acl().iter().map(|r| r.publish.clone()).collect();
         let policy = PublishPolicy::new(&rules, auth.is_some())
             .map_err(|reason| StartError::Auth { what: what(), reason })?;
-        listener_auth.push((auth, policy));
+        listener_auth.push((auth, Arc::new(policy)));
     }
+    // What a config reload changes in place, per listener.
+    let live: Vec<LiveListener> = config
+        .listeners
+        .iter()
+        .zip(&listener_auth)
+        .map(|(listener, (auth, policy))| LiveListener {
+            rates: listener.rates().map(|(m, b)| Arc::new(listener::throttle::RateLimits::new(m, b))),
+            policy: Arc::clone(policy),
+            authenticated: auth.is_some(),
+        })
+        .collect();
     let auth: Vec<Arc<ListenerAuth>> = listener_auth.iter().filter_map(|(a, _)| a.clone()).collect();
     let tls: Vec<Arc<TlsServer>> = listener_tls.iter().chain([&ops_tls]).flatten().cloned().collect();
 
@@ -206,9 +221,10 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
 
     let mut listener_addrs = Vec::new();
     let mut listeners = JoinSet::new();
-    for (((listener, socket), tls), (listener_auth, policy)) in
-        config.listeners.iter().zip(bound).zip(listener_tls).zip(listener_auth)
+    for ((((listener, socket), tls), (listener_auth, policy)), live) in
+        config.listeners.iter().zip(bound).zip(listener_tls).zip(listener_auth).zip(&live)
     {
+        let rates = live.rates.clone().unwrap_or_default();
         if let Some((addr, socket)) = &socket {
             listener_addrs.push(socket.local_addr().map_err(|source| StartError::Bind {
                 addr: *addr,
@@ -227,7 +243,8 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
                         weir_proto::SourceProtocol::Mqtt,
                     )
                     .with_sessions(Arc::clone(&sessions))
-                    .with_auth(listener_auth, policy),
+                    .with_auth(listener_auth, policy)
+                    .with_rates(rates),
                 );
                 let signal = Arc::clone(&shutdown_signal);
                 let max_connections = mqtt.max_connections;
@@ -267,8 +284,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
                     Arc::clone(&metrics),
                     Arc::clone(&shutdown_signal),
                     Arc::clone(&sessions),
-                    listener_auth,
-                    policy,
+                    listener::Controls { auth: listener_auth, policy, rates },
                 ));
                 let shutdown = shutdown_rx.clone();
                 let admission = admission(listener, "ws", &metrics);
@@ -302,12 +318,15 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
                     what: "device listener",
                     source,
                 })?;
-                let ctx = Arc::new(listener::tcp::TcpContext::new(
-                    tcp.clone(),
-                    fabric.clone(),
-                    Arc::clone(&metrics),
-                    local_addr,
-                ));
+                let ctx = Arc::new(
+                    listener::tcp::TcpContext::new(
+                        tcp.clone(),
+                        fabric.clone(),
+                        Arc::clone(&metrics),
+                        local_addr,
+                    )
+                    .with_rates(rates),
+                );
                 let signal = Arc::clone(&shutdown_signal);
                 let admission = admission(listener, "tcp", &metrics);
                 match tls {
@@ -373,7 +392,30 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         pipeline,
         tls,
         auth,
+        live,
+        running: std::sync::Mutex::new(config),
     })
+}
+
+/// A listener's settings that a config reload changes in place.
+struct LiveListener {
+    /// `None` for the bridge.
+    rates: Option<Arc<listener::throttle::RateLimits>>,
+    policy: Arc<PublishPolicy>,
+    /// Rules are enforced (default deny) with authentication even when there are none.
+    authenticated: bool,
+}
+
+/// What [`Gateway::reload_config`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigReload {
+    /// Settings now in effect (`listeners[0].acl`, ...).
+    pub applied: Vec<String>,
+    /// Sections or listeners that changed in ways only a restart applies; they keep running as
+    /// they were.
+    pub needs_restart: Vec<String>,
+    /// Settings the new config has that could not be applied (kept as they were), with why.
+    pub rejected: Vec<String>,
 }
 
 /// The admission control of a device listener.
@@ -435,6 +477,79 @@ impl Gateway {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Applies what can change on a running gateway from `new` (already validated, as by
+    /// `Config::load`): per-connection message and byte rates and publish ACL rules of every
+    /// listener, at once for every open connection. Anything else that differs is reported as
+    /// needing a restart and keeps running as it was. TLS files and password files are re-read
+    /// by [`Gateway::reload_tls`] and [`Gateway::reload_auth`] (SIGHUP does all three).
+    pub fn reload_config(&self, new: Config) -> ConfigReload {
+        let mut report = ConfigReload::default();
+        let mut running = self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if new.listeners.len() != running.listeners.len() {
+            report.needs_restart.push("listeners (added or removed)".into());
+        }
+        for (i, (new_listener, live)) in new.listeners.iter().zip(&self.live).enumerate() {
+            let old = &running.listeners[i];
+            if old.protocol() != new_listener.protocol() {
+                report.needs_restart.push(format!("listeners[{i}] (protocol)"));
+                continue;
+            }
+            // What differs beyond the settings applied in place.
+            if format!("{:?}", new_listener.with_live_settings_of(old)) != format!("{old:?}") {
+                report.needs_restart.push(format!("listeners[{i}] ({})", old.protocol()));
+            }
+            let mut merged = old.with_rates_of(new_listener);
+            if let (Some(rates), Some(now), Some(next)) = (&live.rates, old.rates(), new_listener.rates()) {
+                if now != next {
+                    rates.set(next.0, next.1);
+                    report.applied.push(format!("listeners[{i}].max_messages_per_s, max_bytes_per_s"));
+                }
+            }
+            if old.acl() != new_listener.acl() {
+                let rules: Vec<String> = new_listener.acl().iter().map(|r| r.publish.clone()).collect();
+                match PublishPolicy::new(&rules, live.authenticated) {
+                    Ok(policy) => {
+                        live.policy.replace(policy);
+                        report.applied.push(format!("listeners[{i}].acl"));
+                        merged = merged.with_acl_of(new_listener);
+                    }
+                    Err(reason) => report.rejected.push(format!("listeners[{i}].acl: {reason}")),
+                }
+            }
+            running.listeners[i] = merged;
+        }
+        let sections: [(&str, String, String); 8] = [
+            ("data_dir", format!("{:?}", running.data_dir), format!("{:?}", new.data_dir)),
+            ("ops", format!("{:?}", running.ops), format!("{:?}", new.ops)),
+            ("sessions", format!("{:?}", running.sessions), format!("{:?}", new.sessions)),
+            ("sources", format!("{:?}", running.sources), format!("{:?}", new.sources)),
+            ("fabric", format!("{:?}", running.fabric), format!("{:?}", new.fabric)),
+            ("sink", format!("{:?}", running.sink), format!("{:?}", new.sink)),
+            ("buffer", format!("{:?}", running.buffer), format!("{:?}", new.buffer)),
+            ("shutdown", format!("{:?}", running.shutdown), format!("{:?}", new.shutdown)),
+        ];
+        for (name, old, new) in sections {
+            if old != new {
+                report.needs_restart.push(name.into());
+            }
+        }
+        let result =
+            if report.needs_restart.is_empty() && report.rejected.is_empty() { "ok" } else { "partial" };
+        self.metrics.config_reloads.get_or_create(&metrics::ResultLabel { result }).inc();
+        tracing::info!(
+            applied = ?report.applied,
+            needs_restart = ?report.needs_restart,
+            rejected = ?report.rejected,
+            "config reloaded"
+        );
+        report
+    }
+
+    /// Counts a reload whose file did not load (the caller logs why); nothing changed.
+    pub fn config_reload_failed(&self) {
+        self.metrics.config_reloads.get_or_create(&metrics::ResultLabel { result: "error" }).inc();
     }
 
     /// Re-reads every TLS listener's certificate, key, client CAs and CRLs (what SIGHUP does).

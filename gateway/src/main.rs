@@ -110,8 +110,9 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
-            let config = match config {
-                Some(path) => match Config::load(&path) {
+            let path = config;
+            let config = match &path {
+                Some(path) => match Config::load(path) {
                     Ok(c) => c,
                     Err(error) => {
                         eprintln!("{error}");
@@ -121,7 +122,7 @@ fn main() -> ExitCode {
                 None => Config::default(),
             };
             init_logging(cli.log_format, &cli.log);
-            match run(config) {
+            match run(config, path) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     tracing::error!("{error:#}");
@@ -133,13 +134,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(config: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         // Listening before the gateway starts: an early SIGHUP must not end the process.
         let signals = Signals::listen();
         let gateway = weir::start(config).await?;
-        signals.until_shutdown(&gateway).await;
+        signals.until_shutdown(&gateway, path.as_deref()).await;
         let report = gateway.shutdown().await;
         if !report.clean {
             anyhow::bail!("shutdown grace period ran out; unacked work was abandoned");
@@ -148,7 +149,8 @@ fn run(config: Config) -> anyhow::Result<()> {
     })
 }
 
-/// The signals weir acts on: SIGTERM and SIGINT stop it, SIGHUP reloads TLS certificates.
+/// The signals weir acts on: SIGTERM and SIGINT stop it, SIGHUP reloads the config file (what
+/// can change in place), TLS certificates and password files.
 struct Signals {
     terminate: Option<tokio::signal::unix::Signal>,
     hangup: Option<tokio::signal::unix::Signal>,
@@ -168,12 +170,26 @@ impl Signals {
         Self { terminate, hangup }
     }
 
-    /// Returns on SIGTERM or SIGINT; each SIGHUP meanwhile reloads the TLS certificates.
-    async fn until_shutdown(mut self, gateway: &weir::Gateway) {
+    /// Returns on SIGTERM or SIGINT; each SIGHUP meanwhile reloads the config file at `path`
+    /// (a file that does not load or validate changes nothing), TLS certificates and password
+    /// files.
+    async fn until_shutdown(mut self, gateway: &weir::Gateway, path: Option<&std::path::Path>) {
         loop {
             tokio::select! {
                 Some(()) = recv(&mut self.hangup) => {
-                    tracing::info!("SIGHUP received; reloading TLS certificates");
+                    if let Some(path) = path {
+                        tracing::info!(path = %path.display(), "SIGHUP received; reloading the config");
+                        match Config::load(path) {
+                            Ok(config) => {
+                                gateway.reload_config(config);
+                            }
+                            Err(error) => {
+                                gateway.config_reload_failed();
+                                tracing::error!(%error, "config not reloaded; the running config stays");
+                            }
+                        }
+                    }
+                    tracing::info!("reloading TLS certificates");
                     let report = gateway.reload_tls();
                     tracing::info!(reloaded = report.reloaded, failed = report.failed, "TLS reload done");
                     let (reloaded, failed) = gateway.reload_auth();

@@ -94,6 +94,7 @@ pub struct Metrics {
     pub acl_denied: Family<ProtocolLabel, Counter>,
     pub throttled: Family<ProtocolReasonLabel, Counter>,
     pub throttled_seconds: Family<ProtocolLabel, Counter<f64, AtomicU64>>,
+    pub config_reloads: Family<ResultLabel, Counter>,
     pub source_devices: Gauge,
     pub source_devices_flagged: Family<FlagLabel, Gauge>,
     pub source_devices_seen: Counter,
@@ -176,6 +177,7 @@ impl Metrics {
             acl_denied: Family::default(),
             throttled: Family::default(),
             throttled_seconds: Family::default(),
+            config_reloads: Family::default(),
             source_devices: Gauge::default(),
             source_devices_flagged: Family::default(),
             source_devices_seen: Counter::default(),
@@ -234,6 +236,11 @@ impl Metrics {
             "throttled_seconds",
             "Time device connections spent paused for being over their rate, by protocol",
             m.throttled_seconds.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Config reloads (SIGHUP), by result: ok, partial (some changes need a restart or were rejected), error (the file did not load; nothing changed)",
+            m.config_reloads.clone(),
         );
         r.register("devices", "Devices in the source table (/api/devices)", m.source_devices.clone());
         r.register(

@@ -107,56 +107,110 @@ fn check_names_the_tls_file_that_does_not_load() {
     );
 }
 
-/// SIGHUP reloads the certificates of a running `weir` (and does not stop it); SIGTERM does.
-#[test]
-fn sighup_reloads_tls_certificates() {
-    use rustix::process::{kill_process, Pid, Signal};
-    use std::io::{Read, Write};
+/// A `weir run` process on `config` (written to `weir.toml` in `dir`, with `{ops}` replaced by a
+/// free ops port); its metrics are read over HTTP.
+struct RunningWeir {
+    child: std::process::Child,
+    ops_port: u16,
+    path: std::path::PathBuf,
+}
 
-    let dir = tempfile::tempdir().unwrap();
-    write_cert(dir.path(), "server");
-    let ops_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let path = dir.path().join("weir.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "data_dir = {:?}\n[ops]\nlisten = \"127.0.0.1:{ops_port}\"\n[[listeners]]\nprotocol = \"mqtt\"\n\
-             listen = \"127.0.0.1:0\"\n[listeners.tls]\ncert_file = \"server.pem\"\nkey_file = \"server.key\"\n",
-            dir.path().join("data")
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["run", "--config", path.to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let metrics = || -> Option<String> {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", ops_port)).ok()?;
+impl RunningWeir {
+    fn start(dir: &std::path::Path, config: &str) -> Self {
+        let ops_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let path = dir.join("weir.toml");
+        std::fs::write(&path, config.replace("{ops}", &format!("127.0.0.1:{ops_port}"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["run", "--config", path.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let weir = Self { child, ops_port, path };
+        assert!(weir.wait_for("weir_sink_ready 1"), "weir did not start");
+        weir
+    }
+
+    fn metrics(&self) -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.ops_port)).ok()?;
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
         let mut text = String::new();
         s.read_to_string(&mut text).ok()?;
         Some(text)
-    };
-    let wait_for = |what: &str| {
+    }
+
+    fn wait_for(&self, what: &str) -> bool {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while std::time::Instant::now() < deadline {
-            if metrics().is_some_and(|m| m.contains(what)) {
+            if self.metrics().is_some_and(|m| m.contains(what)) {
                 return true;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         false
-    };
-    assert!(wait_for("weir_sink_ready 1"), "weir did not start");
-    let pid = Pid::from_child(&child);
+    }
+
+    fn signal(&self, signal: rustix::process::Signal) {
+        rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), signal).unwrap();
+    }
+
+    fn stop(mut self) {
+        self.signal(rustix::process::Signal::TERM);
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
+/// SIGHUP reloads the certificates of a running `weir` (and does not stop it); SIGTERM does.
+#[test]
+fn sighup_reloads_tls_certificates() {
+    use rustix::process::Signal;
+    let dir = tempfile::tempdir().unwrap();
     write_cert(dir.path(), "server");
-    kill_process(pid, Signal::HUP).unwrap();
-    assert!(wait_for("weir_tls_reloads_total{result=\"ok\"} 1"), "{:?}", metrics());
+    let weir = RunningWeir::start(
+        dir.path(),
+        &format!(
+            "data_dir = {:?}\n[ops]\nlisten = \"{{ops}}\"\n[[listeners]]\nprotocol = \"mqtt\"\n\
+             listen = \"127.0.0.1:0\"\n[listeners.tls]\ncert_file = \"server.pem\"\nkey_file = \"server.key\"\n",
+            dir.path().join("data")
+        ),
+    );
+    write_cert(dir.path(), "server");
+    weir.signal(Signal::HUP);
+    assert!(weir.wait_for("weir_tls_reloads_total{result=\"ok\"} 1"), "{:?}", weir.metrics());
     std::fs::write(dir.path().join("server.key"), "garbage").unwrap();
-    kill_process(pid, Signal::HUP).unwrap();
-    assert!(wait_for("weir_tls_reloads_total{result=\"error\"} 1"), "{:?}", metrics());
-    kill_process(pid, Signal::TERM).unwrap();
-    assert!(child.wait().unwrap().success());
+    weir.signal(Signal::HUP);
+    assert!(weir.wait_for("weir_tls_reloads_total{result=\"error\"} 1"), "{:?}", weir.metrics());
+    weir.stop();
+}
+
+/// SIGHUP re-reads the config file: a file that does not load changes nothing (counted as an
+/// error, weir keeps running); a valid one applies what can change in place (here a rate) and
+/// reports what needs a restart (here the fabric) as "partial".
+#[test]
+fn sighup_reloads_the_config_and_keeps_the_running_one_when_the_new_is_invalid() {
+    use rustix::process::Signal;
+    let dir = tempfile::tempdir().unwrap();
+    let config = |rate: u32, linger: u32| {
+        format!(
+            "data_dir = {:?}\n[ops]\nlisten = \"{{ops}}\"\n[[listeners]]\nprotocol = \"mqtt\"\n\
+             listen = \"127.0.0.1:0\"\nmax_messages_per_s = {rate}\n[fabric]\nlinger_ms = {linger}\n",
+            dir.path().join("data")
+        )
+    };
+    let weir = RunningWeir::start(dir.path(), &config(100, 5));
+    let ops = format!("127.0.0.1:{}", weir.ops_port);
+    std::fs::write(&weir.path, "[[listeners]]\nprotocol = \"mqtt\"\nmax_messages_per_s = \"fast\"\n")
+        .unwrap();
+    weir.signal(Signal::HUP);
+    assert!(weir.wait_for("weir_config_reloads_total{result=\"error\"} 1"), "{:?}", weir.metrics());
+    assert!(weir.wait_for("weir_sink_ready 1"), "weir stopped after an invalid config");
+
+    std::fs::write(&weir.path, config(0, 5).replace("{ops}", &ops)).unwrap();
+    weir.signal(Signal::HUP);
+    assert!(weir.wait_for("weir_config_reloads_total{result=\"ok\"} 1"), "{:?}", weir.metrics());
+    std::fs::write(&weir.path, config(0, 50).replace("{ops}", &ops)).unwrap();
+    weir.signal(Signal::HUP);
+    assert!(weir.wait_for("weir_config_reloads_total{result=\"partial\"} 1"), "{:?}", weir.metrics());
+    weir.stop();
 }

@@ -284,10 +284,11 @@ impl ListenerAuth {
 }
 
 /// A listener's publish policy: `None` when nothing is enforced (no auth and no rules: every
-/// topic allowed, as without this module).
-#[derive(Debug, Clone, Default)]
+/// topic allowed, as without this module). Shared by the listener's connections; a config
+/// reload replaces the rules in place (the next publish is checked against the new ones).
+#[derive(Debug, Default)]
 pub struct PublishPolicy {
-    acl: Option<Acl>,
+    acl: RwLock<Option<Arc<Acl>>>,
 }
 
 impl PublishPolicy {
@@ -295,18 +296,28 @@ impl PublishPolicy {
     /// devices or has rules of its own.
     pub fn new(rules: &[String], enforced: bool) -> Result<Self, String> {
         if !enforced && rules.is_empty() {
-            return Ok(Self { acl: None });
+            return Ok(Self::default());
         }
         let rules = rules.iter().map(|r| TopicRule::parse(r)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { acl: Some(Acl::new(rules)) })
+        Ok(Self { acl: RwLock::new(Some(Arc::new(Acl::new(rules)))) })
+    }
+
+    /// Takes `other`'s rules (a config reload).
+    pub fn replace(&self, other: PublishPolicy) {
+        let rules = other.acl.into_inner().unwrap_or_else(PoisonError::into_inner);
+        *self.acl.write().unwrap_or_else(PoisonError::into_inner) = rules;
+    }
+
+    fn acl(&self) -> Option<Arc<Acl>> {
+        self.acl.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     pub fn is_enforced(&self) -> bool {
-        self.acl.is_some()
+        self.acl.read().unwrap_or_else(PoisonError::into_inner).is_some()
     }
 
     pub fn allows(&self, topic: &str, identity: Option<&str>) -> bool {
-        self.acl.as_ref().is_none_or(|acl| acl.allows_publish(topic, identity))
+        self.acl().is_none_or(|acl| acl.allows_publish(topic, identity))
     }
 }
 

@@ -11,6 +11,14 @@ pub mod throttle;
 pub mod tls;
 pub mod ws;
 
+/// Who may connect to a listener and what its devices may do: its authentication, its publish
+/// rules and its per-connection rates (the last two changed in place by a config reload).
+pub struct Controls {
+    pub auth: Option<Arc<crate::auth::ListenerAuth>>,
+    pub policy: Arc<crate::auth::PublishPolicy>,
+    pub rates: Arc<throttle::RateLimits>,
+}
+
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;

@@ -65,10 +65,10 @@ pub struct MqttContext {
     sessions: Arc<Sessions>,
     /// Device authentication; `None`: devices are anonymous or identified by certificate.
     auth: Option<Arc<ListenerAuth>>,
-    /// What devices may publish to.
-    policy: PublishPolicy,
-    /// Each connection's message and byte rate.
-    rates: RateLimits,
+    /// What devices may publish to (replaced in place by a config reload).
+    policy: Arc<PublishPolicy>,
+    /// Each connection's message and byte rate (changed in place by a config reload).
+    rates: Arc<RateLimits>,
 }
 
 impl MqttContext {
@@ -83,7 +83,7 @@ impl MqttContext {
         let messages_received =
             metrics.messages_received.get_or_create(&ProtocolLabel { protocol: label }).clone();
         let sessions = Sessions::without_store(Arc::clone(&metrics));
-        let rates = RateLimits::new(config.max_messages_per_s, config.max_bytes_per_s);
+        let rates = Arc::new(RateLimits::new(config.max_messages_per_s, config.max_bytes_per_s));
         Self {
             config,
             fabric,
@@ -93,15 +93,21 @@ impl MqttContext {
             messages_received,
             sessions,
             auth: None,
-            policy: PublishPolicy::default(),
+            policy: Arc::default(),
             rates,
         }
     }
 
     /// Authenticates devices with `auth` and enforces `policy` on their publishes.
-    pub fn with_auth(mut self, auth: Option<Arc<ListenerAuth>>, policy: PublishPolicy) -> Self {
+    pub fn with_auth(mut self, auth: Option<Arc<ListenerAuth>>, policy: Arc<PublishPolicy>) -> Self {
         self.auth = auth;
         self.policy = policy;
+        self
+    }
+
+    /// Paces connections by `rates` (the listener's, shared with what a reload changes).
+    pub fn with_rates(mut self, rates: Arc<RateLimits>) -> Self {
+        self.rates = rates;
         self
     }
 

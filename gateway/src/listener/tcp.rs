@@ -35,8 +35,8 @@ pub struct TcpContext {
     ingest: Arc<IngestContext>,
     /// The records' `source`: the listener's address, `tcp://127.0.0.1:7000`.
     source: String,
-    /// Each connection's message and byte rate.
-    rates: RateLimits,
+    /// Each connection's message and byte rate (changed in place by a config reload).
+    rates: Arc<RateLimits>,
 }
 
 impl TcpContext {
@@ -59,8 +59,14 @@ impl TcpContext {
             config.ack,
             config.keep_raw,
         ));
-        let rates = RateLimits::new(config.max_messages_per_s, config.max_bytes_per_s);
+        let rates = Arc::new(RateLimits::new(config.max_messages_per_s, config.max_bytes_per_s));
         Self { config, framing, ingest, source: format!("tcp://{local_addr}"), rates }
+    }
+
+    /// Paces connections by `rates` (the listener's, shared with what a reload changes).
+    pub fn with_rates(mut self, rates: Arc<RateLimits>) -> Self {
+        self.rates = rates;
+        self
     }
 }
 

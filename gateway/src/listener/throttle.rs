@@ -11,6 +11,7 @@
 //! One connection is one device for MQTT (the client id is taken over by a newer connection);
 //! a raw TCP or WebSocket connection carries the device it names.
 
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -23,20 +24,27 @@ const BURST: Duration = Duration::from_secs(1);
 /// message fits: a device held at its rate is woken about ten times a second, not per message.
 const RESUME_ROOM: Duration = Duration::from_millis(100);
 
-/// A listener's per-connection rates; 0 is no limit.
-#[derive(Debug, Clone, Copy, Default)]
+/// A listener's per-connection rates; 0 is no limit. Shared by the listener's connections and
+/// changed in place by a config reload (the next message is charged at the new rate).
+#[derive(Debug, Default)]
 pub struct RateLimits {
-    messages_per_s: u32,
-    bytes_per_s: u64,
+    messages_per_s: AtomicU32,
+    bytes_per_s: AtomicU64,
 }
 
 impl RateLimits {
     pub fn new(messages_per_s: u32, bytes_per_s: u64) -> Self {
-        Self { messages_per_s, bytes_per_s }
+        Self { messages_per_s: AtomicU32::new(messages_per_s), bytes_per_s: AtomicU64::new(bytes_per_s) }
     }
 
-    fn is_unlimited(&self) -> bool {
-        self.messages_per_s == 0 && self.bytes_per_s == 0
+    pub fn set(&self, messages_per_s: u32, bytes_per_s: u64) {
+        self.messages_per_s.store(messages_per_s, Ordering::Relaxed);
+        self.bytes_per_s.store(bytes_per_s, Ordering::Relaxed);
+    }
+
+    /// Messages and bytes per second now.
+    pub fn get(&self) -> (u32, u64) {
+        (self.messages_per_s.load(Ordering::Relaxed), self.bytes_per_s.load(Ordering::Relaxed))
     }
 }
 
@@ -99,14 +107,14 @@ impl Throttle {
     /// Charges one message of `bytes` to the budget (after it was read: it is handled either
     /// way). Returns the pause it earned, if the device is now over one of its rates.
     pub fn charge(&mut self, limits: &RateLimits, bytes: usize, now: Instant) -> Option<Pause> {
-        if limits.is_unlimited() {
+        let (messages_per_s, bytes_per_s) = limits.get();
+        if messages_per_s == 0 && bytes_per_s == 0 {
             return None;
         }
         let t = now_ns(now);
         let by_messages =
-            charge(&mut self.messages_at, t, 1, limits.messages_per_s.into()).map(|at| (at, Limit::Messages));
-        let by_bytes =
-            charge(&mut self.bytes_at, t, bytes as u64, limits.bytes_per_s).map(|at| (at, Limit::Bytes));
+            charge(&mut self.messages_at, t, 1, messages_per_s.into()).map(|at| (at, Limit::Messages));
+        let by_bytes = charge(&mut self.bytes_at, t, bytes as u64, bytes_per_s).map(|at| (at, Limit::Bytes));
         let (at, limit) = match (by_messages, by_bytes) {
             (Some(m), Some(b)) => m.max(b),
             (m, b) => m.or(b)?,

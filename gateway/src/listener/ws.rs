@@ -37,7 +37,7 @@ use super::mqtt::MqttContext;
 use super::throttle::{self, RateLimits, Throttle};
 use super::tls::TlsServer;
 use super::{Accepted, ByteStream};
-use crate::auth::{AuthFailure, Authenticator, Credentials, ListenerAuth, PublishPolicy};
+use crate::auth::{AuthFailure, Authenticator, Credentials, ListenerAuth};
 use crate::config::{MqttListenerConfig, WsListenerConfig};
 use crate::fabric::Fabric;
 use crate::metrics::{Metrics, ProtocolLabel, ProtocolReasonLabel};
@@ -62,8 +62,9 @@ pub struct WsContext {
     shutdown_signal: Arc<ShutdownSignal>,
     /// Device authentication of every path (`/mqtt` through its MQTT context).
     auth: Option<Arc<ListenerAuth>>,
-    /// Each `/ingest` WebSocket's message and byte rate (`/mqtt` through its MQTT context).
-    rates: RateLimits,
+    /// Each WebSocket's message and byte rate, `/ingest` and `/mqtt` alike (changed in place by
+    /// a config reload).
+    rates: Arc<RateLimits>,
 }
 
 impl WsContext {
@@ -73,9 +74,9 @@ impl WsContext {
         metrics: Arc<Metrics>,
         shutdown_signal: Arc<ShutdownSignal>,
         sessions: Arc<Sessions>,
-        auth: Option<Arc<ListenerAuth>>,
-        policy: PublishPolicy,
+        controls: super::Controls,
     ) -> Self {
+        let super::Controls { auth, policy, rates } = controls;
         let ws_ingest = Arc::new(IngestContext::new(
             fabric.clone(),
             Arc::clone(&metrics),
@@ -111,12 +112,12 @@ impl WsContext {
         let mqtt = Arc::new(
             MqttContext::new(mqtt_config, fabric, Arc::clone(&metrics), SourceProtocol::MqttWs)
                 .with_sessions(sessions)
-                .with_auth(auth.clone(), policy),
+                .with_auth(auth.clone(), policy)
+                .with_rates(Arc::clone(&rates)),
         );
         // Validated with the config.
         let device_header =
             config.device_id_header.parse().unwrap_or_else(|_| HeaderName::from_static("x-device-id"));
-        let rates = RateLimits::new(config.max_messages_per_s, config.max_bytes_per_s);
         Self { config, ws_ingest, http_ingest, mqtt, metrics, device_header, shutdown_signal, auth, rates }
     }
 
