@@ -411,6 +411,7 @@ pub async fn run(params: BaselineParams) -> anyhow::Result<FloodReport> {
         last_seq_per_device_max: devices.iter().map(|d| d.seq).max().unwrap_or(0),
         reconnects: 0,
         resent: 0,
+        targets: Vec::new(),
         devices: device_counts,
     };
     drop(log);

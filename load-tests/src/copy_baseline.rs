@@ -236,6 +236,7 @@ pub async fn run(params: CopyBaselineParams) -> anyhow::Result<FloodReport> {
         last_seq_per_device_max: devices.values().map(|d| d.sent).max().unwrap_or(0),
         reconnects: 0,
         resent: 0,
+        targets: Vec::new(),
         devices,
     })
 }

@@ -10,16 +10,17 @@
 //!   acknowledged, asks for the disconnect (a device idle in `poll` needs a request to wake up).
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::{timeout_at, Instant};
 
 use crate::payload::TelemetryPayload;
+use crate::targets::{TargetBook, NO_TARGET};
 
 /// Requests queued between the device and its rumqttc event loop. Small on purpose: what is
 /// queued at the deadline is still sent, and one queued request is enough to keep the loop busy.
@@ -34,8 +35,8 @@ pub(crate) const LATENCY_MAX_MICROS: u64 = 60_000_000;
 /// What every device of one run shares.
 #[derive(Debug)]
 pub struct DevicePlan {
-    pub host: String,
-    pub port: u16,
+    /// The servers, and what happened on each; see [`crate::targets`].
+    pub targets: Arc<TargetBook>,
     pub qos: QoS,
     pub payload_bytes: usize,
     /// Messages per second per connection; 0 = as fast as the window allows.
@@ -91,6 +92,9 @@ pub struct DeviceProgress {
     pub reconnects: AtomicU64,
     /// Publishes written again after a reconnect, with the seqs they had (outbox devices only).
     pub resent: AtomicU64,
+    /// Index in the plan's targets of the current connection, or of the last one once closed;
+    /// [`NO_TARGET`] before the first.
+    pub target: AtomicUsize,
     /// Total publishes the pacer enqueued, once it has stopped (`u64::MAX` until then).
     pacer_enqueued: AtomicU64,
     /// Signalled when everything the pacer enqueued is sent (QoS 0) or acknowledged (QoS 1).
@@ -106,6 +110,7 @@ impl Default for DeviceProgress {
             connected: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
             resent: AtomicU64::new(0),
+            target: AtomicUsize::new(NO_TARGET),
             pacer_enqueued: AtomicU64::new(u64::MAX),
             drained: Notify::new(),
         }
@@ -191,33 +196,39 @@ pub async fn run_device(plan: Arc<DevicePlan>, index: usize, wiring: DeviceWirin
     let topic = format!("devices/{client_id}/telemetry");
     let payload = TelemetryPayload::new(client_id.clone(), plan.payload_bytes);
 
-    let mut options = MqttOptions::new(client_id, plan.host.clone(), plan.port);
-    options
-        .set_keep_alive(Duration::from_secs(30))
-        .set_clean_session(true)
-        .set_inflight(plan.max_inflight)
-        .set_max_packet_size(64 * 1024, (plan.payload_bytes + topic.len() + 64).max(10 * 1024));
-    let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CHANNEL_CAPACITY);
-    let mut network = eventloop.network_options();
-    network.set_tcp_nodelay(plan.tcp_nodelay);
-    network.set_connection_timeout(plan.connect_timeout.as_secs().max(1));
-    eventloop.set_network_options(network);
-
     let mut outcome = DeviceOutcome { sent: 0, acked: 0, last_seq: 0, error: None, last_progress_at: None };
 
-    let connected = match eventloop.poll().await {
-        Ok(Event::Incoming(Incoming::ConnAck(_))) => Ok(()),
-        Ok(other) => Err(DeviceError::Connect(format!("expected CONNACK, got {other:?}"))),
-        Err(error) => Err(DeviceError::Connect(error.to_string())),
+    // The assigned target first, then each next one once (see `crate::targets`).
+    let mut target = plan.targets.assign(index);
+    let mut attempts = 0;
+    let connected = loop {
+        let (client, mut eventloop) = mqtt_client(&plan, target, &client_id, &topic);
+        let error = match eventloop.poll().await {
+            Ok(Event::Incoming(Incoming::ConnAck(_))) => break Ok((client, eventloop)),
+            Ok(other) => DeviceError::Connect(format!("expected CONNACK, got {other:?}")),
+            Err(error) => DeviceError::Connect(error.to_string()),
+        };
+        let next = plan.targets.connect_failed(target);
+        attempts += 1;
+        if attempts == plan.targets.len() {
+            break Err(error);
+        }
+        target = next;
     };
+    if connected.is_ok() {
+        plan.targets.connected(target, false, &progress);
+        progress.connected.store(true, Ordering::SeqCst);
+    }
     // The coordinator counts every device exactly once; if it is gone the run is over anyway.
     let _ = connected_tx.send(connected.is_ok()).await;
     drop(connected_tx);
-    if let Err(error) = connected {
-        outcome.error = Some(error);
-        return outcome;
-    }
-    progress.connected.store(true, Ordering::SeqCst);
+    let (client, mut eventloop) = match connected {
+        Ok(connection) => connection,
+        Err(error) => {
+            outcome.error = Some(error);
+            return outcome;
+        }
+    };
 
     let start = match start_rx.wait_for(Option::is_some).await {
         Ok(start) => *start,
@@ -279,6 +290,7 @@ pub async fn run_device(plan: Arc<DevicePlan>, index: usize, wiring: DeviceWirin
         let event = match timeout_at(hard_deadline, eventloop.poll()).await {
             Ok(Ok(event)) => event,
             Ok(Err(error)) => {
+                plan.targets.dropped(target);
                 outcome.error = Some(DeviceError::Connection(error.to_string()));
                 break;
             }
@@ -335,6 +347,23 @@ pub async fn run_device(plan: Arc<DevicePlan>, index: usize, wiring: DeviceWirin
     flush_latency(&latency, &mut latency_buffer);
     outcome.last_seq = outcome.sent;
     outcome
+}
+
+/// A rumqttc client for `target` of the plan, not yet connected (the first poll connects).
+fn mqtt_client(plan: &DevicePlan, target: usize, client_id: &str, topic: &str) -> (AsyncClient, EventLoop) {
+    let server = plan.targets.target(target);
+    let mut options = MqttOptions::new(client_id, server.host.clone(), server.port);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(true)
+        .set_inflight(plan.max_inflight)
+        .set_max_packet_size(64 * 1024, (plan.payload_bytes + topic.len() + 64).max(10 * 1024));
+    let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CHANNEL_CAPACITY);
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(plan.tcp_nodelay);
+    network.set_connection_timeout(plan.connect_timeout.as_secs().max(1));
+    eventloop.set_network_options(network);
+    (client, eventloop)
 }
 
 /// Wakes the pacer once it has stopped and everything it enqueued is done.

@@ -1,5 +1,6 @@
 //! `weir-load flood`: N simulated devices publish telemetry as fast as allowed for a fixed time,
-//! and report totals, ack latency and what every device sent and had acknowledged.
+//! to one server or spread over several (`--targets`), and report totals, ack latency, what
+//! every device sent and had acknowledged, and connections per server.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -18,16 +19,23 @@ use crate::device::{
 use crate::outbox::run_outbox_device;
 use crate::payload::TelemetryPayload;
 use crate::report::{DeviceCount, DeviceCounts, FloodReport, LatencySummary, Scenario};
+use crate::targets::{Target, TargetBook, TargetCount};
 
 /// What to flood and how: the options of `weir-load flood`. [`FloodParams::default`] gives the
 /// CLI defaults (127.0.0.1:1883, 100 connections, QoS 1, 128-byte payloads, 10 s).
 #[derive(Debug, Clone, clap::Args)]
 pub struct FloodParams {
-    /// MQTT server to load.
+    /// MQTT server to load (one target; see `--targets` for several).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     #[arg(long, default_value_t = 1883)]
     pub port: u16,
+    /// Several MQTT servers, `host:port,host:port,...`, instead of `--host`/`--port`: devices
+    /// are assigned round-robin, and a device whose connect or reconnect fails moves on to the
+    /// next server in the list (as behind DNS or a load balancer). The report counts
+    /// connections, reconnects and failures per server.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["host", "port"])]
+    pub targets: Vec<Target>,
     /// Simulated devices, one MQTT connection each.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub connections: u32,
@@ -68,8 +76,9 @@ pub struct FloodParams {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub tcp_nodelay: bool,
     /// Devices with an outbox (QoS 1 only): a connection that drops is not an error; the device
-    /// reconnects with backoff (100 ms doubling to 2 s, with jitter), resends every publish not
-    /// yet acknowledged with its seq, and carries on. For runs where the server crashes or
+    /// reconnects with backoff (100 ms doubling to 2 s, with jitter; to the same server first,
+    /// to the next of `--targets` once that fails), resends every publish not yet acknowledged
+    /// with its seq, and carries on. For runs where the server crashes or
     /// restarts; reconnects and resends are counted in the report.
     #[arg(long)]
     pub reconnect: bool,
@@ -91,6 +100,20 @@ impl FloodParams {
     pub fn new(host: impl Into<String>, port: u16) -> Self {
         Self { host: host.into(), port, ..Self::default() }
     }
+
+    /// The defaults, spread over `targets` (at least one).
+    pub fn spread(targets: impl IntoIterator<Item = impl Into<Target>>) -> Self {
+        Self { targets: targets.into_iter().map(Into::into).collect(), ..Self::default() }
+    }
+
+    /// The servers devices are spread over: `targets`, or `host:port` when it is empty.
+    pub fn target_list(&self) -> Vec<Target> {
+        if self.targets.is_empty() {
+            vec![Target::new(self.host.clone(), self.port)]
+        } else {
+            self.targets.clone()
+        }
+    }
 }
 
 /// Live totals of a running flood, for a caller that watches it while it runs (a fault test
@@ -98,7 +121,14 @@ impl FloodParams {
 /// the same flood once [`run_watched`] has started it.
 #[derive(Debug, Clone, Default)]
 pub struct FloodWatch {
-    devices: Arc<OnceLock<Vec<Arc<DeviceProgress>>>>,
+    watched: Arc<OnceLock<Watched>>,
+}
+
+/// What a [`FloodWatch`] reads, set once the flood has started its devices.
+#[derive(Debug)]
+struct Watched {
+    devices: Vec<Arc<DeviceProgress>>,
+    targets: Arc<TargetBook>,
 }
 
 /// Totals over every device at one moment.
@@ -121,7 +151,8 @@ impl FloodWatch {
     /// The totals now; all zero before the flood started.
     pub fn snapshot(&self) -> FloodSnapshot {
         let mut snapshot = FloodSnapshot::default();
-        for p in self.devices.get().map(Vec::as_slice).unwrap_or_default() {
+        let devices = self.watched.get().map(|w| w.devices.as_slice()).unwrap_or_default();
+        for p in devices {
             let sent = p.sent.load(Ordering::SeqCst);
             snapshot.sent += sent;
             snapshot.acked += p.acked.load(Ordering::SeqCst);
@@ -131,6 +162,11 @@ impl FloodWatch {
             snapshot.resent += p.resent.load(Ordering::SeqCst);
         }
         snapshot
+    }
+
+    /// Counts per target now, in `targets` order; empty before the flood started.
+    pub fn targets(&self) -> Vec<TargetCount> {
+        self.watched.get().map(|w| w.targets.counts(&w.devices)).unwrap_or_default()
     }
 }
 
@@ -154,9 +190,9 @@ pub async fn run_watched(args: FloodParams, watch: FloodWatch) -> anyhow::Result
         bail!("--reconnect needs --qos 1: at QoS 0 there is nothing to resend");
     }
     let connections = args.connections as usize;
+    let targets = TargetBook::new(args.target_list());
     let plan = Arc::new(DevicePlan {
-        host: args.host.clone(),
-        port: args.port,
+        targets: Arc::clone(&targets),
         qos: if args.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce },
         payload_bytes: args.payload_bytes,
         rate_per_conn: args.rate_per_conn,
@@ -177,11 +213,11 @@ pub async fn run_watched(args: FloodParams, watch: FloodWatch) -> anyhow::Result
             args.payload_bytes
         );
     }
+    let target_names: Vec<String> = args.target_list().iter().map(Target::to_string).collect();
     eprintln!(
-        "flood: {connections} connections to {}:{} qos={} payload={}B duration={}s rate/conn={} \
+        "flood: {connections} connections to {} qos={} payload={}B duration={}s rate/conn={} \
          max_inflight={} tcp_nodelay={} reconnect={} prefix={} label={}",
-        plan.host,
-        plan.port,
+        target_names.join(","),
         args.qos,
         args.payload_bytes,
         args.duration_secs,
@@ -214,7 +250,8 @@ pub async fn run_watched(args: FloodParams, watch: FloodWatch) -> anyhow::Result
             tokio::spawn(run_device(plan, index, wiring))
         });
     }
-    if watch.devices.set(progress.clone()).is_err() {
+    let watched = Watched { devices: progress.clone(), targets: Arc::clone(&targets) };
+    if watch.watched.set(watched).is_err() {
         bail!("a FloodWatch serves one flood; this one already watches another");
     }
     drop(connected_tx);
@@ -269,8 +306,24 @@ pub async fn run_watched(args: FloodParams, watch: FloodWatch) -> anyhow::Result
     report.devices = device_counts(&plan, &progress);
     report.reconnects = progress.iter().map(|p| p.reconnects.load(Ordering::SeqCst)).sum();
     report.resent = progress.iter().map(|p| p.resent.load(Ordering::SeqCst)).sum();
+    report.targets = targets.counts(&progress);
     if args.reconnect {
         eprintln!("flood: reconnects={} resent={}", report.reconnects, report.resent);
+    }
+    if report.targets.len() > 1 {
+        for t in &report.targets {
+            eprintln!(
+                "flood: target {}: assigned={} connections={} reconnects={} failed_connects={} dropped={} \
+                 devices_here={}",
+                t.target,
+                t.assigned,
+                t.connections,
+                t.reconnects,
+                t.failed_connects,
+                t.dropped,
+                t.devices_here
+            );
+        }
     }
     Ok(report)
 }
@@ -339,6 +392,7 @@ fn summarise(
         last_seq_per_device_max: outcomes.iter().map(|o| o.last_seq).max().unwrap_or(0),
         reconnects: 0,
         resent: 0,
+        targets: Vec::new(),
         devices: DeviceCounts::new(),
     }
 }
@@ -410,6 +464,7 @@ mod tests {
         assert_eq!(params.rate_per_conn, 0);
         assert_eq!(params.max_inflight, 100);
         assert!(params.client_prefix.is_none());
+        assert!(params.targets.is_empty());
         assert_eq!(params.label, "weir");
         assert!(params.tcp_nodelay);
         assert!(!params.reconnect);
@@ -492,6 +547,166 @@ mod tests {
         let snapshot = watch.snapshot();
         assert_eq!((snapshot.sent, snapshot.acked, snapshot.in_flight), (sent, sent, 0));
         assert_eq!((snapshot.reconnects, snapshot.resent, snapshot.connected), (1, 2, 0));
+    }
+
+    #[test]
+    fn targets_come_from_the_cli_or_host_and_port() {
+        use clap::{Args, FromArgMatches};
+        let parse = |args: &[&str]| {
+            let command = FloodParams::augment_args(clap::Command::new("flood"));
+            let matches =
+                command.try_get_matches_from(std::iter::once("flood").chain(args.iter().copied()))?;
+            FloodParams::from_arg_matches(&matches)
+        };
+        let list =
+            |params: FloodParams| params.target_list().iter().map(Target::to_string).collect::<Vec<_>>();
+        assert_eq!(list(parse(&[]).unwrap()), ["127.0.0.1:1883"]);
+        assert_eq!(list(parse(&["--host", "weir", "--port", "1884"]).unwrap()), ["weir:1884"]);
+        assert_eq!(
+            list(parse(&["--targets", "127.0.0.1:1883,127.0.0.1:1884", "--targets", "weir-2:1883"]).unwrap()),
+            ["127.0.0.1:1883", "127.0.0.1:1884", "weir-2:1883"]
+        );
+        assert!(parse(&["--targets", "127.0.0.1:1883", "--port", "1884"]).is_err(), "one way or the other");
+        assert!(parse(&["--targets", "127.0.0.1"]).is_err(), "a target needs a port");
+        let spread = FloodParams::spread(["127.0.0.1:1".parse::<std::net::SocketAddr>().unwrap()]);
+        assert_eq!(list(spread), ["127.0.0.1:1"]);
+    }
+
+    /// Serves one MQTT connection: CONNACK, a PUBACK for every publish; after `drop_after`
+    /// publishes (if given) it returns, closing the connection. Returns the publishes read.
+    async fn serve_connection(mut stream: tokio::net::TcpStream, drop_after: Option<usize>) -> usize {
+        use bytes::BytesMut;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use weir_protocols::mqtt::{self, ConnAck, ConnectReturnCode, Packet};
+
+        let mut buf = BytesMut::new();
+        let mut publishes = 0;
+        loop {
+            while let Some(packet) = mqtt::decode(&mut buf, 1 << 20).unwrap() {
+                let mut out = BytesMut::new();
+                match packet {
+                    Packet::Connect(_) => mqtt::encode(
+                        &Packet::ConnAck(ConnAck {
+                            session_present: false,
+                            code: ConnectReturnCode::Accepted,
+                        }),
+                        &mut out,
+                    ),
+                    Packet::Publish(publish) => {
+                        publishes += 1;
+                        if drop_after == Some(publishes) {
+                            return publishes;
+                        }
+                        mqtt::encode(&Packet::PubAck(publish.pkid), &mut out);
+                    }
+                    Packet::PingReq => mqtt::encode(&Packet::PingResp, &mut out),
+                    Packet::Disconnect => return publishes,
+                    _ => {}
+                }
+                if stream.write_all(&out).await.is_err() {
+                    return publishes;
+                }
+            }
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return publishes,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Acknowledges everything on every connection until aborted.
+    async fn acking_server(listener: tokio::net::TcpListener) {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(serve_connection(stream, None));
+        }
+    }
+
+    /// A port nothing listens on: connects to it are refused.
+    async fn closed_port() -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    fn two_targets(first_port: u16, second_port: u16) -> FloodParams {
+        let mut params = FloodParams::spread([
+            Target::new("127.0.0.1", first_port),
+            Target::new("127.0.0.1", second_port),
+        ]);
+        params.rate_per_conn = 50;
+        params.duration_secs = 1;
+        params.client_prefix = Some("spread".into());
+        params
+    }
+
+    #[tokio::test]
+    async fn a_device_whose_first_target_refuses_connects_to_the_next() {
+        for reconnect in [false, true] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let live = listener.local_addr().unwrap().port();
+            let server = tokio::spawn(acking_server(listener));
+            let mut params = two_targets(closed_port().await, live);
+            params.connections = 4;
+            params.reconnect = reconnect;
+            let report = run(params).await.unwrap();
+            server.abort();
+
+            assert_eq!((report.errors, report.reconnects), (0, 0), "reconnect={reconnect}");
+            assert_eq!(report.acked, report.sent);
+            assert!(report.devices.values().all(|d| d.sent > 0 && d.acked_through == d.sent));
+            let [dead, live] = &report.targets[..] else { panic!("{:?}", report.targets) };
+            assert_eq!(
+                (dead.assigned, dead.connections, dead.failed_connects, dead.devices_here),
+                (2, 0, 2, 0),
+                "devices 0 and 2 start on the dead target: {dead:?}"
+            );
+            assert_eq!(
+                (live.assigned, live.connections, live.failed_connects, live.devices_here),
+                (2, 4, 0, 4),
+                "and connect to the next one: {live:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_device_that_loses_its_server_reconnects_to_the_next_target() {
+        // Target 0 takes 10 publishes (acking 9), then closes the connection and stops listening.
+        let first = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let first_port = first.local_addr().unwrap().port();
+        let crashing = tokio::spawn(async move {
+            let (stream, _) = first.accept().await.unwrap();
+            serve_connection(stream, Some(10)).await
+        });
+        let second = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let second_port = second.local_addr().unwrap().port();
+        let server = tokio::spawn(acking_server(second));
+        let mut params = two_targets(first_port, second_port);
+        params.connections = 1;
+        params.reconnect = true;
+        let watch = FloodWatch::default();
+        let report = run_watched(params, watch.clone()).await.unwrap();
+        server.abort();
+        assert_eq!(crashing.await.unwrap(), 10);
+
+        let device = report.devices["spread-0"];
+        assert_eq!((report.errors, report.reconnects), (0, 1));
+        assert!(report.resent >= 1, "the unacknowledged publish went out again: {report:?}");
+        assert_eq!(device.acked_through, device.sent);
+        let [gone, next] = &report.targets[..] else { panic!("{:?}", report.targets) };
+        assert_eq!(
+            (gone.assigned, gone.connections, gone.reconnects, gone.dropped),
+            (1, 1, 0, 1),
+            "{gone:?}"
+        );
+        assert!(gone.failed_connects >= 1, "the device tried its own target again first: {gone:?}");
+        assert_eq!(gone.devices_here, 0);
+        assert_eq!(
+            (next.assigned, next.connections, next.reconnects, next.dropped),
+            (0, 1, 1, 0),
+            "{next:?}"
+        );
+        assert_eq!((next.failed_connects, next.devices_here), (0, 1));
+        assert_eq!(watch.targets(), report.targets, "the watch reads the same counts");
     }
 
     #[tokio::test]

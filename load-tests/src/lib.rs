@@ -14,6 +14,7 @@ pub mod kafka;
 pub mod payload;
 pub mod postgres;
 pub mod report;
+pub mod targets;
 pub mod verify;
 
 pub use report::{DeviceCount, FloodReport};

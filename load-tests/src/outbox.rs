@@ -138,12 +138,14 @@ impl Backoff {
     }
 }
 
-/// Opens a connection and completes CONNECT/CONNACK (clean session: the outbox, not the
-/// server, remembers what is unacknowledged), within the plan's connect timeout.
-async fn open_link(plan: &DevicePlan, client_id: &str) -> Result<Link, String> {
+/// Opens a connection to `target` of the plan and completes CONNECT/CONNACK (clean session: the
+/// outbox, not the server, remembers what is unacknowledged), within the plan's connect timeout.
+async fn open_link(plan: &DevicePlan, target: usize, client_id: &str) -> Result<Link, String> {
+    let server = plan.targets.target(target);
     let handshake = async {
-        let stream =
-            TcpStream::connect((plan.host.as_str(), plan.port)).await.map_err(|e| format!("connect: {e}"))?;
+        let stream = TcpStream::connect((server.host.as_str(), server.port))
+            .await
+            .map_err(|e| format!("connect to {server}: {e}"))?;
         stream.set_nodelay(plan.tcp_nodelay).map_err(|e| format!("TCP_NODELAY: {e}"))?;
         let (mut reader, mut writer) = stream.into_split();
         let mut out = BytesMut::new();
@@ -197,7 +199,26 @@ pub async fn run_outbox_device(plan: Arc<DevicePlan>, index: usize, wiring: Devi
     let client_id = plan.client_id(index);
     let mut outcome = DeviceOutcome { sent: 0, acked: 0, last_seq: 0, error: None, last_progress_at: None };
 
-    let first = open_link(&plan, &client_id).await.map_err(DeviceError::Connect);
+    // The assigned target first, then each next one once (see `crate::targets`).
+    let mut target = plan.targets.assign(index);
+    let mut attempts = 0;
+    let first = loop {
+        match open_link(&plan, target, &client_id).await {
+            Ok(link) => break Ok(link),
+            Err(error) => {
+                let next = plan.targets.connect_failed(target);
+                attempts += 1;
+                if attempts == plan.targets.len() {
+                    break Err(DeviceError::Connect(error));
+                }
+                target = next;
+            }
+        }
+    };
+    if first.is_ok() {
+        plan.targets.connected(target, false, &progress);
+        progress.connected.store(true, Ordering::SeqCst);
+    }
     let _ = connected_tx.send(first.is_ok()).await;
     drop(connected_tx);
     let mut link = match first {
@@ -207,7 +228,6 @@ pub async fn run_outbox_device(plan: Arc<DevicePlan>, index: usize, wiring: Devi
             return outcome;
         }
     };
-    progress.connected.store(true, Ordering::SeqCst);
 
     let start = match start_rx.wait_for(Option::is_some).await {
         Ok(start) => *start,
@@ -224,6 +244,7 @@ pub async fn run_outbox_device(plan: Arc<DevicePlan>, index: usize, wiring: Devi
         payload: TelemetryPayload::new(client_id.clone(), plan.payload_bytes),
         client_id,
         plan,
+        target,
         start,
         progress,
         latency,
@@ -242,6 +263,8 @@ pub async fn run_outbox_device(plan: Arc<DevicePlan>, index: usize, wiring: Devi
 
 struct OutboxDevice {
     plan: Arc<DevicePlan>,
+    /// The target of the current connection, or the one to try next while there is none.
+    target: usize,
     client_id: String,
     topic: String,
     payload: TelemetryPayload,
@@ -277,10 +300,11 @@ impl OutboxDevice {
                     return;
                 }
                 let _ = timeout_at(hard_deadline, tokio::time::sleep(backoff.wait())).await;
-                match timeout_at(hard_deadline, open_link(&self.plan, &self.client_id)).await {
+                match timeout_at(hard_deadline, open_link(&self.plan, self.target, &self.client_id)).await {
                     Ok(Ok(new_link)) => {
                         backoff.reset();
                         self.progress.reconnects.fetch_add(1, Ordering::SeqCst);
+                        self.plan.targets.connected(self.target, true, &self.progress);
                         *link = Some(new_link);
                         match self.resend(link.as_mut().expect("just set"), hard_deadline).await {
                             // Connected once the outbox is on its way again.
@@ -291,7 +315,10 @@ impl OutboxDevice {
                             }
                         }
                     }
-                    Ok(Err(error)) => last_connect_error = error,
+                    Ok(Err(error)) => {
+                        last_connect_error = error;
+                        self.target = self.plan.targets.connect_failed(self.target);
+                    }
                     Err(_) => {}
                 }
                 continue;
@@ -321,7 +348,7 @@ impl OutboxDevice {
                 live.write_buf.clear();
                 mqtt::encode(&Packet::Disconnect, &mut live.write_buf);
                 let _ = live.flush(hard_deadline).await;
-                self.drop_link(link);
+                self.close_link(link);
                 return;
             }
             if !live.write_buf.is_empty() {
@@ -348,7 +375,7 @@ impl OutboxDevice {
                 }
                 _ = sleep_until(hard_deadline) => {
                     self.outcome.error = Some(self.drain_timeout());
-                    self.drop_link(link);
+                    self.close_link(link);
                     return;
                 }
             };
@@ -410,7 +437,14 @@ impl OutboxDevice {
         live.flush(until).await
     }
 
+    /// The connection broke: counted against its target, which is tried first again.
     fn drop_link(&self, link: &mut Option<Link>) {
+        self.plan.targets.dropped(self.target);
+        self.close_link(link);
+    }
+
+    /// The device is done with the connection (clean end, or it gave up at the deadline).
+    fn close_link(&self, link: &mut Option<Link>) {
         *link = None;
         self.progress.connected.store(false, Ordering::SeqCst);
     }

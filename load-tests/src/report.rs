@@ -8,6 +8,8 @@ use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::targets::TargetCount;
+
 /// What one device (or one simulated device of the raw producer) sent and had acknowledged.
 /// Seqs start at 1 and are published in order, so `1..=sent` were published and, acks arriving
 /// in publish order, `1..=acked_through` were all acknowledged (PUBACK at QoS 1, delivery report
@@ -67,6 +69,11 @@ pub struct FloodReport {
     /// duplicates the devices themselves can cause.
     #[serde(default)]
     pub resent: u64,
+    /// Per server (`flood` only, in `--targets` order, or the one `--host:--port`): devices
+    /// assigned, connections accepted, reconnects, failed connects, broken connections, and
+    /// where each device ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<TargetCount>,
     /// Every device's counts, for the verifier; kept out of the one-line JSON report (the CLI
     /// writes them to `--devices-out`).
     #[serde(skip)]
@@ -220,6 +227,7 @@ mod tests {
             last_seq_per_device_max: 10,
             reconnects: 0,
             resent: 0,
+            targets: Vec::new(),
             devices: DeviceCounts::new(),
         }
     }

@@ -27,6 +27,11 @@ pub fn kafka_sh(args: &[&str]) {
     assert!(status.success(), "deploy/local/kafka.sh {args:?} failed: {status}");
 }
 
+/// [`kafka_sh`] from async code (on a blocking thread).
+pub async fn kafka_sh_async(args: &'static [&'static str]) {
+    tokio::task::spawn_blocking(move || kafka_sh(args)).await.unwrap();
+}
+
 /// One message as read back.
 #[derive(Debug, Clone)]
 pub struct Msg {

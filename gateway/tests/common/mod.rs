@@ -1,11 +1,13 @@
 //! Shared helpers for the integration tests: a whole gateway on port 0 with a temporary data
-//! directory, a raw MQTT client built on weir's own codec, and SQLite read-back.
+//! directory, a raw MQTT client built on weir's own codec, and SQLite read-back; real `weir`
+//! processes in [`process`].
 
 #![allow(dead_code)]
 
 pub mod kafka;
 pub mod pki;
 pub mod postgres;
+pub mod process;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
