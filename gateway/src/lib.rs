@@ -7,6 +7,7 @@ pub mod buffer;
 pub mod config;
 pub mod fabric;
 pub mod listener;
+pub mod logs;
 pub mod metrics;
 pub mod ops;
 pub mod sessions;

@@ -247,34 +247,6 @@ fn hash_of(value: &impl Hash) -> u64 {
     hasher.finish()
 }
 
-/// Logs at most `PER_WINDOW` source events per window; the rest are counted and summarised.
-struct LogBudget {
-    window_start_ms: i64,
-    logged: u32,
-    suppressed: u64,
-}
-
-impl LogBudget {
-    const PER_WINDOW: u32 = 20;
-    const WINDOW_MS: i64 = 10_000;
-
-    fn allow(&mut self, now_ms: i64) -> bool {
-        if now_ms - self.window_start_ms >= Self::WINDOW_MS {
-            if self.suppressed > 0 {
-                tracing::info!(suppressed = self.suppressed, "source events not logged (rate limit)");
-            }
-            *self = LogBudget { window_start_ms: now_ms, logged: 0, suppressed: 0 };
-        }
-        if self.logged < Self::PER_WINDOW {
-            self.logged += 1;
-            true
-        } else {
-            self.suppressed += 1;
-            false
-        }
-    }
-}
-
 struct Table {
     devices: HashMap<Arc<str>, Device>,
     capacity: usize,
@@ -285,7 +257,6 @@ pub struct Sources {
     tables: Box<[Mutex<Table>]>,
     config: SourcesConfig,
     metrics: Arc<Metrics>,
-    log_budget: Mutex<LogBudget>,
     evicted: AtomicU64,
 }
 
@@ -294,8 +265,7 @@ impl Sources {
         let shards = shards.max(1);
         let capacity = config.max_devices.div_ceil(shards).max(1);
         let tables = (0..shards).map(|_| Mutex::new(Table { devices: HashMap::new(), capacity })).collect();
-        let log_budget = Mutex::new(LogBudget { window_start_ms: 0, logged: 0, suppressed: 0 });
-        Arc::new(Self { tables, config, metrics, log_budget, evicted: AtomicU64::new(0) })
+        Arc::new(Self { tables, config, metrics, evicted: AtomicU64::new(0) })
     }
 
     /// Records what one batch of shard `shard` tells about its devices.
@@ -346,7 +316,7 @@ impl Sources {
                 SeqEvent::InOrder => {}
                 SeqEvent::Gap { from, missing } => {
                     m.source_seq_missing.inc_by(missing);
-                    if self.may_log(record.received_ts_ms) {
+                    if crate::logs::SOURCE_EVENTS.allow() {
                         tracing::info!(
                             device = device_id,
                             from,
@@ -363,7 +333,7 @@ impl Sources {
                 }
                 SeqEvent::Restart { highest } => {
                     m.source_seq_restarts.inc();
-                    if self.may_log(record.received_ts_ms) {
+                    if crate::logs::SOURCE_EVENTS.allow() {
                         tracing::info!(
                             device = device_id,
                             seq,
@@ -380,7 +350,7 @@ impl Sources {
                 device.schema_changes += 1;
                 device.schema_changed_ms = Some(record.received_ts_ms);
                 m.source_schema_changes.inc();
-                if self.may_log(record.received_ts_ms) {
+                if crate::logs::SOURCE_EVENTS.allow() {
                     let metrics: Vec<&str> = record.metrics.keys().map(String::as_str).collect();
                     tracing::info!(device = device_id, ?metrics, "payload schema changed");
                 }
@@ -394,10 +364,6 @@ impl Sources {
                 Some(previous) => 0.8 * previous + 0.2 * skew,
             });
         }
-    }
-
-    fn may_log(&self, now_ms: i64) -> bool {
-        self.log_budget.lock().unwrap_or_else(|p| p.into_inner()).allow(now_ms)
     }
 
     /// Drops the least recently seen tenth of a full table (one scan per tenth of its capacity

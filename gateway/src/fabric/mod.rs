@@ -243,6 +243,12 @@ impl Fabric {
             Ok(()) => Ok(Outcome::Stored),
             Err(SendError::Full(item)) => {
                 self.metrics.records_dropped.get_or_create(&ReasonLabel { reason: "fabric_full" }).inc();
+                if crate::logs::DROPS.allow() {
+                    tracing::warn!(
+                        device = item.device_id(),
+                        "fabric full (when_full = drop_newest): record dropped"
+                    );
+                }
                 item.settle(Outcome::Dropped);
                 Ok(Outcome::Dropped)
             }

@@ -525,7 +525,9 @@ impl Connection<'_> {
                     .get_or_create(&ReasonLabel { reason: "undecodable" })
                     .inc();
                 bridge.count_error("undecodable");
-                tracing::debug!(%error, topic, "payload not decodable; dead-lettered");
+                if crate::logs::DEAD_LETTERS.allow() {
+                    tracing::warn!(%error, device = device_id, topic, "payload not decodable; dead-lettered");
+                }
                 let letter = DeadLetter {
                     device_id: device_id.to_owned(),
                     protocol: SourceProtocol::MqttBridge,

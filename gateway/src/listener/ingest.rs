@@ -225,7 +225,9 @@ impl MessageQueue {
             }
             Err(error) => {
                 let reason = error.to_string();
-                tracing::debug!(%reason, source, "message not decodable; dead-lettered");
+                if crate::logs::DEAD_LETTERS.allow() {
+                    tracing::warn!(%reason, device = device_id, source, "message not decodable; dead-lettered");
+                }
                 pending.undecodable = Some(reason.clone());
                 let letter = self.dead_letter(device_id, source, payload, reason, received_ts_ms, token);
                 items.push(letter.of_message(meta));

@@ -775,7 +775,9 @@ impl<S: ByteStream> Connection<S> {
             }
             Err(error) => {
                 metrics.records_dead_lettered.get_or_create(&ReasonLabel { reason: "undecodable" }).inc();
-                tracing::debug!(%error, topic, "payload not decodable; dead-lettered");
+                if crate::logs::DEAD_LETTERS.allow() {
+                    tracing::warn!(%error, device = self.device_id(), topic, "payload not decodable; dead-lettered");
+                }
                 let error = error.to_string();
                 if let (Some(id), true) = (ack, self.session.version().is_v5()) {
                     // Answered 0x99 once the dead letter is stored, so the device knows.
