@@ -75,7 +75,9 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Run { config: None }) {
+    // Bare `weir` is `weir run`: WEIR_CONFIG names its file there too.
+    let bare = || Command::Run { config: std::env::var_os("WEIR_CONFIG").map(PathBuf::from) };
+    match cli.command.unwrap_or_else(bare) {
         Command::DefaultConfig => {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
