@@ -15,6 +15,11 @@
 # deploy/README.md says what each check proves and what none of them can.
 set -uo pipefail
 
+# WEIR_BIN is resolved before the cd below, so a path relative to the caller works (systemd's
+# verify wants ExecStart absolute).
+if [[ -n ${WEIR_BIN:-} ]]; then
+    WEIR_BIN=$(realpath -- "$WEIR_BIN") || { echo "deploy-check: WEIR_BIN=$WEIR_BIN does not exist" >&2; exit 2; }
+fi
 cd "$(dirname "$0")/.." || exit 2
 readonly PYTHON=${PYTHON:-python3}
 readonly K8S_VERSIONS=${WEIR_CHECK_K8S_VERSIONS:-1.28.0 1.37.0}

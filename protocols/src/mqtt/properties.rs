@@ -197,7 +197,65 @@ fn set<T>(slot: &mut Option<T>, value: T) {
 impl Properties {
     /// Whether no property is set.
     pub fn is_empty(&self) -> bool {
-        *self == Properties::default()
+        // Field by field (not `== Properties::default()`, which builds and compares a
+        // 344-byte value: ~90 ns, called up to three times per MQTT 5 ack). Destructured, so a
+        // new property cannot be forgotten here.
+        let Properties {
+            payload_format_indicator,
+            message_expiry_interval,
+            content_type,
+            response_topic,
+            correlation_data,
+            subscription_identifiers,
+            session_expiry_interval,
+            assigned_client_identifier,
+            server_keep_alive,
+            authentication_method,
+            authentication_data,
+            request_problem_information,
+            will_delay_interval,
+            request_response_information,
+            response_information,
+            server_reference,
+            reason_string,
+            receive_maximum,
+            topic_alias_maximum,
+            topic_alias,
+            maximum_qos,
+            retain_available,
+            user_properties,
+            maximum_packet_size,
+            wildcard_subscription_available,
+            subscription_identifier_available,
+            shared_subscription_available,
+        } = self;
+        payload_format_indicator.is_none()
+            && message_expiry_interval.is_none()
+            && content_type.is_none()
+            && response_topic.is_none()
+            && correlation_data.is_none()
+            && subscription_identifiers.is_empty()
+            && session_expiry_interval.is_none()
+            && assigned_client_identifier.is_none()
+            && server_keep_alive.is_none()
+            && authentication_method.is_none()
+            && authentication_data.is_none()
+            && request_problem_information.is_none()
+            && will_delay_interval.is_none()
+            && request_response_information.is_none()
+            && response_information.is_none()
+            && server_reference.is_none()
+            && reason_string.is_none()
+            && receive_maximum.is_none()
+            && topic_alias_maximum.is_none()
+            && topic_alias.is_none()
+            && maximum_qos.is_none()
+            && retain_available.is_none()
+            && user_properties.is_empty()
+            && maximum_packet_size.is_none()
+            && wildcard_subscription_available.is_none()
+            && subscription_identifier_available.is_none()
+            && shared_subscription_available.is_none()
     }
 
     /// Decodes a property list (length, then properties) from the front of `buf`. At most
@@ -433,6 +491,44 @@ impl Properties {
 
 #[cfg(test)]
 mod tests {
+    /// Any one property set, even to its zero value, makes the list non-empty.
+    #[test]
+    fn is_empty_sees_every_property() {
+        assert!(Properties::default().is_empty());
+        let each = [
+            Properties { payload_format_indicator: Some(0), ..Properties::default() },
+            Properties { message_expiry_interval: Some(0), ..Properties::default() },
+            Properties { content_type: Some(String::new()), ..Properties::default() },
+            Properties { response_topic: Some(String::new()), ..Properties::default() },
+            Properties { correlation_data: Some(Bytes::new()), ..Properties::default() },
+            Properties { subscription_identifiers: vec![1], ..Properties::default() },
+            Properties { session_expiry_interval: Some(0), ..Properties::default() },
+            Properties { assigned_client_identifier: Some(String::new()), ..Properties::default() },
+            Properties { server_keep_alive: Some(0), ..Properties::default() },
+            Properties { authentication_method: Some(String::new()), ..Properties::default() },
+            Properties { authentication_data: Some(Bytes::new()), ..Properties::default() },
+            Properties { request_problem_information: Some(0), ..Properties::default() },
+            Properties { will_delay_interval: Some(0), ..Properties::default() },
+            Properties { request_response_information: Some(0), ..Properties::default() },
+            Properties { response_information: Some(String::new()), ..Properties::default() },
+            Properties { server_reference: Some(String::new()), ..Properties::default() },
+            Properties { reason_string: Some(String::new()), ..Properties::default() },
+            Properties { receive_maximum: Some(0), ..Properties::default() },
+            Properties { topic_alias_maximum: Some(0), ..Properties::default() },
+            Properties { topic_alias: Some(0), ..Properties::default() },
+            Properties { maximum_qos: Some(0), ..Properties::default() },
+            Properties { retain_available: Some(0), ..Properties::default() },
+            Properties { user_properties: vec![(String::new(), String::new())], ..Properties::default() },
+            Properties { maximum_packet_size: Some(0), ..Properties::default() },
+            Properties { wildcard_subscription_available: Some(0), ..Properties::default() },
+            Properties { subscription_identifier_available: Some(0), ..Properties::default() },
+            Properties { shared_subscription_available: Some(0), ..Properties::default() },
+        ];
+        for (i, properties) in each.iter().enumerate() {
+            assert!(!properties.is_empty(), "property {i}");
+        }
+    }
+
     use super::*;
 
     fn decode(bytes: &[u8], context: PropertyContext) -> Result<Properties, DecodeError> {
