@@ -185,15 +185,20 @@ impl Device {
     }
 
     fn decay_rates(&mut self, now_ms: i64) {
+        (self.message_rate, self.byte_rate) = self.rates_at(now_ms);
+        self.rates_at_ms = now_ms.max(self.rates_at_ms);
+    }
+
+    /// The message and byte rates as of `now_ms` (decayed since the last message), without
+    /// changing anything.
+    fn rates_at(&self, now_ms: i64) -> (f64, f64) {
         // A batch's records share one time: decay once per device and batch, not per record.
         if now_ms <= self.rates_at_ms {
-            return;
+            return (self.message_rate, self.byte_rate);
         }
-        let dt = (now_ms - self.rates_at_ms).max(0) as f64 / 1000.0;
+        let dt = (now_ms - self.rates_at_ms) as f64 / 1000.0;
         let factor = (-dt / RATE_TAU_S).exp();
-        self.message_rate *= factor;
-        self.byte_rate *= factor;
-        self.rates_at_ms = now_ms.max(self.rates_at_ms);
+        (self.message_rate * factor, self.byte_rate * factor)
     }
 
     fn on_message(&mut self, meta: MessageMeta, now_ms: i64) {
@@ -681,8 +686,7 @@ pub struct DeviceView {
 
 impl DeviceView {
     fn of(id: &str, d: &Device, now_ms: i64, silence_min_ms: i64, skew_warn_ms: f64) -> Self {
-        let mut decayed = d.clone();
-        decayed.decay_rates(now_ms);
+        let (message_rate, byte_rate) = d.rates_at(now_ms);
         let flags = d.flags(now_ms, silence_min_ms, skew_warn_ms);
         Self {
             device_id: id.to_owned(),
@@ -693,8 +697,8 @@ impl DeviceView {
             messages: d.messages,
             records: d.records,
             bytes: d.bytes,
-            messages_per_s: round2(decayed.message_rate),
-            bytes_per_s: round2(decayed.byte_rate),
+            messages_per_s: round2(message_rate),
+            bytes_per_s: round2(byte_rate),
             format: d.format.map(|f| match f {
                 PayloadFormat::Json => "json",
                 PayloadFormat::Protobuf => "protobuf",

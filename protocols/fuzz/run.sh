@@ -26,13 +26,9 @@ seconds=${1:?usage: run.sh [--check] <seconds> [target...]}
 shift
 [[ $seconds =~ ^[0-9]+$ ]] || { echo "run.sh: <seconds> must be a whole number, got '$seconds'" >&2; exit 64; }
 
-if ! rustup run nightly rustc --version >/dev/null 2>&1; then
-    echo "run.sh: cargo-fuzz needs a nightly toolchain (rustup toolchain install nightly)" >&2
-    exit 69
-fi
-if ! cargo fuzz --version >/dev/null 2>&1; then
-    nice -n 19 cargo install cargo-fuzz --locked
-fi
+# shellcheck source=deploy/local/fuzz-toolchain.sh
+source ../../deploy/local/fuzz-toolchain.sh
+require_cargo_fuzz
 
 if [ $# -gt 0 ]; then
     targets=("$@")
