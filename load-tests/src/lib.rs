@@ -14,6 +14,7 @@ pub mod kafka;
 pub mod payload;
 pub mod postgres;
 pub mod report;
+pub mod run_report;
 pub mod targets;
 pub mod verify;
 
