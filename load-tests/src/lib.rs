@@ -9,6 +9,7 @@ mod outbox;
 pub mod baseline;
 pub mod copy_baseline;
 pub mod flood;
+pub mod html;
 pub mod idle;
 pub mod kafka;
 pub mod payload;
