@@ -1,7 +1,8 @@
-//! weir-load as a library: simulated MQTT devices (`flood`), the raw Kafka producer baseline
-//! (`baseline`), the raw PostgreSQL COPY baseline (`copy_baseline`), the end-to-end verifier
-//! (`verify`) and the idle-connection memory scenario (`idle`), so weir's integration tests can
-//! drive the same code as the `weir-load` CLI.
+//! weir-load as a library: simulated MQTT devices (`flood`), fleets of devices over every
+//! protocol described in a scenario file (`scenario`, with its JSON report `run_report` and HTML
+//! page `html`), the raw Kafka producer baseline (`baseline`), the raw PostgreSQL COPY baseline
+//! (`copy_baseline`), the end-to-end verifier (`verify`) and the idle-connection memory scenario
+//! (`idle`), so weir's integration tests can drive the same code as the `weir-load` CLI.
 
 mod device;
 mod outbox;
@@ -16,6 +17,7 @@ pub mod payload;
 pub mod postgres;
 pub mod report;
 pub mod run_report;
+pub mod scenario;
 pub mod targets;
 pub mod verify;
 

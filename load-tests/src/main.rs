@@ -10,7 +10,9 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use weir_load::report::{self, read_device_counts, write_device_counts, DeviceCounts, FloodReport};
-use weir_load::{baseline, copy_baseline, flood, idle, kafka, postgres, verify};
+use weir_load::scenario::run::default_report_path;
+use weir_load::scenario::{self, RunOptions, Scenario};
+use weir_load::{baseline, copy_baseline, flood, html, idle, kafka, postgres, verify};
 
 /// weir's device simulator and benchmark tool.
 #[derive(Debug, Parser)]
@@ -51,6 +53,36 @@ enum Command {
     /// doing one acknowledged message, leave them idle, and compare weir's RSS before and after.
     /// Prints one JSON object and one SUMMARY line; exit 0 within the protocol's target, 3 over.
     Idle(idle::IdleParams),
+    /// Run a scenario file: device groups over MQTT 3.1.1/5, MQTT over WebSocket, WebSocket
+    /// ingest and raw TCP, with rates, ramp-up, reconnect storms and bursts. Prints live progress
+    /// on stderr, writes a JSON report and a self-contained HTML page, reads the sink back when
+    /// the scenario has a [verify] section, and prints one line in `flood`'s shape on stdout
+    /// (for `compare`). Exit 1 when the verifier finds acknowledged records missing.
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The scenario file (TOML; see load-tests/scenarios/).
+    scenario: PathBuf,
+    /// The target's name in the report.
+    #[arg(long, default_value = "weir")]
+    label: String,
+    /// Where the JSON report goes (default `weir-load-NAME.json`).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Where the HTML report goes (default `weir-load-NAME.html`).
+    #[arg(long)]
+    html: Option<PathBuf>,
+    /// Also write every device's `{"sent", "acked_through"}` here, as a JSON map by device id.
+    #[arg(long)]
+    devices_out: Option<PathBuf>,
+    /// Override the scenario's duration_s.
+    #[arg(long)]
+    duration_s: Option<f64>,
+    /// No progress line every second.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -272,6 +304,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             println!("{line}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Run(args) => run_scenario(args).await,
         Command::Idle(params) => {
             let report = idle::run(params).await?;
             println!("{}", serde_json::to_string(&report)?);
@@ -279,6 +312,47 @@ async fn main() -> anyhow::Result<ExitCode> {
             Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::from(3) })
         }
     }
+}
+
+async fn run_scenario(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(&args.scenario)
+        .with_context(|| format!("reading {}", args.scenario.display()))?;
+    let mut scenario = Scenario::parse(&text).with_context(|| format!("in {}", args.scenario.display()))?;
+    if let Some(duration) = args.duration_s {
+        scenario.duration_s = duration;
+        scenario
+            .check()
+            .with_context(|| format!("{} with --duration-s {duration}", args.scenario.display()))?;
+    }
+    let options = RunOptions { label: args.label, scenario_text: text, quiet: args.quiet };
+    let outcome = scenario::run(&scenario, &options).await?;
+    let json_path = args.json.unwrap_or_else(|| default_report_path(&scenario.name, "json"));
+    let html_path = args.html.unwrap_or_else(|| default_report_path(&scenario.name, "html"));
+    std::fs::write(&json_path, serde_json::to_vec_pretty(&outcome.report)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    std::fs::write(&html_path, html::render(&outcome.report))
+        .with_context(|| format!("writing {}", html_path.display()))?;
+    for (reason, count) in &outcome.errors_by_reason {
+        eprintln!("run: {count} x {reason}");
+    }
+    if let Some(verify) = &outcome.report.verify {
+        eprintln!(
+            "run: verify {}: {} (acked {}, found {}, lost {}, duplicates {})",
+            verify.sink,
+            if verify.passed { "PASSED" } else { "FAILED" },
+            verify.acked,
+            verify.found,
+            verify.lost,
+            verify.duplicates
+        );
+    }
+    eprintln!("run: report in {} and {}", json_path.display(), html_path.display());
+    let flood = outcome.flood_report(&scenario);
+    let status = finish_run(&flood, args.devices_out.as_deref())?;
+    Ok(match &outcome.report.verify {
+        Some(verify) if !verify.passed => ExitCode::FAILURE,
+        _ => status,
+    })
 }
 
 /// Prints the report line, writes the device counts if asked, and fails a run where nothing got
