@@ -418,3 +418,73 @@ pub fn default_report_path(name: &str, extension: &str) -> PathBuf {
         name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
     PathBuf::from(format!("weir-load-{safe}.{extension}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use bytes::BytesMut;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use weir_protocols::mqtt::{self, Packet};
+
+    use super::*;
+
+    /// A minimal MQTT 3.1.1 server: CONNACK, then counts PUBLISH packets until DISCONNECT.
+    async fn counting_server() -> (std::net::SocketAddr, Arc<AtomicU64>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let publishes = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&publishes);
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let counted = Arc::clone(&counted);
+                tokio::spawn(async move {
+                    let mut buf = BytesMut::new();
+                    loop {
+                        while let Some(packet) = mqtt::decode(&mut buf, 1 << 20).unwrap() {
+                            match packet {
+                                Packet::Connect(_) => stream.write_all(&[0x20, 2, 0, 0]).await.unwrap(),
+                                Packet::Publish(_) => {
+                                    counted.fetch_add(1, Ordering::SeqCst);
+                                }
+                                Packet::Disconnect => return,
+                                other => panic!("unexpected {other:?}"),
+                            }
+                        }
+                        if stream.read_buf(&mut buf).await.unwrap() == 0 {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, publishes)
+    }
+
+    #[tokio::test]
+    async fn flat_out_qos0_devices_stop_on_time_and_count_what_the_server_read() {
+        let (addr, publishes) = counting_server().await;
+        let text = format!(
+            "name = \"q0\"\nduration_s = 0.5\ndrain_timeout_s = 5\n[target]\nmqtt = \"{addr}\"\n\
+             [[devices]]\nname = \"d\"\ncount = 4\nprotocol = \"mqtt3\"\nqos = 0\nrate = 0\n"
+        );
+        let scenario = Scenario::parse(&text).unwrap();
+        let options = RunOptions { quiet: true, ..RunOptions::default() };
+        // A device that never looks at the clock while it can write would write forever.
+        let outcome = tokio::time::timeout(Duration::from_secs(60), run(&scenario, &options))
+            .await
+            .expect("the run ends after its duration and drain")
+            .unwrap();
+        assert!(outcome.errors_by_reason.is_empty(), "{:?}", outcome.errors_by_reason);
+        let totals = &outcome.report.totals;
+        assert!(totals.sent > 0);
+        assert_eq!(totals.acked, 0);
+        // Each device waits for the server's close after its DISCONNECT: every publish counted
+        // as sent was read.
+        assert_eq!(publishes.load(Ordering::SeqCst), totals.sent);
+        assert_eq!(outcome.devices.values().map(|d| d.sent).sum::<u64>(), totals.sent);
+        assert!(outcome.devices.values().all(|d| d.acked_through == 0));
+    }
+}

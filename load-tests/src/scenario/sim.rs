@@ -465,8 +465,6 @@ impl<'a> Device<'a> {
                         return self.broken(reason);
                     }
                 }
-                _ = std::future::ready(()), if flat_out_room => {}
-                _ = sleep_until(next_due), if paced => {}
                 changed = storms.changed() => {
                     if changed.is_ok() {
                         let (generation, fraction) = *storms.borrow_and_update();
@@ -481,6 +479,9 @@ impl<'a> Device<'a> {
                     }
                 }
                 _ = stopped(stop), if !stopping => stopping = true,
+                // After the storm and stop arms: a flat-out device is always ready to write.
+                _ = std::future::ready(()), if flat_out_room => {}
+                _ = sleep_until(next_due), if paced => {}
                 _ = sleep_until(ping_at), if self.version.is_some() => {
                     let mut ping = BytesMut::new();
                     weir_protocols::mqtt::encode(&weir_protocols::mqtt::Packet::PingReq, &mut ping);
