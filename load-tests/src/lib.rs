@@ -1,19 +1,23 @@
 //! weir-load as a library: simulated MQTT devices (`flood`), the raw Kafka producer baseline
-//! (`baseline`), the raw PostgreSQL COPY baseline (`copy_baseline`), the end-to-end verifier
+//! (`baseline`), the raw PostgreSQL COPY baseline (`copy_baseline`), the raw SQLite insert
+//! baseline (`sqlite_baseline`), a server's CPU time (`cpu`), the end-to-end verifier
 //! (`verify`) and the idle-connection memory scenario (`idle`), so weir's integration tests can
 //! drive the same code as the `weir-load` CLI.
 
 mod device;
+mod fd_limit;
 mod outbox;
 
 pub mod baseline;
 pub mod copy_baseline;
+pub mod cpu;
 pub mod flood;
 pub mod idle;
 pub mod kafka;
 pub mod payload;
 pub mod postgres;
 pub mod report;
+pub mod sqlite_baseline;
 pub mod targets;
 pub mod verify;
 
