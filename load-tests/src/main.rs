@@ -210,6 +210,10 @@ struct CompareArgs {
     /// MISSED (e.g. 0.8).
     #[arg(long, conflicts_with_all = ["latency", "cpu"])]
     min_ratio: Option<f64>,
+    /// Throughput comparison: the candidate's least msgs/s, an absolute target reported as
+    /// met or MISSED (e.g. 300000).
+    #[arg(long, conflicts_with_all = ["latency", "cpu"])]
+    min_rate: Option<f64>,
 }
 
 /// What `verify-kafka` and `verify-postgres` print.
@@ -297,6 +301,9 @@ async fn main() -> anyhow::Result<ExitCode> {
                 let mut line = report::comparison_line(&args.scenario, &baseline, &candidate);
                 if let Some(min_ratio) = args.min_ratio {
                     line.push_str(&report::ratio_target(&baseline, &candidate, min_ratio));
+                }
+                if let Some(min_rate) = args.min_rate {
+                    line.push_str(&report::rate_target(&candidate, min_rate));
                 }
                 line
             };

@@ -170,6 +170,17 @@ pub fn ratio_target(baseline: &FloodReport, candidate: &FloodReport, min_ratio: 
     )
 }
 
+/// What [`comparison_line`] appends for an absolute throughput target: `; target {candidate} >=
+/// N msgs/s: met|MISSED`.
+pub fn rate_target(candidate: &FloodReport, min_msgs_per_sec: f64) -> String {
+    let met = candidate.msgs_per_sec >= min_msgs_per_sec;
+    format!(
+        "; target {} >= {min_msgs_per_sec:.0} msgs/s: {}",
+        candidate.label,
+        if met { "met" } else { "MISSED" }
+    )
+}
+
 /// One line comparing the latency percentiles of two paced runs (same offered load), with the
 /// candidate's p99 checked against `p99_target_ms` when given. When the candidate delivered
 /// under 95% of the baseline's rate it could not keep up with the offered load, and the line
@@ -414,6 +425,15 @@ mod tests {
         );
         assert!(ratio_target(&raw, &report("weir-postgres", 799.0, None), 0.8).ends_with("MISSED"));
         assert!(ratio_target(&report("raw-copy", 0.0, None), &raw, 0.8).ends_with("MISSED"));
+    }
+
+    #[test]
+    fn rate_target_says_met_or_missed() {
+        assert_eq!(
+            rate_target(&report("weir-sqlite", 300_000.0, None), 300_000.0),
+            "; target weir-sqlite >= 300000 msgs/s: met"
+        );
+        assert!(rate_target(&report("weir-sqlite", 299_999.0, None), 300_000.0).ends_with("MISSED"));
     }
 
     #[test]
