@@ -13,7 +13,7 @@
 # Builds release binaries into ${CARGO_TARGET_DIR:-target} (a relative CARGO_TARGET_DIR is taken
 # from the repository root) and runs them from there, starts Mosquitto
 # (deploy/local/mosquitto.sh, port 1884) and weir (MQTT 127.0.0.1:1885, ops 127.0.0.1:9105, a
-# temporary data_dir), then runs `weir-load flood` against each. Scenarios (--scenarios takes a
+# temporary data_dir; see Ports below), then runs `weir-load flood` against each. Scenarios (--scenarios takes a
 # comma-separated list of these names):
 #   qos0-blackhole  QoS 0, Mosquitto vs weir with the blackhole sink
 #   qos1-blackhole  QoS 1, Mosquitto vs weir with the blackhole sink
@@ -90,6 +90,9 @@
 # `deploy/local/kafka.sh status` says running and qos1-postgres when `deploy/local/postgres.sh
 # status` does. qos1-buffer, devices-10k (about 2 x (--devices-duration + connect time)) and
 # idle-15k (about a minute) run only when named in --scenarios.
+# Ports: BENCH_MOSQUITTO_PORT (1884), BENCH_WEIR_MQTT_PORT (1885) and BENCH_WEIR_OPS_PORT
+# (9105) move them, e.g. away from another bench or test on the same machine (a Mosquitto
+# already running on the port is used as it is, and others' load on it is in its figures).
 # stdout: a header (machine, commit), every JSON result line, one SUMMARY line per scenario.
 # stderr: build output and progress. Everything this script started is stopped on exit.
 # Exit: 0 all ran; 1 setup failed; 2 weir was not ready (baselines still reported); 3 a verifier
@@ -97,9 +100,9 @@
 # back); 4 devices-10k or idle-15k could not be measured (see its SUMMARY line).
 set -euo pipefail
 
-readonly MOSQUITTO_PORT=1884
-readonly WEIR_MQTT_PORT=1885
-readonly WEIR_OPS_PORT=9105
+readonly MOSQUITTO_PORT=${BENCH_MOSQUITTO_PORT:-1884}
+readonly WEIR_MQTT_PORT=${BENCH_WEIR_MQTT_PORT:-1885}
+readonly WEIR_OPS_PORT=${BENCH_WEIR_OPS_PORT:-9105}
 readonly HOST=127.0.0.1
 readonly WEIR_READY_TIMEOUT=${WEIR_READY_TIMEOUT:-30}
 readonly WEIR_STOP_TIMEOUT=${WEIR_STOP_TIMEOUT:-30}
@@ -694,7 +697,8 @@ devices_scenario() {
         unmeasured=1
         return
     fi
-    flood_sized mosquitto "$MOSQUITTO_PORT" 1 devices-mosquitto "$devices" "$devices_duration" \
+    # Names of one length: the client id is in every payload, so both servers get the same bytes.
+    flood_sized mosquitto "$MOSQUITTO_PORT" 1 devices-mosq "$devices" "$devices_duration" \
         "${fleet[@]}" --cpu-pid "$pid"
 
     # Every device comes from 127.0.0.1, as fast as the ramp lets it connect.
@@ -708,7 +712,7 @@ devices_scenario() {
         weir_ready=0
     fi
     weir_name='' weir_listener_extra=''
-    summary "$name" "$WORK/devices-mosquitto.json" "$WORK/devices-weir.json" \
+    summary "$name" "$WORK/devices-mosq.json" "$WORK/devices-weir.json" \
         --cpu --max-cpu-ratio "$DEVICES_MAX_CPU_RATIO"
 }
 
