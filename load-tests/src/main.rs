@@ -203,6 +203,10 @@ struct CompareArgs {
     /// MISSED (e.g. 0.5).
     #[arg(long, requires = "cpu")]
     max_cpu_ratio: Option<f64>,
+    /// With --cpu: the msgs/s both runs were offered (devices x rate); a run that carried
+    /// less than 95% of it gets a warning.
+    #[arg(long, requires = "cpu")]
+    offered_msgs_per_sec: Option<f64>,
     /// With --latency: the candidate's p99 target, reported as met or MISSED.
     #[arg(long, requires = "latency")]
     p99_target_ms: Option<f64>,
@@ -296,7 +300,13 @@ async fn main() -> anyhow::Result<ExitCode> {
             let line = if args.latency {
                 report::latency_line(&args.scenario, &baseline, &candidate, args.p99_target_ms)
             } else if args.cpu {
-                report::cpu_line(&args.scenario, &baseline, &candidate, args.max_cpu_ratio)
+                report::cpu_line(
+                    &args.scenario,
+                    &baseline,
+                    &candidate,
+                    args.max_cpu_ratio,
+                    args.offered_msgs_per_sec,
+                )
             } else {
                 let mut line = report::comparison_line(&args.scenario, &baseline, &candidate);
                 if let Some(min_ratio) = args.min_ratio {
