@@ -296,9 +296,13 @@ pub async fn run_device(plan: Arc<DevicePlan>, index: usize, wiring: DeviceWirin
                 break;
             }
             Err(_elapsed) => {
-                let enqueued = enqueued
-                    .unwrap_or_else(|| progress.pacer_enqueued.load(Ordering::SeqCst))
-                    .max(outcome.sent);
+                // A pacer still publishing at the hard deadline has not stored its total
+                // (u64::MAX): what it enqueued is then at least what was sent.
+                let paced = || match progress.pacer_enqueued.load(Ordering::SeqCst) {
+                    u64::MAX => outcome.sent,
+                    total => total,
+                };
+                let enqueued = enqueued.unwrap_or_else(paced).max(outcome.sent);
                 let completed = if qos1 { outcome.acked } else { outcome.sent };
                 outcome.error =
                     Some(DeviceError::DrainTimeout { unfinished: enqueued.saturating_sub(completed) });
