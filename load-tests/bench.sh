@@ -74,9 +74,9 @@
 #                   servers do the same per-message work a telemetry fleet needs (read, decode,
 #                   PUBACK). SUMMARY devices-10k: CPU per message of each, the weir/Mosquitto
 #                   ratio (target <= 0.5: met or MISSED), the offered load, the rates and CPU
-#                   seconds, and a WARNING for a run that carried under 95% of the offered load
-#                   or when the two did not carry the same load (then the CPU figures are not
-#                   like for like). The generator shares the CPUs (it needs about 9 us of CPU
+#                   seconds, and a WARNING for a run that completed under 95% of the messages
+#                   offered, or when the two did not complete the same number (then the CPU
+#                   figures are not like for like). The generator shares the CPUs (it needs about 9 us of CPU
 #                   per message here, ~0.9 core at 100,000 msgs/s), so on 2 cores the load can
 #                   be more than generator and server together can carry. weir's listener here admits
 #                   20,000 connections, with no per-address cap and no connection-rate limit

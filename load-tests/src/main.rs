@@ -203,8 +203,8 @@ struct CompareArgs {
     /// MISSED (e.g. 0.5).
     #[arg(long, requires = "cpu")]
     max_cpu_ratio: Option<f64>,
-    /// With --cpu: the msgs/s both runs were offered (devices x rate); a run that carried
-    /// less than 95% of it gets a warning.
+    /// With --cpu: the msgs/s both runs were offered (devices x rate); a run that completed
+    /// under 95% of the messages offered in its duration gets a warning.
     #[arg(long, requires = "cpu")]
     offered_msgs_per_sec: Option<f64>,
     /// With --latency: the candidate's p99 target, reported as met or MISSED.
