@@ -13,8 +13,8 @@
 # Builds release binaries into ${CARGO_TARGET_DIR:-target} (a relative CARGO_TARGET_DIR is taken
 # from the repository root) and runs them from there, starts Mosquitto
 # (deploy/local/mosquitto.sh, port 1884) and weir (MQTT 127.0.0.1:1885, ops 127.0.0.1:9105, a
-# temporary data_dir; see Ports below), then runs `weir-load flood` against each. Scenarios (--scenarios takes a
-# comma-separated list of these names):
+# temporary data_dir; see Ports below), then runs `weir-load flood` against each. Scenarios
+# (--scenarios takes a comma-separated list of these names):
 #   qos0-blackhole  QoS 0, Mosquitto vs weir with the blackhole sink
 #   qos1-blackhole  QoS 1, Mosquitto vs weir with the blackhole sink
 #   qos1-sqlite     QoS 1, weir with the SQLite sink (its defaults: WAL, synchronous = FULL,
