@@ -1,5 +1,15 @@
-# Shared by bench.sh and idle.sh (sourced, not run). Expects HOST, ROOT, `log` (a message to
-# stderr), `weir_pid` (empty when no weir runs) and WEIR_STOP_TIMEOUT.
+# shellcheck shell=bash
+# Shared by bench.sh, idle.sh and footprint.sh (sourced, not run). Expects HOST, ROOT, `log` (a
+# message to stderr), `weir_pid` (empty when no weir runs) and WEIR_STOP_TIMEOUT.
+
+# Where cargo puts the binaries these scripts build and run: $CARGO_TARGET_DIR, or $ROOT/target.
+# A relative CARGO_TARGET_DIR is taken from $ROOT, where the scripts run cargo; export the
+# result as CARGO_TARGET_DIR so cargo, this script and the scripts it runs agree.
+cargo_target_dir() {
+    local dir=${CARGO_TARGET_DIR:-target}
+    [[ $dir == /* ]] || dir=$ROOT/$dir
+    echo "$dir"
+}
 
 # 0 when an HTTP GET of the URL returns 2xx.
 http_ok() {

@@ -64,11 +64,13 @@ status_field() {
     awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"
 }
 
+CARGO_TARGET_DIR=$(cargo_target_dir)
+export CARGO_TARGET_DIR
 if ((build)); then
     log "building release weir (cargo build --release -j2 -p weir)"
     (cd "$ROOT" && cargo build --release -j2 -p weir >&2)
 fi
-WEIR=${CARGO_TARGET_DIR:-$ROOT/target}/release/weir
+WEIR=$CARGO_TARGET_DIR/release/weir
 [[ -x $WEIR ]] || { log "no release weir at $WEIR"; exit 1; }
 cp "$WEIR" "$WORK/weir"
 strip "$WORK/weir"

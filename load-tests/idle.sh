@@ -9,7 +9,8 @@
 # open-file soft limit to the hard limit (ulimit -n), then for each protocol in turn: writes a
 # config with that protocol's listener (mqtt 127.0.0.1:21883, ws 127.0.0.1:28080, tcp
 # 127.0.0.1:27000 with length_prefixed framing; max_connections 20000; no idle timeout), the
-# blackhole sink and ops on 127.0.0.1:29100; starts target/release/weir; waits for /readyz; runs
+# blackhole sink and ops on 127.0.0.1:29100; starts weir from ${CARGO_TARGET_DIR:-target}/release
+# (a relative CARGO_TARGET_DIR is taken from the repository root); waits for /readyz; runs
 # `weir-load idle` (N connections spread over source addresses 127.0.0.2-127.0.0.5, each doing
 # one acknowledged message, then idle; weir's RSS before and after); stops weir.
 #
@@ -86,11 +87,13 @@ while (($# > 0)); do
 done
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# http_ok, port_taken, machine_header, stop_weir.
+# cargo_target_dir, http_ok, port_taken, machine_header, stop_weir.
 # shellcheck source=common.sh
 source "$ROOT/load-tests/common.sh"
 readonly ROOT
-readonly TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+CARGO_TARGET_DIR=$(cargo_target_dir)
+export CARGO_TARGET_DIR
+readonly TARGET_DIR=$CARGO_TARGET_DIR
 readonly LOAD=$TARGET_DIR/release/weir-load
 readonly WEIR=$TARGET_DIR/release/weir
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/weir-idle.XXXXXX")

@@ -412,6 +412,8 @@ pub async fn run(params: BaselineParams) -> anyhow::Result<FloodReport> {
         reconnects: 0,
         resent: 0,
         targets: Vec::new(),
+        target_cpu_secs: None,
+        cpu_us_per_msg: None,
         devices: device_counts,
     };
     drop(log);

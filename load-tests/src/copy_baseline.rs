@@ -237,6 +237,8 @@ pub async fn run(params: CopyBaselineParams) -> anyhow::Result<FloodReport> {
         reconnects: 0,
         resent: 0,
         targets: Vec::new(),
+        target_cpu_secs: None,
+        cpu_us_per_msg: None,
         devices,
     })
 }

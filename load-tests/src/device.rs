@@ -246,6 +246,7 @@ pub async fn run_device(plan: Arc<DevicePlan>, index: usize, wiring: DeviceWirin
     let pacer = (plan.rate_per_conn > 0).then(|| {
         tokio::spawn(pace(
             Arc::clone(&plan),
+            index,
             client.clone(),
             topic.clone(),
             payload.clone(),
@@ -295,9 +296,13 @@ pub async fn run_device(plan: Arc<DevicePlan>, index: usize, wiring: DeviceWirin
                 break;
             }
             Err(_elapsed) => {
-                let enqueued = enqueued
-                    .unwrap_or_else(|| progress.pacer_enqueued.load(Ordering::SeqCst))
-                    .max(outcome.sent);
+                // A pacer still publishing at the hard deadline has not stored its total
+                // (u64::MAX): what it enqueued is then at least what was sent.
+                let paced = || match progress.pacer_enqueued.load(Ordering::SeqCst) {
+                    u64::MAX => outcome.sent,
+                    total => total,
+                };
+                let enqueued = enqueued.unwrap_or_else(paced).max(outcome.sent);
                 let completed = if qos1 { outcome.acked } else { outcome.sent };
                 outcome.error =
                     Some(DeviceError::DrainTimeout { unfinished: enqueued.saturating_sub(completed) });
@@ -366,6 +371,17 @@ fn mqtt_client(plan: &DevicePlan, target: usize, client_id: &str, topic: &str) -
     (client, eventloop)
 }
 
+/// Where in its period a paced device sends, as a fraction of the period: device `index`'s
+/// messages are due at `start + (n + phase) x period`. Spread over the period by the golden
+/// ratio's fractional parts (0, 0.618, 0.236, 0.854, ...: evenly for any number of devices,
+/// with no need to know it), so a paced fleet sends a steady stream, as independent devices
+/// do, and not every device's message in the same instant once per period. Device 0 starts
+/// at once.
+pub(crate) fn pacing_phase(index: usize) -> f64 {
+    const GOLDEN_RATIO_FRACTION: f64 = 0.618_033_988_749_894_9;
+    (index as f64 * GOLDEN_RATIO_FRACTION).fract()
+}
+
 /// Wakes the pacer once it has stopped and everything it enqueued is done.
 fn notify_if_drained(progress: &DeviceProgress, completed: u64) {
     if completed >= progress.pacer_enqueued.load(Ordering::SeqCst) {
@@ -388,6 +404,7 @@ pub(crate) fn flush_latency(latency: &SharedLatency, buffer: &mut Vec<u64>) {
 /// (QoS 0) or acknowledged (QoS 1), or the drain timeout passes, then requests the disconnect.
 async fn pace(
     plan: Arc<DevicePlan>,
+    index: usize,
     client: AsyncClient,
     topic: String,
     payload: TelemetryPayload,
@@ -397,10 +414,11 @@ async fn pace(
     let deadline = start.at + plan.duration;
     let hard_deadline = deadline + plan.drain_timeout;
     let period = Duration::from_secs_f64(1.0 / f64::from(plan.rate_per_conn));
+    let phase = pacing_phase(index);
     let mut enqueued = 0u64;
     loop {
         // Scheduled from the start rather than from the last send, so a slow send is caught up.
-        let due = start.at + period.mul_f64(enqueued as f64);
+        let due = start.at + period.mul_f64(enqueued as f64 + phase);
         if due >= deadline {
             break;
         }
@@ -423,4 +441,24 @@ async fn pace(
         }
     }
     let _ = timeout_at(hard_deadline, client.disconnect()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacing_phases_spread_devices_evenly_over_the_period() {
+        assert_eq!(pacing_phase(0), 0.0);
+        for devices in [10usize, 100, 10_000] {
+            let mut tenths = [0usize; 10];
+            for index in 0..devices {
+                let phase = pacing_phase(index);
+                assert!((0.0..1.0).contains(&phase), "{phase}");
+                tenths[(phase * 10.0) as usize] += 1;
+            }
+            let (fewest, most) = (tenths.iter().min().unwrap(), tenths.iter().max().unwrap());
+            assert!(most - fewest <= 2 + devices / 500, "{devices} devices: {tenths:?}");
+        }
+    }
 }

@@ -12,14 +12,19 @@ use rumqttc::QoS;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use crate::cpu::{micros_per_message, process_cpu_time, CpuMeter};
 use crate::device::{
     new_latency_histogram, run_device, DeviceError, DeviceOutcome, DevicePlan, DeviceProgress, DeviceWiring,
     RunStart,
 };
+use crate::fd_limit::ensure_fd_limit;
 use crate::outbox::run_outbox_device;
 use crate::payload::TelemetryPayload;
 use crate::report::{DeviceCount, DeviceCounts, FloodReport, LatencySummary, Scenario};
 use crate::targets::{Target, TargetBook, TargetCount};
+
+/// File descriptors the generator needs besides its connections (stdio, epoll, /proc reads).
+const SPARE_FDS: u64 = 64;
 
 /// What to flood and how: the options of `weir-load flood`. [`FloodParams::default`] gives the
 /// CLI defaults (127.0.0.1:1883, 100 connections, QoS 1, 128-byte payloads, 10 s).
@@ -48,7 +53,9 @@ pub struct FloodParams {
     /// Publishing time; outstanding acks are awaited after it.
     #[arg(long, default_value_t = 10)]
     pub duration_secs: u64,
-    /// Messages per second per connection; 0 = as fast as possible.
+    /// Messages per second per connection; 0 = as fast as possible. Paced devices are spread
+    /// over the period (each its own phase), so the server sees a steady stream of
+    /// `connections x rate` messages per second, not one burst per period.
     #[arg(long, default_value_t = 0)]
     pub rate_per_conn: u32,
     /// QoS 1 publishes awaiting PUBACK per connection; publishing waits when it is reached.
@@ -82,6 +89,18 @@ pub struct FloodParams {
     /// restarts; reconnects and resends are counted in the report.
     #[arg(long)]
     pub reconnect: bool,
+    /// Connections being opened (TCP connect plus CONNECT/CONNACK) at once; the next device
+    /// starts connecting when one of them has connected or failed. 0: every device at once.
+    /// Thousands of simultaneous connects overflow a server's listen backlog (Mosquitto's is
+    /// 100) and the kernel's SYN queue; the retransmitted SYNs then take seconds, or miss the
+    /// connect timeout.
+    #[arg(long, default_value_t = 0)]
+    pub connect_concurrency: u32,
+    /// Process id of the server under load: its CPU time (user + system, `/proc/PID/stat`)
+    /// from the common start to the end of the run goes into the report as `target_cpu_secs`
+    /// and `cpu_us_per_msg`. The server must run on this machine.
+    #[arg(long)]
+    pub cpu_pid: Option<u32>,
 }
 
 impl Default for FloodParams {
@@ -216,7 +235,7 @@ pub async fn run_watched(args: FloodParams, watch: FloodWatch) -> anyhow::Result
     let target_names: Vec<String> = args.target_list().iter().map(Target::to_string).collect();
     eprintln!(
         "flood: {connections} connections to {} qos={} payload={}B duration={}s rate/conn={} \
-         max_inflight={} tcp_nodelay={} reconnect={} prefix={} label={}",
+         max_inflight={} tcp_nodelay={} reconnect={} connect_concurrency={} prefix={} label={}",
         target_names.join(","),
         args.qos,
         args.payload_bytes,
@@ -225,37 +244,52 @@ pub async fn run_watched(args: FloodParams, watch: FloodWatch) -> anyhow::Result
         args.max_inflight,
         args.tcp_nodelay,
         args.reconnect,
+        if args.connect_concurrency == 0 { "all".to_owned() } else { args.connect_concurrency.to_string() },
         plan.client_prefix,
         args.label
     );
 
+    ensure_fd_limit(connections as u64 + SPARE_FDS, &format!("one per connection + {SPARE_FDS}"))?;
+    if let Some(pid) = args.cpu_pid {
+        process_cpu_time(pid).context("--cpu-pid")?;
+    }
+
     let latency = Arc::new(Mutex::new(new_latency_histogram()));
     let (connected_tx, mut connected_rx) = mpsc::channel(connections);
     let (start_tx, start_rx) = watch::channel(None);
-    let mut progress = Vec::with_capacity(connections);
-    let mut devices = Vec::with_capacity(connections);
-    for index in 0..connections {
-        let device_progress = Arc::new(DeviceProgress::default());
-        progress.push(Arc::clone(&device_progress));
-        let wiring = DeviceWiring {
-            progress: device_progress,
-            latency: Arc::clone(&latency),
-            connected_tx: connected_tx.clone(),
-            start_rx: start_rx.clone(),
-        };
-        let plan = Arc::clone(&plan);
-        devices.push(if args.reconnect {
-            tokio::spawn(run_outbox_device(plan, index, wiring))
-        } else {
-            tokio::spawn(run_device(plan, index, wiring))
-        });
-    }
+    let progress: Vec<Arc<DeviceProgress>> =
+        (0..connections).map(|_| Arc::new(DeviceProgress::default())).collect();
     let watched = Watched { devices: progress.clone(), targets: Arc::clone(&targets) };
     if watch.watched.set(watched).is_err() {
         bail!("a FloodWatch serves one flood; this one already watches another");
     }
-    drop(connected_tx);
-    drop(start_rx);
+    // Held until the last device is spawned; then only the devices hold them.
+    let mut wiring_ends = Some((connected_tx, start_rx));
+    let spawn_device = |index: usize, (connected_tx, start_rx): &(mpsc::Sender<bool>, _)| {
+        let wiring = DeviceWiring {
+            progress: Arc::clone(&progress[index]),
+            latency: Arc::clone(&latency),
+            connected_tx: connected_tx.clone(),
+            start_rx: watch::Receiver::clone(start_rx),
+        };
+        let plan = Arc::clone(&plan);
+        if args.reconnect {
+            tokio::spawn(run_outbox_device(plan, index, wiring))
+        } else {
+            tokio::spawn(run_device(plan, index, wiring))
+        }
+    };
+    let first_wave = match args.connect_concurrency {
+        0 => connections,
+        limit => connections.min(limit as usize),
+    };
+    let mut devices = Vec::with_capacity(connections);
+    if let Some(ends) = &wiring_ends {
+        devices.extend((0..first_wave).map(|index| spawn_device(index, ends)));
+    }
+    if devices.len() == connections {
+        wiring_ends = None;
+    }
 
     // Every device reports once (connected or not) within its connect timeout.
     let connect_began = Instant::now();
@@ -264,10 +298,19 @@ pub async fn run_watched(args: FloodParams, watch: FloodWatch) -> anyhow::Result
     ticker.tick().await;
     while connected + failed < connections {
         tokio::select! {
-            report = connected_rx.recv() => match report {
-                Some(true) => connected += 1,
-                Some(false) => failed += 1,
-                None => break,
+            report = connected_rx.recv() => {
+                match report {
+                    Some(true) => connected += 1,
+                    Some(false) => failed += 1,
+                    None => break,
+                }
+                // One connect settled: the next device may start connecting.
+                if let Some(ends) = &wiring_ends {
+                    devices.push(spawn_device(devices.len(), ends));
+                    if devices.len() == connections {
+                        wiring_ends = None;
+                    }
+                }
             },
             _ = ticker.tick() => eprintln!(
                 "flood: connecting {connected}/{connections} up, {failed} failed"
@@ -278,6 +321,7 @@ pub async fn run_watched(args: FloodParams, watch: FloodWatch) -> anyhow::Result
         "flood: {connected}/{connections} connected in {:.2}s, {failed} failed; publishing",
         connect_began.elapsed().as_secs_f64()
     );
+    drop(wiring_ends);
 
     let start = RunStart {
         at: Instant::now(),
@@ -286,6 +330,14 @@ pub async fn run_watched(args: FloodParams, watch: FloodWatch) -> anyhow::Result
             .map(|d| d.as_millis() as u64)
             .unwrap_or_default(),
     };
+    // The server's CPU time counts from the common start: the connects are not in it.
+    let cpu_meter = args.cpu_pid.and_then(|pid| match CpuMeter::start(pid) {
+        Ok(meter) => Some(meter),
+        Err(error) => {
+            eprintln!("flood: WARNING --cpu-pid: {error}; the report has no CPU figures");
+            None
+        }
+    });
     // Devices that already returned dropped their receivers; the rest are waiting for this.
     let _ = start_tx.send(Some(start));
 
@@ -300,6 +352,13 @@ pub async fn run_watched(args: FloodParams, watch: FloodWatch) -> anyhow::Result
     }
     reporter.abort();
     let finished_at = Instant::now();
+    let target_cpu = cpu_meter.and_then(|meter| match meter.elapsed() {
+        Ok(cpu) => Some(cpu),
+        Err(error) => {
+            eprintln!("flood: WARNING --cpu-pid {}: {error}; the report has no CPU figures", meter.pid());
+            None
+        }
+    });
 
     let histogram = latency.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     let mut report = summarise(&args, &outcomes, panicked, &histogram, start.at, finished_at);
@@ -307,6 +366,18 @@ pub async fn run_watched(args: FloodParams, watch: FloodWatch) -> anyhow::Result
     report.reconnects = progress.iter().map(|p| p.reconnects.load(Ordering::SeqCst)).sum();
     report.resent = progress.iter().map(|p| p.resent.load(Ordering::SeqCst)).sum();
     report.targets = targets.counts(&progress);
+    if let Some(cpu) = target_cpu {
+        let completed = if plan.is_qos1() { report.acked } else { report.sent };
+        report.target_cpu_secs = Some((cpu.as_secs_f64() * 1000.0).round() / 1000.0);
+        report.cpu_us_per_msg = micros_per_message(cpu, completed).map(|us| (us * 1000.0).round() / 1000.0);
+        eprintln!(
+            "flood: pid {} used {:.3}s CPU, {} us per {} message",
+            args.cpu_pid.unwrap_or_default(),
+            cpu.as_secs_f64(),
+            report.cpu_us_per_msg.map_or_else(|| "n/a".to_owned(), |us| format!("{us:.2}")),
+            if plan.is_qos1() { "acknowledged" } else { "written" },
+        );
+    }
     if args.reconnect {
         eprintln!("flood: reconnects={} resent={}", report.reconnects, report.resent);
     }
@@ -393,6 +464,8 @@ fn summarise(
         reconnects: 0,
         resent: 0,
         targets: Vec::new(),
+        target_cpu_secs: None,
+        cpu_us_per_msg: None,
         devices: DeviceCounts::new(),
     }
 }
@@ -468,6 +541,7 @@ mod tests {
         assert_eq!(params.label, "weir");
         assert!(params.tcp_nodelay);
         assert!(!params.reconnect);
+        assert_eq!((params.connect_concurrency, params.cpu_pid), (0, None));
     }
 
     /// A server that acknowledges the first 3 publishes of the first connection, reads 2 more
@@ -707,6 +781,80 @@ mod tests {
         );
         assert_eq!((next.failed_connects, next.devices_here), (0, 1));
         assert_eq!(watch.targets(), report.targets, "the watch reads the same counts");
+    }
+
+    /// Answers each connection's CONNECT after a short wait, then serves it like
+    /// [`serve_connection`]; `handshaking` counts connections accepted and not yet answered, and
+    /// `most` the most there were at once.
+    async fn slow_connack_server(
+        listener: tokio::net::TcpListener,
+        handshaking: Arc<std::sync::atomic::AtomicUsize>,
+        most: Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        use bytes::BytesMut;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use weir_protocols::mqtt::{self, ConnAck, ConnectReturnCode, Packet};
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let now = handshaking.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            let handshaking = Arc::clone(&handshaking);
+            tokio::spawn(async move {
+                let mut buf = BytesMut::new();
+                while !matches!(mqtt::decode(&mut buf, 1 << 20), Ok(Some(Packet::Connect(_)))) {
+                    if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Before the CONNACK: the device connects its successor only once it has it.
+                handshaking.fetch_sub(1, Ordering::SeqCst);
+                let mut out = BytesMut::new();
+                let accepted = ConnAck { session_present: false, code: ConnectReturnCode::Accepted };
+                mqtt::encode(&Packet::ConnAck(accepted), &mut out);
+                if stream.write_all(&out).await.is_ok() {
+                    serve_connection(stream, None).await;
+                }
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_concurrency_bounds_the_handshakes_in_progress() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let handshaking = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let server = tokio::spawn(slow_connack_server(listener, Arc::clone(&handshaking), Arc::clone(&most)));
+        let mut params = FloodParams::new("127.0.0.1", port);
+        params.connections = 7;
+        params.connect_concurrency = 2;
+        params.rate_per_conn = 20;
+        params.duration_secs = 1;
+        params.client_prefix = Some("ramp".into());
+        // The server runs in this process: its CPU time is this test's.
+        params.cpu_pid = Some(std::process::id());
+        let report = run(params).await.unwrap();
+        server.abort();
+
+        assert_eq!(report.errors, 0, "{report:?}");
+        assert_eq!(report.devices.len(), 7);
+        assert!(report.devices.values().all(|d| d.sent > 0 && d.acked_through == d.sent), "{report:?}");
+        let most = most.load(Ordering::SeqCst);
+        assert!((1..=2).contains(&most), "{most} handshakes at once");
+        let cpu_secs = report.target_cpu_secs.expect("--cpu-pid was given");
+        assert!(cpu_secs >= 0.0);
+        let per_msg = report.cpu_us_per_msg.expect("messages were acknowledged");
+        // Both rounded: to the millisecond and to the nanosecond per message.
+        assert!((per_msg * report.acked as f64 / 1e6 - cpu_secs).abs() <= 0.001, "{report:?}");
+    }
+
+    #[tokio::test]
+    async fn a_cpu_pid_that_does_not_exist_is_a_setup_error() {
+        let mut params = FloodParams::new("127.0.0.1", 1);
+        params.cpu_pid = Some(u32::MAX);
+        let error = run(params).await.unwrap_err();
+        assert!(format!("{error:#}").contains("/proc/4294967295/stat"), "{error:#}");
     }
 
     #[tokio::test]

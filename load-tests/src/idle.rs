@@ -37,6 +37,7 @@ use weir_proto::{Ack, AckStatus, DevicePayload, MetricValue, Reading};
 use weir_protocols::framing::{encode_frame, Frame, Framer, Framing};
 use weir_protocols::mqtt::{self, ConnAck, Connect, ConnectReturnCode, Packet, Publish, QoS};
 
+use crate::fd_limit::ensure_fd_limit;
 use crate::payload::TelemetryPayload;
 
 /// Largest reply accepted from weir during the handshake (a CONNACK, a PUBACK or an ack frame
@@ -382,7 +383,7 @@ pub async fn run(params: IdleParams) -> anyhow::Result<IdleReport> {
         bail!("--source-addrs {bad} is not of the same IP version as --target {}", params.target);
     }
     let total = u64::from(params.connections) + u64::from(params.warmup);
-    ensure_fd_limit(total + SPARE_FDS)?;
+    ensure_fd_limit(total + SPARE_FDS, &format!("connections + warm-up + {SPARE_FDS}"))?;
     let machine = Machine::read();
     read_memory(params.weir_pid)?;
 
@@ -459,24 +460,6 @@ pub async fn run(params: IdleParams) -> anyhow::Result<IdleReport> {
         machine,
         date,
     })
-}
-
-/// Raises the soft RLIMIT_NOFILE to the hard limit, and fails clearly if `needed` descriptors
-/// still do not fit.
-fn ensure_fd_limit(needed: u64) -> anyhow::Result<()> {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut limit = getrlimit(Resource::Nofile);
-    if limit.current != limit.maximum {
-        limit.current = limit.maximum;
-        setrlimit(Resource::Nofile, limit).context("raising the open-file soft limit to the hard limit")?;
-    }
-    match limit.current {
-        Some(soft) if soft < needed => bail!(
-            "{needed} file descriptors needed (connections + warm-up + {SPARE_FDS}) but the open-file \
-             limit is {soft} (hard limit); run with fewer --connections or raise `ulimit -Hn`"
-        ),
-        _ => Ok(()),
-    }
 }
 
 /// Establishes connections `indices`, at most `concurrency` handshakes at once. The first

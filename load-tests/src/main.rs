@@ -1,6 +1,6 @@
 //! weir-load: simulated devices that load an MQTT server (weir or a baseline), the raw Kafka
-//! producer and PostgreSQL COPY baselines, the Kafka and PostgreSQL verifiers, and weir's memory
-//! per idle connection; each prints JSON.
+//! producer, PostgreSQL COPY and SQLite insert baselines, the Kafka, PostgreSQL and SQLite
+//! verifiers, and weir's memory per idle connection; each prints JSON.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,7 +12,7 @@ use serde::Serialize;
 use weir_load::report::{self, read_device_counts, write_device_counts, DeviceCounts, FloodReport};
 use weir_load::scenario::run::default_report_path;
 use weir_load::scenario::{self, RunOptions, Scenario};
-use weir_load::{baseline, copy_baseline, flood, html, idle, kafka, postgres, verify};
+use weir_load::{baseline, copy_baseline, flood, html, idle, kafka, postgres, sqlite_baseline, verify};
 
 /// weir's device simulator and benchmark tool.
 #[derive(Debug, Parser)]
@@ -43,6 +43,10 @@ enum Command {
     VerifyPostgres(VerifyPostgresArgs),
     /// Create the table weir's PostgreSQL sink writes, unless it exists.
     CreateTable(CreateTableArgs),
+    /// Write the rows weir would write straight into a fresh SQLite file, the way weir's SQLite
+    /// sink writes them (WAL, one transaction per batch of prepared single-row inserts); print
+    /// one JSON report in flood's shape (the baseline for weir's SQLite sink).
+    SqliteBaseline(SqliteBaselineArgs),
     /// Read `(device_id, seq)` of weir's SQLite table back and count lost rows per device (the
     /// table drops duplicates itself); print one JSON object. Exit 0 when nothing acknowledged
     /// is missing, 1 otherwise.
@@ -107,6 +111,15 @@ struct BaselineArgs {
 struct CopyBaselineArgs {
     #[command(flatten)]
     params: copy_baseline::CopyBaselineParams,
+    /// Also write every simulated device's `{"sent", "acked_through"}` here (committed rows).
+    #[arg(long)]
+    devices_out: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct SqliteBaselineArgs {
+    #[command(flatten)]
+    params: sqlite_baseline::SqliteBaselineParams,
     /// Also write every simulated device's `{"sent", "acked_through"}` here (committed rows).
     #[arg(long)]
     devices_out: Option<PathBuf>,
@@ -212,15 +225,31 @@ struct CompareArgs {
     #[arg(long)]
     candidate: PathBuf,
     /// Compare p50/p99/p999 latencies (paced runs at the same load) instead of throughput.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cpu")]
     latency: bool,
+    /// Compare the server's CPU per message (runs with `flood --cpu-pid` at the same load)
+    /// instead of throughput.
+    #[arg(long)]
+    cpu: bool,
+    /// With --cpu: the most candidate/baseline CPU per message allowed, reported as met or
+    /// MISSED (e.g. 0.5).
+    #[arg(long, requires = "cpu")]
+    max_cpu_ratio: Option<f64>,
+    /// With --cpu: the msgs/s both runs were offered (devices x rate); a run that completed
+    /// under 95% of the messages offered in its duration gets a warning.
+    #[arg(long, requires = "cpu")]
+    offered_msgs_per_sec: Option<f64>,
     /// With --latency: the candidate's p99 target, reported as met or MISSED.
     #[arg(long, requires = "latency")]
     p99_target_ms: Option<f64>,
     /// Throughput comparison: the least candidate/baseline msgs/s ratio, reported as met or
     /// MISSED (e.g. 0.8).
-    #[arg(long, conflicts_with = "latency")]
+    #[arg(long, conflicts_with_all = ["latency", "cpu"])]
     min_ratio: Option<f64>,
+    /// Throughput comparison: the candidate's least msgs/s, an absolute target reported as
+    /// met or MISSED (e.g. 300000).
+    #[arg(long, conflicts_with_all = ["latency", "cpu"])]
+    min_rate: Option<f64>,
 }
 
 /// What `verify-kafka` and `verify-postgres` print.
@@ -263,6 +292,14 @@ async fn main() -> anyhow::Result<ExitCode> {
             // Rows written but no batch committed: nothing got through either.
             Ok(if report.acked == 0 && report.errors > 0 { ExitCode::FAILURE } else { status })
         }
+        Command::SqliteBaseline(args) => {
+            let report = tokio::task::spawn_blocking(move || sqlite_baseline::run(args.params))
+                .await
+                .context("the SQLite writer thread panicked")??;
+            let status = finish_run(&report, args.devices_out.as_deref())?;
+            // Rows written but no batch committed: nothing got through either.
+            Ok(if report.acked == 0 && report.errors > 0 { ExitCode::FAILURE } else { status })
+        }
         Command::VerifyPostgres(args) => verify_postgres(args).await,
         Command::VerifySqlite(args) => {
             let expected = read_expected(&args.devices_in)?;
@@ -294,10 +331,21 @@ async fn main() -> anyhow::Result<ExitCode> {
             let candidate = read_report(&args.candidate)?;
             let line = if args.latency {
                 report::latency_line(&args.scenario, &baseline, &candidate, args.p99_target_ms)
+            } else if args.cpu {
+                report::cpu_line(
+                    &args.scenario,
+                    &baseline,
+                    &candidate,
+                    args.max_cpu_ratio,
+                    args.offered_msgs_per_sec,
+                )
             } else {
                 let mut line = report::comparison_line(&args.scenario, &baseline, &candidate);
                 if let Some(min_ratio) = args.min_ratio {
                     line.push_str(&report::ratio_target(&baseline, &candidate, min_ratio));
+                }
+                if let Some(min_rate) = args.min_rate {
+                    line.push_str(&report::rate_target(&candidate, min_rate));
                 }
                 line
             };

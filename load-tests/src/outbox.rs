@@ -22,8 +22,8 @@ use tokio::time::{sleep_until, timeout_at, Instant};
 use weir_protocols::mqtt::{self, Connect, ConnectReturnCode, Packet, Publish, QoS};
 
 use crate::device::{
-    flush_latency, DeviceError, DeviceOutcome, DevicePlan, DeviceProgress, DeviceWiring, RunStart,
-    SharedLatency, LATENCY_FLUSH_EVERY,
+    flush_latency, pacing_phase, DeviceError, DeviceOutcome, DevicePlan, DeviceProgress, DeviceWiring,
+    RunStart, SharedLatency, LATENCY_FLUSH_EVERY,
 };
 use crate::payload::TelemetryPayload;
 
@@ -249,6 +249,7 @@ pub async fn run_outbox_device(plan: Arc<DevicePlan>, index: usize, wiring: Devi
         progress,
         latency,
         latency_buffer: Vec::with_capacity(LATENCY_FLUSH_EVERY),
+        phase: pacing_phase(index),
         outbox: Outbox::default(),
         outcome,
     };
@@ -272,6 +273,8 @@ struct OutboxDevice {
     progress: Arc<DeviceProgress>,
     latency: SharedLatency,
     latency_buffer: Vec<u64>,
+    /// Where in each period this device's paced messages are due (see `pacing_phase`).
+    phase: f64,
     outbox: Outbox,
     outcome: DeviceOutcome,
 }
@@ -330,7 +333,7 @@ impl OutboxDevice {
                 while self.outbox.unacked.len() < window {
                     let seq = self.outbox.sent + 1;
                     if let Some(period) = period {
-                        let due = self.start.at + period.mul_f64((seq - 1) as f64);
+                        let due = self.start.at + period.mul_f64((seq - 1) as f64 + self.phase);
                         if due >= deadline {
                             break;
                         }

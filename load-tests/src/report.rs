@@ -74,6 +74,14 @@ pub struct FloodReport {
     /// where each device ended.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<TargetCount>,
+    /// CPU time (user + system) the server process used from the common start to the end of
+    /// the run (`flood --cpu-pid` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_cpu_secs: Option<f64>,
+    /// `target_cpu_secs` per completed message (acknowledged at QoS 1, written at QoS 0), in
+    /// microseconds (`flood --cpu-pid` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_us_per_msg: Option<f64>,
     /// Every device's counts, for the verifier; kept out of the one-line JSON report (the CLI
     /// writes them to `--devices-out`).
     #[serde(skip)]
@@ -162,6 +170,17 @@ pub fn ratio_target(baseline: &FloodReport, candidate: &FloodReport, min_ratio: 
     )
 }
 
+/// What [`comparison_line`] appends for an absolute throughput target: `; target {candidate} >=
+/// N msgs/s: met|MISSED`.
+pub fn rate_target(candidate: &FloodReport, min_msgs_per_sec: f64) -> String {
+    let met = candidate.msgs_per_sec >= min_msgs_per_sec;
+    format!(
+        "; target {} >= {min_msgs_per_sec:.0} msgs/s: {}",
+        candidate.label,
+        if met { "met" } else { "MISSED" }
+    )
+}
+
 /// One line comparing the latency percentiles of two paced runs (same offered load), with the
 /// candidate's p99 checked against `p99_target_ms` when given. When the candidate delivered
 /// under 95% of the baseline's rate it could not keep up with the offered load, and the line
@@ -208,6 +227,101 @@ pub fn latency_line(
     line
 }
 
+/// One line comparing the server CPU per message of two runs at the same offered load (`flood
+/// --cpu-pid`), with the candidate/baseline ratio checked against `max_ratio` when given:
+/// `SUMMARY {scenario}: cpu/msg {c} X us, {b} Y us, ratio R; target ratio <= M: met|MISSED`.
+/// The rates follow, and warnings when a run completed (acknowledged at QoS 1) under 95% of
+/// the messages offered (`offered` msgs/s, when given, times the run's duration: the server or
+/// the generator could not keep up), when the two runs did not complete the same number of
+/// messages (so the comparison is not like for like), or when they had errors. Messages, not
+/// rates: a paced run that ends a little late (a lagging tail) still carried its whole load.
+pub fn cpu_line(
+    scenario: &str,
+    baseline: &FloodReport,
+    candidate: &FloodReport,
+    max_ratio: Option<f64>,
+    offered: Option<f64>,
+) -> String {
+    let micros = |report: &FloodReport| match report.cpu_us_per_msg {
+        Some(us) => format!("{us:.2} us"),
+        None => "not measured".to_owned(),
+    };
+    let ratio = match (candidate.cpu_us_per_msg, baseline.cpu_us_per_msg) {
+        (Some(c), Some(b)) if b > 0.0 => Some(c / b),
+        _ => None,
+    };
+    let mut line = format!(
+        "SUMMARY {scenario}: cpu/msg {c} {cu}, {b} {bu}, ratio {r}",
+        c = candidate.label,
+        b = baseline.label,
+        cu = micros(candidate),
+        bu = micros(baseline),
+        r = ratio.map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}")),
+    );
+    if let Some(max_ratio) = max_ratio {
+        let verdict = match ratio {
+            Some(r) if r <= max_ratio => "met",
+            Some(_) => "MISSED",
+            None => "not measured",
+        };
+        line.push_str(&format!("; target ratio <= {max_ratio}: {verdict}"));
+    }
+    let cpu = |report: &FloodReport| {
+        report.target_cpu_secs.map_or_else(|| "?".to_owned(), |secs| format!("{secs:.2}"))
+    };
+    let offered_text = offered.map_or_else(String::new, |rate| format!("offered {rate:.0} msgs/s; "));
+    line.push_str(&format!(
+        " ({offered_text}{c} {cr:.0} msgs/s, {cc} CPU s; {b} {br:.0} msgs/s, {bc} CPU s)",
+        c = candidate.label,
+        b = baseline.label,
+        cr = candidate.msgs_per_sec,
+        br = baseline.msgs_per_sec,
+        cc = cpu(candidate),
+        bc = cpu(baseline),
+    ));
+    let completed = |report: &FloodReport| if report.scenario.qos == 1 { report.acked } else { report.sent };
+    if let Some(rate) = offered {
+        for report in [candidate, baseline] {
+            let total = (rate * report.scenario.duration_secs as f64).round();
+            if (completed(report) as f64) < 0.95 * total {
+                line.push_str(&format!(
+                    "; WARNING {} completed {} of the {total:.0} messages offered",
+                    report.label,
+                    completed(report)
+                ));
+            }
+        }
+    }
+    let (low, high) = if completed(candidate) < completed(baseline) {
+        (candidate, baseline)
+    } else {
+        (baseline, candidate)
+    };
+    if (completed(low) as f64) < 0.95 * completed(high) as f64 {
+        line.push_str(&format!(
+            "; WARNING {} completed {} messages against {}'s {}: not the same load, CPU per message \
+             not like for like",
+            low.label,
+            completed(low),
+            high.label,
+            completed(high)
+        ));
+    }
+    for report in [candidate, baseline] {
+        if report.errors > 0 {
+            line.push_str(&format!("; WARNING {} had {} errors", report.label, report.errors));
+        }
+        if report.scenario.qos == 1 && report.acked < report.sent {
+            line.push_str(&format!(
+                "; WARNING {} left {} publishes unacked",
+                report.label,
+                report.sent - report.acked
+            ));
+        }
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,8 +342,81 @@ mod tests {
             reconnects: 0,
             resent: 0,
             targets: Vec::new(),
+            target_cpu_secs: None,
+            cpu_us_per_msg: None,
             devices: DeviceCounts::new(),
         }
+    }
+
+    fn with_cpu(mut report: FloodReport, cpu_secs: f64) -> FloodReport {
+        report.target_cpu_secs = Some(cpu_secs);
+        report.cpu_us_per_msg = Some(cpu_secs * 1e6 / report.acked as f64);
+        report
+    }
+
+    #[test]
+    fn cpu_line_has_both_figures_the_ratio_and_the_target() {
+        // 100 messages each: 0.0002 s is 2 us per message, 0.0005 s is 5 us.
+        let mosquitto = with_cpu(report("mosquitto", 1000.0, Some(1.0)), 0.0005);
+        let weir = with_cpu(report("weir-blackhole", 990.0, Some(1.0)), 0.0002);
+        let line = cpu_line("devices-10k", &mosquitto, &weir, Some(0.5), None);
+        assert_eq!(
+            line,
+            "SUMMARY devices-10k: cpu/msg weir-blackhole 2.00 us, mosquitto 5.00 us, ratio 0.40; \
+             target ratio <= 0.5: met (weir-blackhole 990 msgs/s, 0.00 CPU s; mosquitto 1000 msgs/s, \
+             0.00 CPU s)"
+        );
+        // 100 messages in 3 s is what 33.4 msgs/s offers; rates differ by a late tail only.
+        let late = with_cpu(report("weir", 25.0, None), 0.0003);
+        let missed = cpu_line("d", &mosquitto, &late, Some(0.5), Some(33.4));
+        assert!(
+            missed.contains("ratio 0.60; target ratio <= 0.5: MISSED (offered 33 msgs/s; weir 25"),
+            "{missed}"
+        );
+        assert!(!missed.contains("WARNING"), "{missed}");
+        let no_target = cpu_line("d", &mosquitto, &weir, None, None);
+        assert!(!no_target.contains("target"), "{no_target}");
+    }
+
+    #[test]
+    fn cpu_line_says_when_it_cannot_compare() {
+        let mosquitto = with_cpu(report("mosquitto", 1000.0, None), 0.0005);
+        let unmeasured = cpu_line("d", &mosquitto, &report("weir", 1000.0, None), Some(0.5), None);
+        assert!(
+            unmeasured.starts_with(
+                "SUMMARY d: cpu/msg weir not measured, mosquitto 5.00 us, ratio n/a; target ratio <= 0.5: \
+                 not measured (weir 1000 msgs/s, ? CPU s;"
+            ),
+            "{unmeasured}"
+        );
+        let mut behind = report("weir", 800.0, None);
+        (behind.acked, behind.errors) = (80, 3);
+        let behind = with_cpu(behind, 0.0001);
+        let line = cpu_line("d", &mosquitto, &behind, Some(0.5), Some(33.4));
+        assert!(
+            line.ends_with(
+                "; WARNING weir completed 80 of the 100 messages offered; WARNING weir completed 80 \
+                 messages against mosquitto's 100: not the same load, CPU per message not like for \
+                 like; WARNING weir had 3 errors; WARNING weir left 20 publishes unacked"
+            ),
+            "{line}"
+        );
+        // Both short of the offered load: each is named, though they match each other.
+        let both =
+            cpu_line("d", &mosquitto, &with_cpu(report("weir", 1000.0, None), 0.0001), None, Some(50.0));
+        assert!(both.contains("WARNING weir completed 100 of the 150 messages offered"), "{both}");
+        assert!(both.contains("WARNING mosquitto completed 100 of the 150 messages offered"), "{both}");
+        assert!(!both.contains("not the same load"), "{both}");
+    }
+
+    #[test]
+    fn reports_without_cpu_figures_still_parse() {
+        let line = serde_json::to_string(&report("old", 1.0, None)).unwrap();
+        assert!(!line.contains("cpu_"), "{line}");
+        let parsed: FloodReport = serde_json::from_str(&line).unwrap();
+        assert_eq!((parsed.target_cpu_secs, parsed.cpu_us_per_msg), (None, None));
+        let measured = serde_json::to_string(&with_cpu(report("new", 1.0, None), 0.5)).unwrap();
+        assert!(measured.contains(r#""target_cpu_secs":0.5,"cpu_us_per_msg":5000.0"#), "{measured}");
     }
 
     #[test]
@@ -272,6 +459,15 @@ mod tests {
         );
         assert!(ratio_target(&raw, &report("weir-postgres", 799.0, None), 0.8).ends_with("MISSED"));
         assert!(ratio_target(&report("raw-copy", 0.0, None), &raw, 0.8).ends_with("MISSED"));
+    }
+
+    #[test]
+    fn rate_target_says_met_or_missed() {
+        assert_eq!(
+            rate_target(&report("weir-sqlite", 300_000.0, None), 300_000.0),
+            "; target weir-sqlite >= 300000 msgs/s: met"
+        );
+        assert!(rate_target(&report("weir-sqlite", 299_999.0, None), 300_000.0).ends_with("MISSED"));
     }
 
     #[test]

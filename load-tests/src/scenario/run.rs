@@ -72,6 +72,8 @@ impl RunOutcome {
             reconnects: totals.reconnects,
             resent: totals.resent,
             targets: Vec::new(),
+            target_cpu_secs: None,
+            cpu_us_per_msg: None,
             devices: self.devices.clone(),
         }
     }
@@ -80,7 +82,7 @@ impl RunOutcome {
 /// Runs the scenario to the end (or until Ctrl-C ends publishing early).
 pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<RunOutcome> {
     let devices = scenario.device_count();
-    ensure_fd_limit(devices as u64 + SPARE_FDS)?;
+    crate::fd_limit::ensure_fd_limit(devices as u64 + SPARE_FDS, "one per device and some spare")?;
     let groups: Vec<Arc<GroupPlan>> = scenario
         .devices
         .iter()
@@ -394,25 +396,7 @@ fn assemble(
     }
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard limit, and fails clearly if `needed` descriptors
-/// still do not fit.
-fn ensure_fd_limit(needed: u64) -> anyhow::Result<()> {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut limit = getrlimit(Resource::Nofile);
-    if limit.current != limit.maximum {
-        limit.current = limit.maximum;
-        setrlimit(Resource::Nofile, limit).context("raising the open-file soft limit to the hard limit")?;
-    }
-    match limit.current {
-        Some(soft) if soft < needed => anyhow::bail!(
-            "{needed} file descriptors needed (one per device + {SPARE_FDS}) but the open-file limit \
-             is {soft} (hard limit); run fewer devices or raise `ulimit -Hn`"
-        ),
-        _ => Ok(()),
-    }
-}
-
-/// Where `--json`/`--html` go by default: next to nothing, in the current directory.
+/// Where `--json`/`--html` go by default: the current directory.
 pub fn default_report_path(name: &str, extension: &str) -> PathBuf {
     let safe: String =
         name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
