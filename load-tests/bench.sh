@@ -6,10 +6,18 @@
 #
 #   load-tests/bench.sh [--connections 100] [--duration 10] [--payload 128]
 #                       [--devices 10000] [--device-rate 10] [--devices-duration 30]
-#                       [--idle-connections 15000] [--scenarios LIST] [-- FLOOD_ARGS...]
+#                       [--idle-connections 15000] [--generator run|flood]
+#                       [--scenarios LIST] [-- FLOOD_ARGS...]
 #
-# FLOOD_ARGS go to every `weir-load flood` run but devices-10k's (which fixes its own), e.g.
-# `-- --max-inflight 10 --tcp-nodelay false`.
+# The devices: `--generator run` (the default) is `weir-load run` with a one-group scenario
+# written for each load (MQTT 3.1.1, the same client ids and the same JSON payloads as flood),
+# whose devices write with weir's own codec, many publishes per write when flat out: it needs a
+# fraction of the CPU rumqttc's devices do, which leaves the shared cores to the servers (and
+# with rumqttc the generator, not the server, was the limit of the QoS 0 and QoS 1 rows).
+# `--generator flood` is `weir-load flood` (rumqttc), as before. FLOOD_ARGS go to every load but
+# devices-10k's (which fixes its own), e.g. `-- --max-inflight 10`; with the run generator only
+# --rate-per-conn, --max-inflight, --connect-concurrency, --tcp-nodelay (always on),
+# --devices-out and --cpu-pid are understood.
 # Builds release binaries into ${CARGO_TARGET_DIR:-target} (a relative CARGO_TARGET_DIR is taken
 # from the repository root) and runs them from there, starts Mosquitto
 # (deploy/local/mosquitto.sh, port 1884) and weir (MQTT 127.0.0.1:1885, ops 127.0.0.1:9105, a
@@ -132,13 +140,14 @@ devices=10000
 device_rate=10
 devices_duration=30
 idle_connections=15000
+generator=run
 scenarios=
 flood_args=()
 
 usage() {
     echo "usage: $0 [--connections N] [--duration SECONDS] [--payload BYTES] [--devices N]" \
         "[--device-rate MSGS_PER_S] [--devices-duration SECONDS] [--idle-connections N]" \
-        "[--scenarios LIST] [-- FLOOD_ARGS...]" >&2
+        "[--generator run|flood] [--scenarios LIST] [-- FLOOD_ARGS...]" >&2
     echo "  scenarios: ${ALL_SCENARIOS// /,}" >&2
     exit 64
 }
@@ -160,6 +169,15 @@ while (($# > 0)); do
         --devices-duration) devices_duration=$2 ;;
         --idle-connections) idle_connections=$2 ;;
         esac
+        shift 2
+        ;;
+    --generator)
+        (($# >= 2)) || usage
+        [[ $2 == run || $2 == flood ]] || {
+            echo "bench: --generator is run or flood, got '$2'" >&2
+            exit 64
+        }
+        generator=$2
         shift 2
         ;;
     --scenarios)
@@ -366,14 +384,65 @@ flood_sized() {
     local label=$1 port=$2 qos=$3 name=$4 conns=$5 secs=$6
     local out=$WORK/$name.json
     shift 6
-    log "flood: $name ($label qos$qos on port $port, $conns connections, ${secs}s)"
-    if ! "$LOAD" flood --host "$HOST" --port "$port" --connections "$conns" --qos "$qos" \
+    log "flood: $name ($label qos$qos on port $port, $conns connections, ${secs}s, generator $generator)"
+    if [[ $generator == run ]]; then
+        run_load "$label" "$port" "$qos" "$name" "$conns" "$secs" "$@" >"$out" ||
+            log "load against $label (qos$qos) got nothing through; see the errors above"
+    elif ! "$LOAD" flood --host "$HOST" --port "$port" --connections "$conns" --qos "$qos" \
         --payload-bytes "$payload" --duration-secs "$secs" \
         --client-prefix "bench-$RUN_ID-$name" --label "$label" "$@" >"$out"; then
         log "flood against $label (qos$qos) got nothing through; see the errors above"
     fi
     cat "$out"
     sleep 2 # let sockets close and the servers settle before the next run
+}
+
+# run_load LABEL PORT QOS NAME CONNECTIONS DURATION [FLOOD_ARGS...]: the same load as flood_sized
+# with `weir-load run`: writes a one-group scenario next to the results (its JSON and HTML
+# reports land there too) and prints the run's flood-shaped line.
+run_load() {
+    local label=$1 port=$2 qos=$3 name=$4 conns=$5 secs=$6
+    local rate=0 inflight=100 concurrency=256
+    local scenario=$WORK/$name.scenario.toml
+    local -a extra=()
+    shift 6
+    while (($# > 0)); do
+        (($# >= 2)) || die "bench: '$1' needs a value"
+        case $1 in
+        --rate-per-conn) rate=$2 ;;
+        --max-inflight) inflight=$2 ;;
+        --connect-concurrency) concurrency=$2 ;;
+        --tcp-nodelay) ;; # the run generator's sockets always have TCP_NODELAY
+        --devices-out | --cpu-pid) extra+=("$1" "$2") ;;
+        *) die "bench: '$1' is a flood option the run generator does not take; use --generator flood" ;;
+        esac
+        shift 2
+    done
+    # flood's 0 is "all at once".
+    if ((concurrency == 0)); then
+        concurrency=$conns
+    fi
+    cat >"$scenario" <<EOF
+name = "$name"
+duration_s = $secs
+drain_timeout_s = 30
+
+[target]
+mqtt = "$HOST:$port"
+connect_concurrency = $concurrency
+
+[[devices]]
+name = "$name"
+id_prefix = "bench-$RUN_ID-$name"
+count = $conns
+protocol = "mqtt3"
+qos = $qos
+payload_bytes = $payload
+rate = $rate
+max_inflight = $inflight
+EOF
+    "$LOAD" run "$scenario" --label "$label" --quiet --json "$WORK/$name.report.json" \
+        --html "$WORK/$name.report.html" "${extra[@]}"
 }
 
 # summary SCENARIO BASELINE_JSON CANDIDATE_JSON [COMPARE_ARGS...]

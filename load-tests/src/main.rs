@@ -87,6 +87,10 @@ struct RunArgs {
     /// No progress line every second.
     #[arg(long)]
     quiet: bool,
+    /// Read this server process's CPU time at the start and the end; the stdout line gets
+    /// `target_cpu_secs` and `cpu_us_per_msg`.
+    #[arg(long)]
+    cpu_pid: Option<u32>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -372,7 +376,8 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<ExitCode> {
             .check()
             .with_context(|| format!("{} with --duration-s {duration}", args.scenario.display()))?;
     }
-    let options = RunOptions { label: args.label, scenario_text: text, quiet: args.quiet };
+    let options =
+        RunOptions { label: args.label, scenario_text: text, quiet: args.quiet, cpu_pid: args.cpu_pid };
     let outcome = scenario::run(&scenario, &options).await?;
     let json_path = args.json.unwrap_or_else(|| default_report_path(&scenario.name, "json"));
     let html_path = args.html.unwrap_or_else(|| default_report_path(&scenario.name, "html"));

@@ -14,6 +14,7 @@ use tokio::time::{interval_at, sleep_until, Duration, Instant, MissedTickBehavio
 use super::sim::{self, GroupPlan, Shared};
 use super::stats::{Counters, Stats};
 use super::{EventKind, Scenario, Verify};
+use crate::cpu::{micros_per_message, process_cpu_time, CpuMeter};
 use crate::device::new_latency_histogram;
 use crate::report::{DeviceCounts, FloodReport, LatencySummary, Scenario as FloodScenario};
 use crate::run_report::{
@@ -34,6 +35,8 @@ pub struct RunOptions {
     pub scenario_text: String,
     /// No progress line on stderr.
     pub quiet: bool,
+    /// A server process whose CPU time is read at the start and at the end of the run.
+    pub cpu_pid: Option<u32>,
 }
 
 /// What a run produced.
@@ -44,6 +47,10 @@ pub struct RunOutcome {
     pub devices: DeviceCounts,
     /// Errors and refusals by reason.
     pub errors_by_reason: std::collections::BTreeMap<String, u64>,
+    /// CPU time `cpu_pid` used from the start until every device finished.
+    pub target_cpu: Option<Duration>,
+    /// Messages answered (or, for groups that are not answered, written).
+    pub completed: u64,
 }
 
 impl RunOutcome {
@@ -72,8 +79,11 @@ impl RunOutcome {
             reconnects: totals.reconnects,
             resent: totals.resent,
             targets: Vec::new(),
-            target_cpu_secs: None,
-            cpu_us_per_msg: None,
+            target_cpu_secs: self.target_cpu.map(|cpu| (cpu.as_secs_f64() * 1000.0).round() / 1000.0),
+            cpu_us_per_msg: self
+                .target_cpu
+                .and_then(|cpu| micros_per_message(cpu, self.completed))
+                .map(|us| (us * 1000.0).round() / 1000.0),
             devices: self.devices.clone(),
         }
     }
@@ -93,6 +103,9 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Ru
         })
         .collect();
 
+    if let Some(pid) = options.cpu_pid {
+        process_cpu_time(pid).context("--cpu-pid")?;
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     // Spawning tens of thousands of tasks takes a moment: the clock starts after.
     let start = Instant::now() + Duration::from_millis(200);
@@ -138,6 +151,9 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Ru
         let _ = stop_tx.send(true);
     });
 
+    sleep_until(start).await;
+    // The server's CPU time counts from the start; connections made during a ramp-up are in it.
+    let cpu_meter = options.cpu_pid.map(CpuMeter::start).transpose().context("--cpu-pid")?;
     let mut ticker = Ticker::new(start);
     let mut tick = interval_at(start + Duration::from_secs(1), Duration::from_secs(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -153,6 +169,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Ru
         }
     }
     stopper.abort();
+    let target_cpu = cpu_meter.map(|meter| meter.elapsed()).transpose().context("--cpu-pid")?;
     let mut marks = events.await.unwrap_or_default();
     ticker.tick(&shared, devices, options.quiet);
     marks.sort_by(|a, b| a.t_secs.total_cmp(&b.t_secs));
@@ -161,8 +178,15 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Ru
         Some(target) => Some(verify_sink(target, &counts).await?),
         None => None,
     };
+    let completed = completed(&shared.stats, &groups);
     let report = assemble(scenario, options, &shared, &groups, ticker, marks, verify);
-    Ok(RunOutcome { report, devices: counts, errors_by_reason: shared.stats.errors_by_reason() })
+    Ok(RunOutcome {
+        report,
+        devices: counts,
+        errors_by_reason: shared.stats.errors_by_reason(),
+        target_cpu,
+        completed,
+    })
 }
 
 /// Applies the events at their moments; returns the marks for the report (and the end of the
@@ -320,22 +344,10 @@ fn assemble(
     events: Vec<EventMark>,
     verify: Option<VerifySummary>,
 ) -> RunReport {
+    let completed = completed(&shared.stats, groups);
     let stats = &shared.stats;
     let total = &stats.total;
     let get = Counters::get;
-    // A group's throughput counts answered messages when its messages are answered, written
-    // ones when they are not (MQTT QoS 0).
-    let completed: u64 = groups
-        .iter()
-        .map(|g| {
-            let c = &stats.groups[g.index].counters;
-            if g.config.acked() {
-                get(&c.acked)
-            } else {
-                get(&c.sent)
-            }
-        })
-        .sum();
     let elapsed_secs = stats.last_progress_secs();
     let group_totals = groups
         .iter()
@@ -394,6 +406,18 @@ fn assemble(
         events,
         verify,
     }
+}
+
+/// Messages through: answered ones for groups whose messages are answered, written ones for
+/// the others (MQTT QoS 0).
+fn completed(stats: &Stats, groups: &[Arc<GroupPlan>]) -> u64 {
+    groups
+        .iter()
+        .map(|g| {
+            let c = &stats.groups[g.index].counters;
+            Counters::get(if g.config.acked() { &c.acked } else { &c.sent })
+        })
+        .sum()
 }
 
 /// Where `--json`/`--html` go by default: the current directory.
