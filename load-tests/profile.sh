@@ -117,7 +117,7 @@ load_pid=
 cat "$WORK/load.out"
 echo "# top symbols (self time, share of weir's samples)"
 perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio 2>/dev/null |
-    grep -v '^#' | grep -v '^$' | head -40
-echo "# by shared object"
+    grep -v -e '^#' -e '^$' | sed 's/ *$//' | cut -c1-150 | head -40 || true # head closes the pipe
+echo "# by object (kernel = syscalls, network stack, page cache)"
 perf report -i "$WORK/perf.data" --no-children --sort dso --stdio 2>/dev/null |
-    grep -v '^#' | grep -v '^$' | head -10
+    grep -v -e '^#' -e '^$' | sed 's/ *$//' | head -10 || true
