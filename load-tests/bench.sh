@@ -84,13 +84,17 @@
 #                   ratio (target <= 0.5: met or MISSED), the offered load, the rates and CPU
 #                   seconds, and a WARNING for a run that completed under 95% of the messages
 #                   offered, or when the two did not complete the same number (then the CPU
-#                   figures are not like for like). The generator shares the CPUs (it needs about 9 us of CPU
-#                   per message here, ~0.9 core at 100,000 msgs/s), so on 2 cores the load can
+#                   figures are not like for like). The generator shares the CPUs (flood's
+#                   rumqttc devices need about 9 us of CPU per message here, ~0.9 core at
+#                   100,000 msgs/s; run's a fraction of that), so on 2 cores the load can
 #                   be more than generator and server together can carry. weir's listener here admits
 #                   20,000 connections, with no per-address cap and no connection-rate limit
 #                   (all devices come from 127.0.0.1); Mosquitto's has no connection limit by
 #                   default. All devices connect from 127.0.0.1 (flood cannot bind other
 #                   source addresses; 10,000 fit in the default ephemeral port range).
+#   footprint       load-tests/footprint.sh --no-build: the stripped release binary and weir's
+#                   idle RSS with `weir default-config`, side by side with Mosquitto's idle RSS
+#                   (SUMMARY footprint, target <= 15 MB each).
 #   idle-15k        weir's memory per idle MQTT connection: load-tests/idle.sh --protocols mqtt
 #                   --connections (--idle-connections, 15,000) --no-build, with this run's
 #                   binaries. It starts its own weir (blackhole sink, fresh: memory a weir kept
@@ -99,7 +103,9 @@
 # Default: qos0-blackhole, qos1-blackhole and qos1-sqlite, plus qos1-kafka when
 # `deploy/local/kafka.sh status` says running and qos1-postgres when `deploy/local/postgres.sh
 # status` does. qos1-buffer, devices-10k (about 2 x (--devices-duration + connect time)) and
-# idle-15k (about a minute) run only when named in --scenarios.
+# idle-15k (about a minute) and footprint (about 20 s) run only when named in --scenarios; every
+# row of issue 9's table: --scenarios qos0-blackhole,qos1-sqlite,qos1-kafka,qos1-postgres,
+# devices-10k,idle-15k,footprint (qos1-blackhole is the QoS 1 ingest limit, for reference).
 # Ports: BENCH_MOSQUITTO_PORT (1884), BENCH_WEIR_MQTT_PORT (1885) and BENCH_WEIR_OPS_PORT
 # (9105) move them, e.g. away from another bench or test on the same machine (a Mosquitto
 # already running on the port is used as it is, and others' load on it is in its figures).
@@ -107,7 +113,7 @@
 # stderr: build output and progress. Everything this script started is stopped on exit.
 # Exit: 0 all ran; 1 setup failed; 2 weir was not ready (baselines still reported); 3 a verifier
 # (SQLite, Kafka or PostgreSQL) found acknowledged records missing (or could not read them
-# back); 4 devices-10k or idle-15k could not be measured (see its SUMMARY line).
+# back); 4 devices-10k, idle-15k or footprint could not be measured (see its SUMMARY line).
 set -euo pipefail
 
 readonly MOSQUITTO_PORT=${BENCH_MOSQUITTO_PORT:-1884}
@@ -125,7 +131,7 @@ readonly KAFKA_P99_TARGET_MS=25
 readonly PG_TABLE=weir_bench
 readonly PG_RAW_TABLE=weir_bench_raw
 readonly PG_MIN_RATIO=0.8
-readonly ALL_SCENARIOS="qos0-blackhole qos1-blackhole qos1-sqlite qos1-kafka qos1-postgres qos1-buffer devices-10k idle-15k"
+readonly ALL_SCENARIOS="qos0-blackhole qos1-blackhole qos1-sqlite qos1-kafka qos1-postgres qos1-buffer devices-10k idle-15k footprint"
 readonly BUFFER_MIN_RATIO=0.7
 # Issue 9's targets on this kind of machine (2 cores, generator and server sharing them).
 readonly SQLITE_MIN_RATE=300000
@@ -217,6 +223,7 @@ readonly MOSQUITTO_SH=$ROOT/deploy/local/mosquitto.sh
 readonly KAFKA_SH=$ROOT/deploy/local/kafka.sh
 readonly POSTGRES_SH=$ROOT/deploy/local/postgres.sh
 readonly IDLE_SH=$ROOT/load-tests/idle.sh
+readonly FOOTPRINT_SH=$ROOT/load-tests/footprint.sh
 readonly LOAD=$CARGO_TARGET_DIR/release/weir-load
 readonly WEIR=$CARGO_TARGET_DIR/release/weir
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/weir-bench.XXXXXX")
@@ -806,6 +813,19 @@ idle_scenario() {
     fi
 }
 
+# footprint: footprint.sh with this run's binary (its own weir with the default config and its
+# own Mosquitto on other ports); its lines on stdout.
+footprint_scenario() {
+    local status=0
+    log "footprint: $FOOTPRINT_SH --no-build"
+    "$FOOTPRINT_SH" --no-build || status=$?
+    # 3 is "over the target", which the SUMMARY line says; anything else is no measurement.
+    if ((status != 0 && status != 3)); then
+        echo "SUMMARY footprint: not measured: footprint.sh exited $status (see its output above)"
+        unmeasured=1
+    fi
+}
+
 # Many simulated devices need many descriptors, in the generator and in the servers.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
@@ -885,6 +905,11 @@ if selected idle-15k; then
     idle_scenario
 fi
 
+# (i): the edge footprint: stripped binary and idle RSS with the default config.
+if selected footprint; then
+    footprint_scenario
+fi
+
 if ((!weir_ready)); then
     log "$weir_unready_reason"
     exit 2
@@ -895,6 +920,6 @@ if ((verify_lost)); then
     exit 3
 fi
 if ((unmeasured)); then
-    log "devices-10k or idle-15k could not be measured (see its SUMMARY line)"
+    log "devices-10k, idle-15k or footprint could not be measured (see its SUMMARY line)"
     exit 4
 fi
