@@ -42,8 +42,9 @@
 #                   settings and an in-flight window of connections x 100, or x the
 #                   --max-inflight in FLOOD_ARGS). Uses Kafka from deploy/local/kafka.sh on
 #                   127.0.0.1:$KAFKA_PORT (9092), starting it if needed (and then stopping it on
-#                   exit), recreates the topics weir-bench (weir) and weir-bench-raw (baseline),
-#                   6 partitions each, and warms the broker up for 3 s. Runs both flat out
+#                   exit), creates the topics weir-bench-RUN (weir) and weir-bench-raw-RUN
+#                   (baseline), 6 partitions each, new names every run (deleted at the end),
+#                   and warms the broker up for 3 s. Runs both flat out
 #                   (SUMMARY qos1-kafka: throughput ratio and p99s), then both paced at half the
 #                   raw producer's rate (SUMMARY qos1-kafka-half-load: p50/p99/p999, target weir
 #                   p99 <= 25 ms), then reads both topics back with `weir-load verify-kafka`
@@ -124,8 +125,6 @@ readonly WEIR_READY_TIMEOUT=${WEIR_READY_TIMEOUT:-30}
 readonly WEIR_STOP_TIMEOUT=${WEIR_STOP_TIMEOUT:-30}
 readonly KAFKA_PORT=${KAFKA_PORT:-9092}
 readonly KAFKA_BROKERS=$HOST:$KAFKA_PORT
-readonly KAFKA_TOPIC=weir-bench
-readonly KAFKA_RAW_TOPIC=weir-bench-raw
 readonly KAFKA_PARTITIONS=6
 readonly KAFKA_P99_TARGET_MS=25
 readonly PG_TABLE=weir_bench
@@ -229,6 +228,12 @@ readonly WEIR=$CARGO_TARGET_DIR/release/weir
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/weir-bench.XXXXXX")
 readonly WORK
 RUN_ID=$(date +%s)
+# Kafka topics of this run: new names every run, deleted at the end. Deleting a topic and at once
+# creating one of the same name lost a freshly started broker the first records acknowledged
+# into the new one (acks=all; the raw producer's first ~1,150 per partition).
+readonly KAFKA_TOPIC=weir-bench-$RUN_ID
+readonly KAFKA_RAW_TOPIC=weir-bench-raw-$RUN_ID
+readonly KAFKA_WARMUP_TOPIC=weir-bench-warmup-$RUN_ID
 readonly RUN_ID
 
 mosquitto_started=0
@@ -536,13 +541,13 @@ verify_kafka() {
 kafka_scenario() {
     local raw_rate half_total per_conn
     start_kafka
-    for topic in "$KAFKA_TOPIC" "$KAFKA_RAW_TOPIC" weir-bench-warmup; do
+    for topic in "$KAFKA_TOPIC" "$KAFKA_RAW_TOPIC" "$KAFKA_WARMUP_TOPIC"; do
         "$LOAD" create-topic --brokers "$KAFKA_BROKERS" --topic "$topic" \
-            --partitions "$KAFKA_PARTITIONS" --recreate || die "could not create topic $topic"
+            --partitions "$KAFKA_PARTITIONS" || die "could not create topic $topic"
     done
     # A freshly started broker JVM is slow for its first seconds; neither side should pay that.
-    log "warming Kafka up (3 s of raw producing into weir-bench-warmup)"
-    "$LOAD" produce-baseline --brokers "$KAFKA_BROKERS" --topic weir-bench-warmup \
+    log "warming Kafka up (3 s of raw producing into $KAFKA_WARMUP_TOPIC)"
+    "$LOAD" produce-baseline --brokers "$KAFKA_BROKERS" --topic "$KAFKA_WARMUP_TOPIC" \
         --devices "$connections" --payload-bytes "$payload" --duration-secs 3 \
         --label warmup >/dev/null || die "warming Kafka up failed"
 
@@ -579,6 +584,8 @@ topic = \"$KAFKA_TOPIC\""
         echo "SUMMARY qos1-kafka-verify weir: not run; $weir_unready_reason"
     fi
     verify_kafka raw-producer "$KAFKA_RAW_TOPIC" "$WORK/raw-max.devices.json" "$WORK/raw-half.devices.json"
+    "$LOAD" delete-topics --brokers "$KAFKA_BROKERS" "$KAFKA_TOPIC" "$KAFKA_RAW_TOPIC" "$KAFKA_WARMUP_TOPIC" ||
+        log "could not delete this run's topics; they stay on the broker"
 }
 
 start_postgres() {
@@ -701,6 +708,8 @@ buffer_scenario() {
         buffer_variants kafka "brokers = \"$KAFKA_BROKERS\"
 topic = \"$KAFKA_TOPIC-buffer\"
 topic_partitions = $KAFKA_PARTITIONS"
+        "$LOAD" delete-topics --brokers "$KAFKA_BROKERS" "$KAFKA_TOPIC-buffer" ||
+            log "could not delete $KAFKA_TOPIC-buffer; it stays on the broker"
     else
         echo "SUMMARY qos1-buffer-kafka: not run (Kafka is not running; deploy/local/kafka.sh start)"
     fi

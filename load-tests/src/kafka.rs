@@ -68,6 +68,25 @@ pub enum TopicStatus {
     Recreated,
 }
 
+/// Deletes `topics` (and everything in them); topics that do not exist are no error. Kafka
+/// removes the data in the background.
+pub async fn delete_topics(brokers: &str, topics: &[String]) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .context("creating the Kafka admin client")?;
+    let options =
+        AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT)).request_timeout(Some(ADMIN_TIMEOUT));
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    for result in admin.delete_topics(&names, &options).await.context("deleting topics")? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((name, code)) => bail!("deleting topic {name}: {code}"),
+        }
+    }
+    Ok(())
+}
+
 /// Creates `topic` with `partitions` partitions and replication factor 1 unless it exists (or,
 /// with `recreate`, deletes it first), then waits until every partition has a leader, so that
 /// producers started right after do not wait for metadata. Needs a broker that allows topic

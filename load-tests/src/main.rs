@@ -34,6 +34,8 @@ enum Command {
     VerifyKafka(VerifyKafkaArgs),
     /// Create a Kafka topic (replication 1) unless it exists, and wait for its partition leaders.
     CreateTopic(CreateTopicArgs),
+    /// Delete Kafka topics and everything in them (missing ones are no error).
+    DeleteTopics(DeleteTopicsArgs),
     /// Write the rows weir would write straight to PostgreSQL with binary COPY, in batches over
     /// a few connections; print one JSON report in flood's shape (the baseline for weir's
     /// PostgreSQL sink).
@@ -218,6 +220,15 @@ struct CreateTopicArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct DeleteTopicsArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    brokers: String,
+    #[arg(required = true)]
+    topics: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
 struct CompareArgs {
     /// Scenario name printed in the summary line.
     #[arg(long)]
@@ -303,6 +314,11 @@ async fn main() -> anyhow::Result<ExitCode> {
             let status = finish_run(&report, args.devices_out.as_deref())?;
             // Rows written but no batch committed: nothing got through either.
             Ok(if report.acked == 0 && report.errors > 0 { ExitCode::FAILURE } else { status })
+        }
+        Command::DeleteTopics(args) => {
+            kafka::delete_topics(&args.brokers, &args.topics).await?;
+            eprintln!("delete-topics: {} on {}: deleted", args.topics.join(", "), args.brokers);
+            Ok(ExitCode::SUCCESS)
         }
         Command::VerifyPostgres(args) => verify_postgres(args).await,
         Command::VerifySqlite(args) => {
