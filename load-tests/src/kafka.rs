@@ -68,15 +68,21 @@ pub enum TopicStatus {
     Recreated,
 }
 
-/// Deletes `topics` (and everything in them); topics that do not exist are no error. Kafka
-/// removes the data in the background.
-pub async fn delete_topics(brokers: &str, topics: &[String]) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+/// An admin client of `brokers`, and the timeouts its operations get.
+fn admin(brokers: &str) -> anyhow::Result<(AdminClient<DefaultClientContext>, AdminOptions)> {
+    let admin = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
         .context("creating the Kafka admin client")?;
     let options =
         AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT)).request_timeout(Some(ADMIN_TIMEOUT));
+    Ok((admin, options))
+}
+
+/// Deletes `topics` (and everything in them); topics that do not exist are no error. Kafka
+/// removes the data in the background.
+pub async fn delete_topics(brokers: &str, topics: &[String]) -> anyhow::Result<()> {
+    let (admin, options) = admin(brokers)?;
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     for result in admin.delete_topics(&names, &options).await.context("deleting topics")? {
         match result {
@@ -100,12 +106,7 @@ pub async fn create_topic(
     if partitions < 1 {
         bail!("a topic needs at least 1 partition, not {partitions}");
     }
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .context("creating the Kafka admin client")?;
-    let options =
-        AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT)).request_timeout(Some(ADMIN_TIMEOUT));
+    let (admin, options) = admin(brokers)?;
 
     let mut deleted = false;
     if recreate {
