@@ -79,6 +79,10 @@ pub fn render(report: &RunReport) -> String {
     page += &events_table(&report.events);
     page += "</section>\n";
 
+    page += "<section>\n<h2>Errors and refusals</h2>\n";
+    page += &reasons_table(&report.errors_by_reason);
+    page += "</section>\n";
+
     page += "<section>\n<h2>Latency distribution</h2>\n";
     page += &histogram_chart(&report.histogram, report.latency_ms.as_ref());
     page += "</section>\n";
@@ -337,6 +341,20 @@ fn events_table(events: &[EventMark]) -> String {
             escape(&event.kind),
             escape(&event.detail)
         );
+    }
+    html + "</tbody>\n</table>\n"
+}
+
+fn reasons_table(reasons: &std::collections::BTreeMap<String, u64>) -> String {
+    if reasons.is_empty() {
+        return "<p class=\"note\">None: every connection held and every answer was a success.</p>\n"
+            .to_owned();
+    }
+    let mut html = String::from(
+        "<table>\n<thead><tr><th>count</th><th class=\"text\">reason</th></tr></thead>\n<tbody>\n",
+    );
+    for (reason, count) in reasons {
+        html += &format!("<tr><td>{count}</td><td class=\"text\">{}</td></tr>\n", escape(reason));
     }
     html + "</tbody>\n</table>\n"
 }
@@ -831,6 +849,7 @@ mod tests {
                 lost: 0,
                 duplicates: 0,
             }),
+            errors_by_reason: [("refused: PUBACK <QuotaExceeded> (0x97)".to_owned(), 3)].into(),
         }
     }
 
@@ -848,6 +867,7 @@ mod tests {
             timeline: Vec::new(),
             events: Vec::new(),
             verify: None,
+            errors_by_reason: Default::default(),
         }
     }
 
@@ -905,6 +925,16 @@ mod tests {
         assert_eq!(html.matches(&marker).count(), 3, "{marker}");
         assert!(html.contains("<td class=\"text\">reconnect storm</td><td class=\"text\">4 devices</td>"));
         assert!(html.contains("<td>2</td><td>2.00 s</td><td class=\"text\">burst start</td>"));
+    }
+
+    #[test]
+    fn errors_are_listed_by_reason_escaped() {
+        let html = render(&three_second_report());
+        assert!(
+            html.contains("<td>3</td><td class=\"text\">refused: PUBACK &lt;QuotaExceeded&gt; (0x97)</td>"),
+            "{html}"
+        );
+        assert!(render(&empty_report()).contains("None: every connection held"));
     }
 
     #[test]
@@ -1131,6 +1161,7 @@ mod tests {
                 lost: 0,
                 duplicates: 212,
             }),
+            errors_by_reason: [("connection broke mid-run: reset by peer".to_owned(), 850)].into(),
         };
         std::fs::write("/tmp/weir-report.html", render(&report)).unwrap();
         std::fs::write("/tmp/weir-report.json", serde_json::to_vec_pretty(&report).unwrap()).unwrap();

@@ -36,6 +36,10 @@ pub struct RunReport {
     pub events: Vec<EventMark>,
     /// The sink read back after the run; `null` when the scenario did not ask for it.
     pub verify: Option<VerifySummary>,
+    /// Errors and refusals by reason (the server's reason code or text, the I/O error), with
+    /// how often each happened; at most 64 reasons, the rest counted together.
+    #[serde(default)]
+    pub errors_by_reason: std::collections::BTreeMap<String, u64>,
 }
 
 /// Whole-run counts over every group.
@@ -51,7 +55,8 @@ pub struct RunTotals {
     pub acked: u64,
     /// Failed connects, broken connections, and publishes still unacked when the drain ended.
     pub errors: u64,
-    /// Connections the target refused (CONNACK with a failure code, or closed before CONNACK).
+    /// Publishes the target answered with an error (MQTT 5 PUBACK reason code 0x80 or above, an
+    /// error ack frame or JSON answer): not stored. A refused CONNACK is an error, not this.
     pub refused: u64,
     /// Connections devices opened again after losing one.
     pub reconnects: u64,
@@ -309,6 +314,7 @@ mod tests {
                 lost: 0,
                 duplicates: 0,
             }),
+            errors_by_reason: [("connect: refused".to_owned(), 1)].into(),
         }
     }
 

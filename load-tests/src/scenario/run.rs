@@ -405,6 +405,7 @@ fn assemble(
         timeline: ticker.timeline,
         events,
         verify,
+        errors_by_reason: stats.errors_by_reason(),
     }
 }
 
