@@ -2,13 +2,15 @@
 # Where weir's CPU time goes under one load: a flat `perf` profile of the weir process (symbols
 # with their share of samples, and the same summed per crate) while `weir-load run` drives it.
 #
-#   load-tests/profile.sh [--sink blackhole|sqlite] [--qos 0|1] [--connections 100]
-#                         [--rate 0] [--seconds 10] [--no-build]
+#   load-tests/profile.sh [--sink blackhole|sqlite|postgres|kafka] [--qos 0|1]
+#                         [--connections 100] [--rate 0] [--seconds 10] [--no-build]
 #
 # Builds release binaries (they carry debug info), starts weir with the sink on 127.0.0.1:1887
 # (ops 9107, a temporary data_dir, per-device rates off as in bench.sh), starts the load (MQTT
 # 3.1.1, 128 B JSON, --rate messages per second per device, 0 = flat out), waits 2 s, records
-# `perf record -F 999` of weir for --seconds, and prints the top of `perf report`. With --rate
+# `perf record -F 999` of weir for --seconds, and prints the top of `perf report`. The postgres
+# sink writes table weir_profile on PG_URL (deploy/local/postgres.sh's by default), the kafka
+# sink a new topic weir-profile-PID on 127.0.0.1:9092 (deploy/local/kafka.sh); both must run. With --rate
 # and --connections it profiles the devices-10k shape too (e.g. --connections 10000 --rate 10).
 # stdout: a header, the load's result line, the profile. Needs perf (linux-perf); exit 1 without.
 set -euo pipefail
@@ -68,6 +70,14 @@ if ((build)); then
     (cd "$ROOT" && cargo build --release -j2 -p weir -p weir-load >&2)
 fi
 
+case $sink in
+blackhole | sqlite) sink_config= ;;
+postgres) sink_config="url = \"${PG_URL:-postgres://weir@127.0.0.1:5433/weir}\"
+table = \"weir_profile\"" ;;
+kafka) sink_config="brokers = \"127.0.0.1:9092\"
+topic = \"weir-profile-$$\"" ;;
+*) log "unknown sink '$sink'"; exit 64 ;;
+esac
 cat >"$WORK/weir.toml" <<EOF
 data_dir = "$WORK/data"
 [ops]
@@ -82,6 +92,7 @@ max_connections_per_ip = 0
 max_connection_rate = 0
 [sink]
 kind = "$sink"
+$sink_config
 EOF
 cat >"$WORK/load.toml" <<EOF
 name = "profile"
