@@ -99,7 +99,8 @@ async fn a_mixed_fleet_with_a_storm_and_a_burst_loses_nothing_acknowledged() {
         db = weir.db_path().display(),
     );
     let scenario = Scenario::parse(&text).unwrap();
-    let options = RunOptions { label: "weir".into(), scenario_text: text.clone(), quiet: true, cpu_pid: None };
+    let options =
+        RunOptions { label: "weir".into(), scenario_text: text.clone(), quiet: true, cpu_pid: None };
     let outcome = scenario::run(&scenario, &options).await.unwrap();
     let report = &outcome.report;
     let totals = &report.totals;
