@@ -10,130 +10,70 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use weir::auth::jwt::unix_now;
 use weir_protocols::mqtt::{
-    encode, Connect, ConnectReturnCode, ConnectV5, Decoder, Packet, Properties, ProtocolVersion, Publish,
-    PublishV5, QoS, ReasonCode,
+    Connect, ConnectReturnCode, ConnectV5, Packet, Properties, ProtocolVersion, PublishV5, QoS, ReasonCode,
 };
 
 const PROMPTLY: Duration = Duration::from_secs(5);
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
 const OWN_TOPIC_RULE: &str = "acl = [{ publish = \"devices/{device_id}/#\" }, { publish = \"shared/+\" }]\n";
 
-/// A raw MQTT client for one protocol version.
-struct Client {
-    stream: TcpStream,
-    buf: BytesMut,
-    version: ProtocolVersion,
+/// Sends CONNECT and returns the CONNACK's code (3.1.1 return code or MQTT 5 reason code).
+async fn login(
+    client: &mut RawClient,
+    client_id: &str,
+    username: Option<&str>,
+    password: Option<&str>,
+) -> u8 {
+    let v5 = client.version().is_v5();
+    let connect = Connect {
+        protocol_level: if v5 { 5 } else { 4 },
+        clean_session: true,
+        keep_alive_secs: 60,
+        client_id: client_id.into(),
+        will: None,
+        username: username.map(str::to_owned),
+        password: password.map(|p| p.as_bytes().to_vec().into()),
+    };
+    let packet = if v5 {
+        Packet::ConnectV5(Box::new(ConnectV5 {
+            connect,
+            properties: Properties::default(),
+            will_properties: Properties::default(),
+        }))
+    } else {
+        Packet::Connect(connect)
+    };
+    client.send(&packet).await;
+    match client.recv_within(PROMPTLY).await.expect("an answer in time") {
+        Some(Packet::ConnAck(ack)) => ack.code as u8,
+        Some(Packet::ConnAckV5(ack)) => ack.reason as u8,
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
 }
 
-impl Client {
-    async fn open(addr: SocketAddr, version: ProtocolVersion) -> Self {
-        Self::open_from(addr, version, "127.0.0.1").await
-    }
-
-    /// Connects from a chosen loopback address (the failed-login limit is per address).
-    async fn open_from(addr: SocketAddr, version: ProtocolVersion, from: &str) -> Self {
-        let socket = TcpSocket::new_v4().unwrap();
-        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
-        let stream = socket.connect(addr).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        Self { stream, buf: BytesMut::new(), version }
-    }
-
-    async fn send(&mut self, packet: &Packet) {
-        let mut out = BytesMut::new();
-        encode(packet, &mut out);
-        self.stream.write_all(&out).await.unwrap();
-    }
-
-    async fn recv(&mut self) -> Option<Packet> {
-        let decoder = Decoder::new(self.version, 1 << 20);
-        loop {
-            if let Some(packet) = decoder.decode(&mut self.buf).expect("weir sent a malformed packet") {
-                return Some(packet);
-            }
-            match self.stream.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
-        }
-    }
-
-    async fn recv_within(&mut self, wait: Duration) -> Option<Packet> {
-        tokio::time::timeout(wait, self.recv()).await.expect("an answer in time")
-    }
-
-    /// Sends CONNECT and returns the CONNACK's code (3.1.1 return code or MQTT 5 reason code).
-    async fn connect(&mut self, client_id: &str, username: Option<&str>, password: Option<&str>) -> u8 {
-        let connect = Connect {
-            protocol_level: if self.version.is_v5() { 5 } else { 4 },
-            clean_session: true,
-            keep_alive_secs: 60,
-            client_id: client_id.into(),
-            will: None,
-            username: username.map(str::to_owned),
-            password: password.map(|p| p.as_bytes().to_vec().into()),
-        };
-        let packet = if self.version.is_v5() {
-            Packet::ConnectV5(Box::new(ConnectV5 {
-                connect,
-                properties: Properties::default(),
-                will_properties: Properties::default(),
-            }))
-        } else {
-            Packet::Connect(connect)
-        };
-        self.send(&packet).await;
-        match self.recv_within(PROMPTLY).await {
-            Some(Packet::ConnAck(ack)) => ack.code as u8,
-            Some(Packet::ConnAckV5(ack)) => ack.reason as u8,
-            other => panic!("expected CONNACK, got {other:?}"),
-        }
-    }
-
-    async fn publish(&mut self, qos: QoS, pkid: u16, topic: &str, payload: String) {
-        let publish = Publish {
-            dup: false,
-            qos,
-            retain: false,
-            topic: topic.into(),
-            pkid: if qos == QoS::AtMostOnce { 0 } else { pkid },
-            payload: payload.into(),
-        };
-        let packet = if self.version.is_v5() {
+/// Sends a PUBLISH of the client's protocol version.
+async fn publish_as(client: &mut RawClient, qos: QoS, pkid: u16, topic: &str, payload: String) {
+    let packet = match publish(qos, pkid, topic, payload) {
+        Packet::Publish(publish) if client.version().is_v5() => {
             Packet::PublishV5(PublishV5 { publish, properties: Properties::default() })
-        } else {
-            Packet::Publish(publish)
-        };
-        self.send(&packet).await;
-    }
-
-    /// The reason code of the next MQTT 5 PUBACK, which must be for `pkid`.
-    async fn puback_v5(&mut self, pkid: u16) -> ReasonCode {
-        match self.recv_within(PROMPTLY).await {
-            Some(Packet::PubAckV5(ack)) if ack.pkid == pkid => ack.reason,
-            other => panic!("expected PUBACK {pkid}, got {other:?}"),
         }
-    }
+        packet => packet,
+    };
+    client.send(&packet).await;
+}
 
-    /// True when weir closes the connection within `wait`; the packets before the close.
-    async fn closed_within(&mut self, wait: Duration) -> Option<Vec<Packet>> {
-        tokio::time::timeout(wait, async {
-            let mut packets = Vec::new();
-            while let Some(packet) = self.recv().await {
-                packets.push(packet);
-            }
-            packets
-        })
-        .await
-        .ok()
+/// The reason code of the next MQTT 5 PUBACK, which must be for `pkid`.
+async fn puback_v5(client: &mut RawClient, pkid: u16) -> ReasonCode {
+    match client.recv_within(PROMPTLY).await.expect("an answer in time") {
+        Some(Packet::PubAckV5(ack)) if ack.pkid == pkid => ack.reason,
+        other => panic!("expected PUBACK {pkid}, got {other:?}"),
     }
 }
 
@@ -194,10 +134,10 @@ async fn password_logins_succeed_only_with_the_right_password() {
     let gw = password_gateway(&[("dev-1", "s3cret"), ("dev-2", "other")], "").await;
     let addr = gw.mqtt_addr();
 
-    let mut ok = Client::open(addr, V311).await;
-    assert_eq!(ok.connect("dev-1", Some("dev-1"), Some("s3cret")).await, 0);
-    ok.publish(QoS::AtLeastOnce, 1, "devices/dev-1/t", reading("dev-1", 1)).await;
-    assert!(matches!(ok.recv_within(PROMPTLY).await, Some(Packet::PubAck(1))));
+    let mut ok = RawClient::open_as(addr, V311).await;
+    assert_eq!(login(&mut ok, "dev-1", Some("dev-1"), Some("s3cret")).await, 0);
+    publish_as(&mut ok, QoS::AtLeastOnce, 1, "devices/dev-1/t", reading("dev-1", 1)).await;
+    assert!(matches!(ok.recv_within(PROMPTLY).await.expect("an answer in time"), Some(Packet::PubAck(1))));
 
     for (user, password, code) in [
         (Some("dev-1"), Some("wrong"), BAD_CREDENTIALS_V3),
@@ -205,22 +145,22 @@ async fn password_logins_succeed_only_with_the_right_password() {
         (None, None, BAD_CREDENTIALS_V3),
         (Some("dev-1"), None, BAD_CREDENTIALS_V3),
     ] {
-        let mut client = Client::open(addr, V311).await;
-        assert_eq!(client.connect("dev-1", user, password).await, code, "{user:?} {password:?}");
-        assert!(client.closed_within(PROMPTLY).await.is_some(), "closed after the refusal");
+        let mut client = RawClient::open_as(addr, V311).await;
+        assert_eq!(login(&mut client, "dev-1", user, password).await, code, "{user:?} {password:?}");
+        assert!(client.packets_until_closed(PROMPTLY).await.is_some(), "closed after the refusal");
     }
     // Right password, but the client id names another device.
-    let mut client = Client::open(addr, V311).await;
-    assert_eq!(client.connect("dev-2", Some("dev-1"), Some("s3cret")).await, NOT_AUTHORIZED_V3);
+    let mut client = RawClient::open_as(addr, V311).await;
+    assert_eq!(login(&mut client, "dev-2", Some("dev-1"), Some("s3cret")).await, NOT_AUTHORIZED_V3);
 
     // MQTT 5 codes.
-    let mut v5 = Client::open(addr, V5).await;
+    let mut v5 = RawClient::open_as(addr, V5).await;
     assert_eq!(
-        v5.connect("dev-2", Some("dev-2"), Some("nope")).await,
+        login(&mut v5, "dev-2", Some("dev-2"), Some("nope")).await,
         ReasonCode::BadUserNameOrPassword as u8
     );
-    let mut v5 = Client::open(addr, V5).await;
-    assert_eq!(v5.connect("dev-2", Some("dev-2"), Some("other")).await, 0);
+    let mut v5 = RawClient::open_as(addr, V5).await;
+    assert_eq!(login(&mut v5, "dev-2", Some("dev-2"), Some("other")).await, 0);
 
     assert_eq!(failures(&gw, "wrong_password"), 2);
     assert_eq!(failures(&gw, "unknown_user"), 1);
@@ -256,8 +196,8 @@ async fn a_user_added_with_weir_passwd_logs_in() {
 
     let auth = format!("kind = \"password_file\"\npassword_file = {:?}\n", file.display().to_string());
     let gw = gateway(&auth, OWN_TOPIC_RULE).await;
-    let mut client = Client::open(gw.mqtt_addr(), V311).await;
-    assert_eq!(client.connect("sensor-7", Some("sensor-7"), Some("correct horse")).await, 0);
+    let mut client = RawClient::open_as(gw.mqtt_addr(), V311).await;
+    assert_eq!(login(&mut client, "sensor-7", Some("sensor-7"), Some("correct horse")).await, 0);
 }
 
 #[tokio::test]
@@ -270,12 +210,12 @@ async fn jwt_hs256_signature_expiry_and_not_before_are_checked() {
     let now = unix_now();
 
     let valid = hs256(json!({"sub": "dev-1", "exp": now + 300}), SECRET);
-    let mut client = Client::open(addr, V5).await;
-    assert_eq!(client.connect("dev-1", None, Some(&valid)).await, 0, "no user name needed");
-    client.publish(QoS::AtLeastOnce, 1, "devices/dev-1/t", reading("dev-1", 1)).await;
-    assert_eq!(client.puback_v5(1).await, ReasonCode::Success);
-    let mut client = Client::open(addr, V311).await;
-    assert_eq!(client.connect("dev-1", Some("dev-1"), Some(&valid)).await, 0, "or the token's device");
+    let mut client = RawClient::open_as(addr, V5).await;
+    assert_eq!(login(&mut client, "dev-1", None, Some(&valid)).await, 0, "no user name needed");
+    publish_as(&mut client, QoS::AtLeastOnce, 1, "devices/dev-1/t", reading("dev-1", 1)).await;
+    assert_eq!(puback_v5(&mut client, 1).await, ReasonCode::Success);
+    let mut client = RawClient::open_as(addr, V311).await;
+    assert_eq!(login(&mut client, "dev-1", Some("dev-1"), Some(&valid)).await, 0, "or the token's device");
 
     let bad = ReasonCode::BadUserNameOrPassword as u8;
     for (token, reason) in [
@@ -288,13 +228,16 @@ async fn jwt_hs256_signature_expiry_and_not_before_are_checked() {
         (hs256(json!({"sub": "dev-1"}), SECRET), "missing_claim"),
         ("garbage".to_owned(), "invalid_token"),
     ] {
-        let mut client = Client::open(addr, V5).await;
-        assert_eq!(client.connect("dev-1", None, Some(&token)).await, bad, "{reason}");
+        let mut client = RawClient::open_as(addr, V5).await;
+        assert_eq!(login(&mut client, "dev-1", None, Some(&token)).await, bad, "{reason}");
         assert_eq!(failures(&gw, reason), 1, "{reason}");
     }
     // A valid token, another device's user name.
-    let mut client = Client::open(addr, V5).await;
-    assert_eq!(client.connect("dev-1", Some("dev-2"), Some(&valid)).await, ReasonCode::NotAuthorized as u8);
+    let mut client = RawClient::open_as(addr, V5).await;
+    assert_eq!(
+        login(&mut client, "dev-1", Some("dev-2"), Some(&valid)).await,
+        ReasonCode::NotAuthorized as u8
+    );
 }
 
 #[tokio::test]
@@ -309,13 +252,13 @@ async fn jwt_es256_with_a_key_made_here() {
         let claims = json!({"sub": sub, "exp": unix_now() + 300});
         jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &signing).unwrap()
     };
-    let mut client = Client::open(gw.mqtt_addr(), V5).await;
-    assert_eq!(client.connect("dev-es", None, Some(&token("dev-es"))).await, 0);
+    let mut client = RawClient::open_as(gw.mqtt_addr(), V5).await;
+    assert_eq!(login(&mut client, "dev-es", None, Some(&token("dev-es"))).await, 0);
     // An HS256 token made with the public key as its secret (algorithm confusion) is refused.
     let confused = hs256(json!({"sub": "dev-es", "exp": unix_now() + 300}), &pair.public_key_pem());
-    let mut client = Client::open(gw.mqtt_addr(), V5).await;
+    let mut client = RawClient::open_as(gw.mqtt_addr(), V5).await;
     assert_eq!(
-        client.connect("dev-es", None, Some(&confused)).await,
+        login(&mut client, "dev-es", None, Some(&confused)).await,
         ReasonCode::BadUserNameOrPassword as u8
     );
 }
@@ -328,20 +271,20 @@ async fn a_token_connection_is_closed_when_the_token_expires() {
     let gw = gateway(&jwt_auth("HS256", &key, 0), OWN_TOPIC_RULE).await;
     let exp = unix_now() + 2;
     let token = hs256(json!({"sub": "dev-1", "exp": exp}), SECRET);
-    let mut v5 = Client::open(gw.mqtt_addr(), V5).await;
-    assert_eq!(v5.connect("dev-1", None, Some(&token)).await, 0);
+    let mut v5 = RawClient::open_as(gw.mqtt_addr(), V5).await;
+    assert_eq!(login(&mut v5, "dev-1", None, Some(&token)).await, 0);
     // MQTT 3.1.1 sends no password without a user name.
     let token = hs256(json!({"sub": "dev-2", "exp": exp}), SECRET);
-    let mut v3 = Client::open(gw.mqtt_addr(), V311).await;
-    assert_eq!(v3.connect("dev-2", Some("dev-2"), Some(&token)).await, 0);
+    let mut v3 = RawClient::open_as(gw.mqtt_addr(), V311).await;
+    assert_eq!(login(&mut v3, "dev-2", Some("dev-2"), Some(&token)).await, 0);
     // Still open just before, closed just after (MQTT 5: DISCONNECT 0xA0, maximum connect time).
-    let packets = v5.closed_within(Duration::from_secs(6)).await.expect("closed at expiry");
+    let packets = v5.packets_until_closed(Duration::from_secs(6)).await.expect("closed at expiry");
     assert!(unix_now() >= exp, "closed before the token expired");
     assert!(
         matches!(&packets[..], [Packet::DisconnectV5(d)] if d.reason == ReasonCode::MaximumConnectTime),
         "{packets:?}"
     );
-    assert_eq!(v3.closed_within(PROMPTLY).await, Some(vec![]));
+    assert_eq!(v3.packets_until_closed(PROMPTLY).await, Some(vec![]));
     let closed = gw.gateway.metrics().encode();
     assert!(closed.contains("reason=\"credentials_expired\"} 2"), "{closed}");
 }
@@ -352,20 +295,20 @@ async fn a_device_cannot_publish_to_another_devices_topic() {
     let addr = gw.mqtt_addr();
 
     // MQTT 5, QoS 1: 0x87 for the other device's topic, and the connection goes on.
-    let mut v5 = Client::open(addr, V5).await;
-    assert_eq!(v5.connect("dev-1", Some("dev-1"), Some("pw1")).await, 0);
-    v5.publish(QoS::AtLeastOnce, 1, "devices/dev-2/t", reading("dev-1", 1)).await;
-    assert_eq!(v5.puback_v5(1).await, ReasonCode::NotAuthorized);
-    v5.publish(QoS::AtLeastOnce, 2, "devices/dev-1/t", reading("dev-1", 2)).await;
-    assert_eq!(v5.puback_v5(2).await, ReasonCode::Success);
-    v5.publish(QoS::AtLeastOnce, 3, "shared/announce", reading("dev-1", 3)).await;
-    assert_eq!(v5.puback_v5(3).await, ReasonCode::Success);
+    let mut v5 = RawClient::open_as(addr, V5).await;
+    assert_eq!(login(&mut v5, "dev-1", Some("dev-1"), Some("pw1")).await, 0);
+    publish_as(&mut v5, QoS::AtLeastOnce, 1, "devices/dev-2/t", reading("dev-1", 1)).await;
+    assert_eq!(puback_v5(&mut v5, 1).await, ReasonCode::NotAuthorized);
+    publish_as(&mut v5, QoS::AtLeastOnce, 2, "devices/dev-1/t", reading("dev-1", 2)).await;
+    assert_eq!(puback_v5(&mut v5, 2).await, ReasonCode::Success);
+    publish_as(&mut v5, QoS::AtLeastOnce, 3, "shared/announce", reading("dev-1", 3)).await;
+    assert_eq!(puback_v5(&mut v5, 3).await, ReasonCode::Success);
     // Its own topic, but the reading names another device.
-    v5.publish(QoS::AtLeastOnce, 4, "devices/dev-1/t", reading("dev-2", 4)).await;
-    assert_eq!(v5.puback_v5(4).await, ReasonCode::NotAuthorized);
+    publish_as(&mut v5, QoS::AtLeastOnce, 4, "devices/dev-1/t", reading("dev-2", 4)).await;
+    assert_eq!(puback_v5(&mut v5, 4).await, ReasonCode::NotAuthorized);
     // Wildcards in a topic name are no way around it.
-    v5.publish(QoS::AtLeastOnce, 5, "devices/+/t", reading("dev-1", 5)).await;
-    let answer = v5.recv_within(PROMPTLY).await;
+    publish_as(&mut v5, QoS::AtLeastOnce, 5, "devices/+/t", reading("dev-1", 5)).await;
+    let answer = v5.recv_within(PROMPTLY).await.expect("an answer in time");
     assert!(
         matches!(&answer, Some(Packet::PubAckV5(a)) if a.reason == ReasonCode::NotAuthorized)
             || matches!(&answer, Some(Packet::DisconnectV5(_))),
@@ -373,20 +316,20 @@ async fn a_device_cannot_publish_to_another_devices_topic() {
     );
 
     // MQTT 5, QoS 0: nothing to answer with, so DISCONNECT 0x87.
-    let mut v5 = Client::open(addr, V5).await;
-    assert_eq!(v5.connect("dev-1", Some("dev-1"), Some("pw1")).await, 0);
-    v5.publish(QoS::AtMostOnce, 0, "devices/dev-2/t", reading("dev-1", 6)).await;
-    let packets = v5.closed_within(PROMPTLY).await.expect("closed");
+    let mut v5 = RawClient::open_as(addr, V5).await;
+    assert_eq!(login(&mut v5, "dev-1", Some("dev-1"), Some("pw1")).await, 0);
+    publish_as(&mut v5, QoS::AtMostOnce, 0, "devices/dev-2/t", reading("dev-1", 6)).await;
+    let packets = v5.packets_until_closed(PROMPTLY).await.expect("closed");
     assert!(
         matches!(&packets[..], [Packet::DisconnectV5(d)] if d.reason == ReasonCode::NotAuthorized),
         "{packets:?}"
     );
 
     // MQTT 3.1.1 has no error ack: the connection is closed, the message not acked.
-    let mut v3 = Client::open(addr, V311).await;
-    assert_eq!(v3.connect("dev-1", Some("dev-1"), Some("pw1")).await, 0);
-    v3.publish(QoS::AtLeastOnce, 7, "devices/dev-2/t", reading("dev-1", 7)).await;
-    assert_eq!(v3.closed_within(PROMPTLY).await, Some(vec![]));
+    let mut v3 = RawClient::open_as(addr, V311).await;
+    assert_eq!(login(&mut v3, "dev-1", Some("dev-1"), Some("pw1")).await, 0);
+    publish_as(&mut v3, QoS::AtLeastOnce, 7, "devices/dev-2/t", reading("dev-1", 7)).await;
+    assert_eq!(v3.packets_until_closed(PROMPTLY).await, Some(vec![]));
 
     assert!(eventually(PROMPTLY, || rows(&gw.db_path()).len() == 2).await);
     assert_eq!(rows(&gw.db_path()), [("dev-1".to_owned(), 2), ("dev-1".to_owned(), 3)]);
@@ -405,21 +348,21 @@ async fn wildcard_identities_cannot_reach_other_topics_through_templates() {
     let gw = gateway(&jwt_auth("HS256", &key, 0), acl).await;
     for identity in ["#", "+", "a/#", "dev-1/+", "x\u{0}y"] {
         let token = hs256(json!({"sub": identity, "exp": unix_now() + 300}), SECRET);
-        let mut client = Client::open(gw.mqtt_addr(), V5).await;
-        let code = client.connect("dev-1", None, Some(&token)).await;
+        let mut client = RawClient::open_as(gw.mqtt_addr(), V5).await;
+        let code = login(&mut client, "dev-1", None, Some(&token)).await;
         assert_eq!(code, ReasonCode::NotAuthorized as u8, "{identity:?}");
     }
     assert_eq!(failures(&gw, "invalid_identity"), 5);
     // A user name of `#` next to a valid token changes nothing either.
     let token = hs256(json!({"sub": "dev-1", "exp": unix_now() + 300}), SECRET);
-    let mut client = Client::open(gw.mqtt_addr(), V5).await;
-    assert_eq!(client.connect("dev-1", Some("#"), Some(&token)).await, ReasonCode::NotAuthorized as u8);
+    let mut client = RawClient::open_as(gw.mqtt_addr(), V5).await;
+    assert_eq!(login(&mut client, "dev-1", Some("#"), Some(&token)).await, ReasonCode::NotAuthorized as u8);
 
     // The password file refuses such users outright, and `#` is nobody there.
     let pw = password_gateway(&[("dev-1", "pw")], "").await;
     for user in ["#", "+"] {
-        let mut client = Client::open(pw.mqtt_addr(), V311).await;
-        assert_eq!(client.connect("x", Some(user), Some("pw")).await, BAD_CREDENTIALS_V3, "{user}");
+        let mut client = RawClient::open_as(pw.mqtt_addr(), V311).await;
+        assert_eq!(login(&mut client, "x", Some(user), Some("pw")).await, BAD_CREDENTIALS_V3, "{user}");
     }
     let err = weir::auth::password::PasswordFile::parse(
         "#x:$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaA\n+:$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaA\n",
@@ -433,26 +376,26 @@ async fn repeated_failures_from_one_address_are_rate_limited() {
     let gw = password_gateway(&[("dev-1", "pw1")], "max_failures = 3\nfailures_per_minute = 1\n").await;
     let addr = gw.mqtt_addr();
     for _ in 0..3 {
-        let mut client = Client::open_from(addr, V5, "127.0.0.1").await;
-        let code = client.connect("dev-1", Some("dev-1"), Some("guess")).await;
+        let mut client = RawClient::open_from(addr, V5, "127.0.0.1").await;
+        let code = login(&mut client, "dev-1", Some("dev-1"), Some("guess")).await;
         assert_eq!(code, ReasonCode::BadUserNameOrPassword as u8);
     }
     // Over the limit: refused at once, the right password included, without a check.
     let started = std::time::Instant::now();
     for password in ["guess", "pw1"] {
-        let mut client = Client::open_from(addr, V5, "127.0.0.1").await;
-        let code = client.connect("dev-1", Some("dev-1"), Some(password)).await;
+        let mut client = RawClient::open_from(addr, V5, "127.0.0.1").await;
+        let code = login(&mut client, "dev-1", Some("dev-1"), Some(password)).await;
         assert_eq!(code, ReasonCode::QuotaExceeded as u8, "{password}");
     }
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(gw.metric("weir_auth_rate_limited_total"), 2);
     assert_eq!(failures(&gw, "wrong_password"), 3, "refused attempts are not checked");
     // Another address still logs in.
-    let mut client = Client::open_from(addr, V5, "127.0.0.2").await;
-    assert_eq!(client.connect("dev-1", Some("dev-1"), Some("pw1")).await, 0);
+    let mut client = RawClient::open_from(addr, V5, "127.0.0.2").await;
+    assert_eq!(login(&mut client, "dev-1", Some("dev-1"), Some("pw1")).await, 0);
     // 3.1.1 is told "server unavailable".
-    let mut client = Client::open_from(addr, V311, "127.0.0.1").await;
-    let code = client.connect("dev-1", Some("dev-1"), Some("pw1")).await;
+    let mut client = RawClient::open_from(addr, V311, "127.0.0.1").await;
+    let code = login(&mut client, "dev-1", Some("dev-1"), Some("pw1")).await;
     assert_eq!(code, ConnectReturnCode::ServerUnavailable as u8);
 }
 
@@ -542,17 +485,17 @@ async fn the_password_file_is_reread_on_reload() {
     weir::auth::password::add_user(&file, "dev-1", b"pw1").unwrap();
     let auth = format!("kind = \"password_file\"\npassword_file = {:?}\n", file.display().to_string());
     let gw = gateway(&auth, OWN_TOPIC_RULE).await;
-    let login = |user: &'static str, password: &'static str| {
+    let login_as = |user: &'static str, password: &'static str| {
         let addr = gw.mqtt_addr();
-        async move { Client::open(addr, V311).await.connect(user, Some(user), Some(password)).await }
+        async move { login(&mut RawClient::open_as(addr, V311).await, user, Some(user), Some(password)).await }
     };
-    assert_eq!(login("dev-2", "pw2").await, BAD_CREDENTIALS_V3);
+    assert_eq!(login_as("dev-2", "pw2").await, BAD_CREDENTIALS_V3);
     weir::auth::password::add_user(&file, "dev-2", b"pw2").unwrap();
     assert_eq!(gw.gateway.reload_auth(), (1, 0));
-    assert_eq!(login("dev-2", "pw2").await, 0);
+    assert_eq!(login_as("dev-2", "pw2").await, 0);
     // A broken file keeps the users loaded before.
     std::fs::write(&file, "garbage\n").unwrap();
     assert_eq!(gw.gateway.reload_auth(), (0, 1));
-    assert_eq!(login("dev-1", "pw1").await, 0);
+    assert_eq!(login_as("dev-1", "pw1").await, 0);
     assert_eq!(gw.metric("weir_auth_reloads_total"), 2);
 }

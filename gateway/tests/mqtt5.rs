@@ -9,87 +9,30 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use common::*;
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 use weir_protocols::mqtt::{
-    encode, ConnAckV5, Connect, ConnectV5, Decoder, DisconnectV5, Packet, Properties, ProtocolVersion,
-    Publish, PublishV5, QoS, ReasonCode,
+    ConnAckV5, Connect, ConnectV5, Packet, Properties, ProtocolVersion, Publish, PublishV5, QoS, ReasonCode,
 };
 
 /// Generous bound for anything that should happen "at once".
 const PROMPTLY: Duration = Duration::from_secs(5);
 
-/// A deliberately simple MQTT 5 client over weir's codec.
-struct V5Client {
-    stream: TcpStream,
-    buf: BytesMut,
+/// Opens an MQTT 5 connection with `properties` on its CONNECT; returns the accepting CONNACK.
+async fn connect(
+    addr: std::net::SocketAddr,
+    client_id: &str,
+    properties: Properties,
+) -> (RawClient, ConnAckV5) {
+    let (client, connack) = RawClient::connect_v5(addr, connect_v5(client_id, 60, properties)).await;
+    assert_eq!(connack.reason, ReasonCode::Success, "CONNACK refused: {connack:?}");
+    (client, connack)
 }
 
-impl V5Client {
-    async fn open(addr: std::net::SocketAddr) -> Self {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        Self { stream, buf: BytesMut::new() }
-    }
-
-    /// Opens a connection, sends CONNECT with `properties` and returns the accepting CONNACK.
-    async fn connect(
-        addr: std::net::SocketAddr,
-        client_id: &str,
-        properties: Properties,
-    ) -> (Self, ConnAckV5) {
-        let mut client = Self::open(addr).await;
-        client.send(&connect_v5(client_id, 60, properties)).await;
-        match client.recv().await {
-            Some(Packet::ConnAckV5(connack)) => {
-                assert_eq!(connack.reason, ReasonCode::Success, "CONNACK refused: {connack:?}");
-                (client, connack)
-            }
-            other => panic!("expected CONNACK, got {other:?}"),
-        }
-    }
-
-    async fn send(&mut self, packet: &Packet) {
-        let mut out = BytesMut::new();
-        encode(packet, &mut out);
-        self.stream.write_all(&out).await.unwrap();
-    }
-
-    /// The next packet from weir, or None when weir closed the connection.
-    async fn recv(&mut self) -> Option<Packet> {
-        let decoder = Decoder::new(ProtocolVersion::V5, 1 << 20);
-        loop {
-            if let Some(packet) = decoder.decode(&mut self.buf).expect("weir sent a malformed packet") {
-                return Some(packet);
-            }
-            match self.stream.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
-        }
-    }
-
-    async fn recv_within(&mut self, wait: Duration) -> Result<Option<Packet>, ()> {
-        tokio::time::timeout(wait, self.recv()).await.map_err(|_| ())
-    }
-
-    /// Expects a DISCONNECT with `reason`, then the close; returns its reason string.
-    async fn expect_disconnect(&mut self, reason: ReasonCode) -> String {
-        let packet = self.recv_within(PROMPTLY).await.expect("an answer in time");
-        let Some(Packet::DisconnectV5(DisconnectV5 { reason: got, properties })) = packet else {
-            panic!("expected DISCONNECT {reason:?}, got {packet:?}");
-        };
-        assert_eq!(got, reason, "{properties:?}");
-        assert_eq!(self.recv_within(PROMPTLY).await, Ok(None), "closed after the DISCONNECT");
-        properties.reason_string.unwrap_or_default()
-    }
-}
-
-fn connect_v5(client_id: &str, keep_alive_secs: u16, properties: Properties) -> Packet {
-    Packet::ConnectV5(Box::new(ConnectV5 {
+fn connect_v5(client_id: &str, keep_alive_secs: u16, properties: Properties) -> ConnectV5 {
+    ConnectV5 {
         connect: Connect {
             protocol_level: 5,
             clean_session: true,
@@ -101,7 +44,7 @@ fn connect_v5(client_id: &str, keep_alive_secs: u16, properties: Properties) -> 
         },
         properties,
         will_properties: Properties::default(),
-    }))
+    }
 }
 
 fn publish_v5(qos: QoS, pkid: u16, topic: &str, payload: impl Into<Bytes>, properties: Properties) -> Packet {
@@ -312,7 +255,7 @@ async fn receive_maximum_is_the_backpressure_and_pings_are_answered_while_stalle
     .await;
     let db = gw.db_path();
     let lock = WriteLock::take(&db);
-    let (mut client, connack) = V5Client::connect(gw.mqtt_addr(), "rm-dev", Properties::default()).await;
+    let (mut client, connack) = connect(gw.mqtt_addr(), "rm-dev", Properties::default()).await;
     let window = usize::from(connack.properties.receive_maximum.expect("Receive Maximum advertised"));
     assert_eq!(window, RECEIVE_MAXIMUM);
 
@@ -385,7 +328,7 @@ async fn violations_are_announced_with_their_reason_codes() {
     assert_eq!(old.recv_within(PROMPTLY).await, Ok(Some(Packet::PubAck(1))));
 
     // Empty client id: an Assigned Client Identifier, used as the device id.
-    let (mut anon, connack) = V5Client::connect(addr, "", Properties::default()).await;
+    let (mut anon, connack) = connect(addr, "", Properties::default()).await;
     let assigned = connack.properties.assigned_client_identifier.expect("Assigned Client Identifier");
     assert!(assigned.starts_with("weir-auto-"), "{assigned}");
     assert_eq!(connack.properties.maximum_packet_size, Some(1024));
@@ -398,7 +341,7 @@ async fn violations_are_announced_with_their_reason_codes() {
 
     // Receive Maximum exceeded: with the sink stalled, a third unacknowledged QoS 1 message.
     let lock = WriteLock::take(&db);
-    let (mut greedy, _) = V5Client::connect(addr, "greedy-dev", Properties::default()).await;
+    let (mut greedy, _) = connect(addr, "greedy-dev", Properties::default()).await;
     for pkid in 1..=3u16 {
         greedy
             .send(&publish_v5(
@@ -415,19 +358,19 @@ async fn violations_are_announced_with_their_reason_codes() {
     lock.release();
 
     // Topic alias above the Topic Alias Maximum.
-    let (mut aliasing, _) = V5Client::connect(addr, "alias-dev", Properties::default()).await;
+    let (mut aliasing, _) = connect(addr, "alias-dev", Properties::default()).await;
     let alias5 = Properties { topic_alias: Some(5), ..Properties::default() };
     aliasing.send(&publish_v5(QoS::AtMostOnce, 0, "t", "{}", alias5)).await;
     aliasing.expect_disconnect(ReasonCode::TopicAliasInvalid).await;
 
     // An unknown alias with an empty topic is a protocol error.
-    let (mut unknown, _) = V5Client::connect(addr, "unknown-alias-dev", Properties::default()).await;
+    let (mut unknown, _) = connect(addr, "unknown-alias-dev", Properties::default()).await;
     let alias2 = Properties { topic_alias: Some(2), ..Properties::default() };
     unknown.send(&publish_v5(QoS::AtMostOnce, 0, "", "{}", alias2)).await;
     unknown.expect_disconnect(ReasonCode::ProtocolError).await;
 
     // A packet above max_packet_bytes is refused from its header: only the header is sent.
-    let (mut big, _) = V5Client::connect(addr, "big-dev", Properties::default()).await;
+    let (mut big, _) = connect(addr, "big-dev", Properties::default()).await;
     big.stream
         .write_all(&[
             0x30, // PUBLISH QoS 0
@@ -439,16 +382,16 @@ async fn violations_are_announced_with_their_reason_codes() {
     assert!(reason.contains("1024"), "{reason}");
 
     // More user properties than max_user_properties.
-    let (mut chatty, _) = V5Client::connect(addr, "chatty-dev", Properties::default()).await;
+    let (mut chatty, _) = connect(addr, "chatty-dev", Properties::default()).await;
     let four = Properties { user_properties: vec![("k".into(), "v".into()); 4], ..Properties::default() };
     chatty.send(&publish_v5(QoS::AtMostOnce, 0, "t", "{}", four)).await;
     let reason = chatty.expect_disconnect(ReasonCode::QuotaExceeded).await;
     assert!(reason.contains("user properties"), "{reason}");
 
     // Enhanced authentication is not supported: CONNACK 0x8C.
-    let mut auth = V5Client::open(addr).await;
+    let mut auth = RawClient::open_as(addr, ProtocolVersion::V5).await;
     let method = Properties { authentication_method: Some("SCRAM-SHA-256".into()), ..Properties::default() };
-    auth.send(&connect_v5("auth-dev", 60, method)).await;
+    auth.send(&Packet::ConnectV5(Box::new(connect_v5("auth-dev", 60, method)))).await;
     match auth.recv_within(PROMPTLY).await {
         Ok(Some(Packet::ConnAckV5(connack))) => {
             assert_eq!(connack.reason, ReasonCode::BadAuthenticationMethod)
@@ -496,8 +439,8 @@ async fn violations_are_announced_with_their_reason_codes() {
 async fn connect_during_shutdown_is_told_server_busy() {
     let gw = TestGateway::start("").await;
     let addr = gw.mqtt_addr();
-    let (mut connected, _) = V5Client::connect(addr, "staying-dev", Properties::default()).await;
-    let mut late = V5Client::open(addr).await;
+    let (mut connected, _) = connect(addr, "staying-dev", Properties::default()).await;
+    let mut late = RawClient::open_as(addr, ProtocolVersion::V5).await;
     assert!(eventually(PROMPTLY, || gw.metric("weir_connections_opened_total") == 2).await);
 
     let shutdown = tokio::spawn(gw.gateway.shutdown());
@@ -506,7 +449,7 @@ async fn connect_during_shutdown_is_told_server_busy() {
     // By now the idle connection has seen the signal too.
     tokio::time::sleep(Duration::from_millis(200)).await;
     // The one that had not sent CONNECT yet is answered server busy, not left hanging.
-    late.send(&connect_v5("late-dev", 60, Properties::default())).await;
+    late.send(&Packet::ConnectV5(Box::new(connect_v5("late-dev", 60, Properties::default())))).await;
     match late.recv_within(PROMPTLY).await {
         Ok(Some(Packet::ConnAckV5(connack))) => assert_eq!(connack.reason, ReasonCode::ServerBusy),
         other => panic!("expected CONNACK 0x89, got {other:?}"),
@@ -524,7 +467,7 @@ async fn drop_newest_is_answered_quota_exceeded() {
     .await;
     let db = gw.db_path();
     let lock = WriteLock::take(&db);
-    let (mut client, _) = V5Client::connect(gw.mqtt_addr(), "drop5-dev", Properties::default()).await;
+    let (mut client, _) = connect(gw.mqtt_addr(), "drop5-dev", Properties::default()).await;
     for pkid in 1..=5u16 {
         let payload = reading("drop5-dev", pkid.into());
         client.send(&publish_v5(QoS::AtLeastOnce, pkid, "t", payload, Properties::default())).await;

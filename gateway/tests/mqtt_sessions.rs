@@ -8,13 +8,11 @@ mod common;
 
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use weir_protocols::mqtt::{
-    encode, AckV5, ConnAck, ConnAckV5, Connect, ConnectReturnCode, ConnectV5, Decoder, DisconnectV5, Packet,
-    Properties, ProtocolVersion, Publish, PublishV5, QoS, ReasonCode,
+    AckV5, ConnAck, ConnAckV5, Connect, ConnectReturnCode, ConnectV5, Packet, Properties, Publish, PublishV5,
+    QoS, ReasonCode,
 };
 
 /// Generous bound for anything that should happen "at once".
@@ -24,93 +22,28 @@ const PROMPTLY: Duration = Duration::from_secs(5);
 /// messages quickly (as a crash would lose them).
 const QUICK_STOP: &str = "[shutdown]\ngrace_ms = 300\n[fabric]\nlinger_ms = 1\n";
 
-/// A deliberately simple MQTT client (3.1.1 or 5) over weir's codec, for exact bytes.
-struct Client {
-    stream: TcpStream,
-    buf: BytesMut,
-    version: ProtocolVersion,
+/// MQTT 5 CONNECT with Clean Start and a Session Expiry Interval; returns weir's CONNACK.
+async fn connect_v5(
+    addr: std::net::SocketAddr,
+    client_id: &str,
+    clean_start: bool,
+    session_expiry: Option<u32>,
+) -> (RawClient, ConnAckV5) {
+    let connect = ConnectV5 {
+        connect: connect(5, client_id, clean_start),
+        properties: Properties { session_expiry_interval: session_expiry, ..Properties::default() },
+        will_properties: Properties::default(),
+    };
+    RawClient::connect_v5(addr, connect).await
 }
 
-impl Client {
-    async fn open(addr: std::net::SocketAddr, version: ProtocolVersion) -> Self {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        Self { stream, buf: BytesMut::new(), version }
-    }
-
-    /// MQTT 5 CONNECT with Clean Start and a Session Expiry Interval; returns weir's CONNACK.
-    async fn connect_v5(
-        addr: std::net::SocketAddr,
-        client_id: &str,
-        clean_start: bool,
-        session_expiry: Option<u32>,
-    ) -> (Self, ConnAckV5) {
-        let mut client = Self::open(addr, ProtocolVersion::V5).await;
-        client
-            .send(&Packet::ConnectV5(Box::new(ConnectV5 {
-                connect: connect(5, client_id, clean_start),
-                properties: Properties { session_expiry_interval: session_expiry, ..Properties::default() },
-                will_properties: Properties::default(),
-            })))
-            .await;
-        match client.recv_within(PROMPTLY).await {
-            Ok(Some(Packet::ConnAckV5(connack))) => (client, connack),
-            other => panic!("expected CONNACK, got {other:?}"),
-        }
-    }
-
-    /// MQTT 3.1.1 CONNECT with Clean Session; returns weir's CONNACK.
-    async fn connect_v311(
-        addr: std::net::SocketAddr,
-        client_id: &str,
-        clean_session: bool,
-    ) -> (Self, ConnAck) {
-        let mut client = Self::open(addr, ProtocolVersion::V311).await;
-        client.send(&Packet::Connect(connect(4, client_id, clean_session))).await;
-        match client.recv_within(PROMPTLY).await {
-            Ok(Some(Packet::ConnAck(connack))) => (client, connack),
-            other => panic!("expected CONNACK, got {other:?}"),
-        }
-    }
-
-    async fn send(&mut self, packet: &Packet) {
-        let mut out = BytesMut::new();
-        encode(packet, &mut out);
-        self.stream.write_all(&out).await.unwrap();
-    }
-
-    /// The next packet from weir, or None when weir closed the connection.
-    async fn recv(&mut self) -> Option<Packet> {
-        let decoder = Decoder::new(self.version, 1 << 20);
-        loop {
-            if let Some(packet) = decoder.decode(&mut self.buf).expect("weir sent a malformed packet") {
-                return Some(packet);
-            }
-            match self.stream.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
-        }
-    }
-
-    async fn recv_within(&mut self, wait: Duration) -> Result<Option<Packet>, ()> {
-        tokio::time::timeout(wait, self.recv()).await.map_err(|_| ())
-    }
-
-    /// Says goodbye (MQTT 5: with `session_expiry`, replacing the CONNECT's) and waits for the
-    /// close.
-    async fn disconnect(mut self, session_expiry: Option<u32>) {
-        let packet = if self.version.is_v5() {
-            Packet::DisconnectV5(DisconnectV5 {
-                reason: ReasonCode::Success,
-                properties: Properties { session_expiry_interval: session_expiry, ..Properties::default() },
-            })
-        } else {
-            Packet::Disconnect
-        };
-        self.send(&packet).await;
-        assert_eq!(self.recv_within(PROMPTLY).await, Ok(None), "closed after DISCONNECT");
-    }
+/// MQTT 3.1.1 CONNECT with Clean Session; returns weir's CONNACK.
+async fn connect_v311(
+    addr: std::net::SocketAddr,
+    client_id: &str,
+    clean_session: bool,
+) -> (RawClient, ConnAck) {
+    RawClient::connect_v311(addr, connect(4, client_id, clean_session)).await
 }
 
 fn connect(protocol_level: u8, client_id: &str, clean_session: bool) -> Connect {
@@ -148,7 +81,7 @@ async fn v5_session_survives_a_restart_and_unacknowledged_messages_are_stored_on
     const DEVICE: &str = "persist-5";
     let gw = TestGateway::start(QUICK_STOP).await;
     let db = gw.db_path();
-    let (mut client, connack) = Client::connect_v5(gw.mqtt_addr(), DEVICE, false, Some(3600)).await;
+    let (mut client, connack) = connect_v5(gw.mqtt_addr(), DEVICE, false, Some(3600)).await;
     assert_eq!((connack.reason, connack.session_present), (ReasonCode::Success, false));
     assert_eq!(connack.properties.session_expiry_interval, None, "granted as asked: not repeated");
 
@@ -180,7 +113,7 @@ async fn v5_session_survives_a_restart_and_unacknowledged_messages_are_stored_on
     goodbye.await.expect("the old connection is closed");
     assert_eq!(gw.metric("weir_mqtt_sessions"), 1, "the session is in sessions.db");
 
-    let (mut client, connack) = Client::connect_v5(gw.mqtt_addr(), DEVICE, false, Some(3600)).await;
+    let (mut client, connack) = connect_v5(gw.mqtt_addr(), DEVICE, false, Some(3600)).await;
     assert_eq!(connack.reason, ReasonCode::Success);
     assert!(connack.session_present, "Session Present = 1 after the restart");
     assert_eq!(gw.metric("weir_mqtt_sessions_resumed_total"), 1);
@@ -280,7 +213,7 @@ async fn v311_clean_session_0_is_present_after_a_restart_and_clean_session_1_end
     const DEVICE: &str = "persist-311";
     let gw = TestGateway::start("").await;
     let db = gw.db_path();
-    let (mut client, connack) = Client::connect_v311(gw.mqtt_addr(), DEVICE, false).await;
+    let (mut client, connack) = connect_v311(gw.mqtt_addr(), DEVICE, false).await;
     assert_eq!(connack, ConnAck { session_present: false, code: ConnectReturnCode::Accepted });
     // A QoS 2 message stored; the device leaves before releasing it.
     client.send(&publish(QoS::ExactlyOnce, 7, "t", reading(DEVICE, 7))).await;
@@ -289,18 +222,18 @@ async fn v311_clean_session_0_is_present_after_a_restart_and_clean_session_1_end
 
     let (gw, report) = restart(gw, "").await;
     assert!(report.clean);
-    let (mut client, connack) = Client::connect_v311(gw.mqtt_addr(), DEVICE, false).await;
+    let (mut client, connack) = connect_v311(gw.mqtt_addr(), DEVICE, false).await;
     assert_eq!(connack, ConnAck { session_present: true, code: ConnectReturnCode::Accepted });
     client.send(&Packet::PubRel(7)).await;
     assert_eq!(client.recv_within(PROMPTLY).await, Ok(Some(Packet::PubComp(7))));
     client.disconnect(None).await;
 
     // Clean Session 1 discards the session: the next persistent connect finds none.
-    let (client, connack) = Client::connect_v311(gw.mqtt_addr(), DEVICE, true).await;
+    let (client, connack) = connect_v311(gw.mqtt_addr(), DEVICE, true).await;
     assert_eq!(connack, ConnAck { session_present: false, code: ConnectReturnCode::Accepted });
     assert_eq!(gw.metric("weir_mqtt_sessions"), 0);
     client.disconnect(None).await;
-    let (client, connack) = Client::connect_v311(gw.mqtt_addr(), DEVICE, false).await;
+    let (client, connack) = connect_v311(gw.mqtt_addr(), DEVICE, false).await;
     assert!(!connack.session_present);
     client.disconnect(None).await;
 
@@ -314,13 +247,13 @@ async fn expired_sessions_are_swept_and_counted() {
     let gw = TestGateway::start("[sessions]\nsweep_interval_ms = 50\n").await;
     let addr = gw.mqtt_addr();
     // Expiring 1 s after the disconnect, as the CONNECT asked.
-    let (client, _) = Client::connect_v5(addr, "short-a", false, Some(1)).await;
+    let (client, _) = connect_v5(addr, "short-a", false, Some(1)).await;
     client.disconnect(None).await;
     // Asked an hour; the DISCONNECT shortens it to 1 s.
-    let (client, _) = Client::connect_v5(addr, "short-b", false, Some(3600)).await;
+    let (client, _) = connect_v5(addr, "short-b", false, Some(3600)).await;
     client.disconnect(Some(1)).await;
     // An hour, untouched.
-    let (client, _) = Client::connect_v5(addr, "long", false, Some(3600)).await;
+    let (client, _) = connect_v5(addr, "long", false, Some(3600)).await;
     client.disconnect(None).await;
 
     assert!(
@@ -328,10 +261,10 @@ async fn expired_sessions_are_swept_and_counted() {
         "the two short sessions expire"
     );
     assert!(eventually(PROMPTLY, || gw.metric("weir_mqtt_sessions") == 1).await, "the long one stays");
-    let (client, connack) = Client::connect_v5(addr, "short-a", false, Some(1)).await;
+    let (client, connack) = connect_v5(addr, "short-a", false, Some(1)).await;
     assert!(!connack.session_present, "an expired session is gone");
     client.disconnect(Some(0)).await;
-    let (client, connack) = Client::connect_v5(addr, "long", false, Some(3600)).await;
+    let (client, connack) = connect_v5(addr, "long", false, Some(3600)).await;
     assert!(connack.session_present);
     client.disconnect(None).await;
     gw.gateway.shutdown().await;
@@ -340,10 +273,10 @@ async fn expired_sessions_are_swept_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_session_is_not_resumed_even_before_the_sweep_nor_after_a_restart() {
     let gw = TestGateway::start("").await;
-    let (client, _) = Client::connect_v5(gw.mqtt_addr(), "short", false, Some(1)).await;
+    let (client, _) = connect_v5(gw.mqtt_addr(), "short", false, Some(1)).await;
     client.disconnect(None).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let (client, connack) = Client::connect_v5(gw.mqtt_addr(), "short", false, Some(1)).await;
+    let (client, connack) = connect_v5(gw.mqtt_addr(), "short", false, Some(1)).await;
     assert!(!connack.session_present);
     assert_eq!(gw.metric("weir_mqtt_sessions_expired_total"), 1, "found expired at CONNECT");
     client.disconnect(None).await;
@@ -361,11 +294,11 @@ async fn an_expired_session_is_not_resumed_even_before_the_sweep_nor_after_a_res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v5_connack_tells_the_capped_session_expiry() {
     let gw = TestGateway::start("[sessions]\nmax_expiry_s = 600\n").await;
-    let (client, connack) = Client::connect_v5(gw.mqtt_addr(), "forever", false, Some(u32::MAX)).await;
+    let (client, connack) = connect_v5(gw.mqtt_addr(), "forever", false, Some(u32::MAX)).await;
     assert_eq!(connack.properties.session_expiry_interval, Some(600));
     client.disconnect(None).await;
     // Clean Start 1 with no expiry: a session that ends with the connection, nothing to say.
-    let (client, connack) = Client::connect_v5(gw.mqtt_addr(), "forever", true, None).await;
+    let (client, connack) = connect_v5(gw.mqtt_addr(), "forever", true, None).await;
     assert_eq!((connack.session_present, connack.properties.session_expiry_interval), (false, None));
     client.disconnect(None).await;
     assert_eq!(gw.metric("weir_mqtt_sessions"), 0, "Clean Start discarded it");
@@ -376,23 +309,23 @@ async fn v5_connack_tells_the_capped_session_expiry() {
 async fn beyond_max_sessions_new_persistent_sessions_are_refused() {
     let gw = TestGateway::start("[sessions]\nmax_sessions = 1\n").await;
     let addr = gw.mqtt_addr();
-    let (first, connack) = Client::connect_v5(addr, "first", false, Some(60)).await;
+    let (first, connack) = connect_v5(addr, "first", false, Some(60)).await;
     assert_eq!(connack.reason, ReasonCode::Success);
 
-    let (mut second, connack) = Client::connect_v5(addr, "second", false, Some(60)).await;
+    let (mut second, connack) = connect_v5(addr, "second", false, Some(60)).await;
     assert_eq!((connack.reason, connack.session_present), (ReasonCode::QuotaExceeded, false));
     assert!(connack.properties.reason_string.is_some());
     assert_eq!(second.recv_within(PROMPTLY).await, Ok(None), "closed after the refusal");
-    let (mut third, connack) = Client::connect_v311(addr, "third", false).await;
+    let (mut third, connack) = connect_v311(addr, "third", false).await;
     assert_eq!(connack.code, ConnectReturnCode::ServerUnavailable);
     assert_eq!(third.recv_within(PROMPTLY).await, Ok(None));
 
     // Clean sessions take no room; the stored one resumes.
-    let (clean, connack) = Client::connect_v311(addr, "third", true).await;
+    let (clean, connack) = connect_v311(addr, "third", true).await;
     assert_eq!(connack.code, ConnectReturnCode::Accepted);
     clean.disconnect(None).await;
     first.disconnect(None).await;
-    let (first, connack) = Client::connect_v5(addr, "first", false, Some(60)).await;
+    let (first, connack) = connect_v5(addr, "first", false, Some(60)).await;
     assert!(connack.session_present);
     first.disconnect(None).await;
 
@@ -406,8 +339,8 @@ async fn beyond_max_sessions_new_persistent_sessions_are_refused() {
 async fn a_new_connection_with_the_same_client_id_takes_over() {
     let gw = TestGateway::start("[fabric]\nlinger_ms = 1\n").await;
     let addr = gw.mqtt_addr();
-    let (mut old, _) = Client::connect_v5(addr, "twin", false, Some(60)).await;
-    let (mut new, connack) = Client::connect_v5(addr, "twin", false, Some(60)).await;
+    let (mut old, _) = connect_v5(addr, "twin", false, Some(60)).await;
+    let (mut new, connack) = connect_v5(addr, "twin", false, Some(60)).await;
     assert!(connack.session_present, "the session is in use, hence present");
     match old.recv_within(PROMPTLY).await {
         Ok(Some(Packet::DisconnectV5(d))) => assert_eq!(d.reason, ReasonCode::SessionTakenOver),
@@ -418,13 +351,13 @@ async fn a_new_connection_with_the_same_client_id_takes_over() {
     assert_eq!(new.recv_within(PROMPTLY).await, Ok(Some(Packet::PubAckV5(AckV5::success(1)))));
     new.disconnect(None).await;
     // The old connection's end did not end the new one's session.
-    let (new, connack) = Client::connect_v5(addr, "twin", false, Some(60)).await;
+    let (new, connack) = connect_v5(addr, "twin", false, Some(60)).await;
     assert!(connack.session_present);
     new.disconnect(None).await;
 
     // 3.1.1 has no server DISCONNECT: the old connection is closed.
-    let (mut old, _) = Client::connect_v311(addr, "twin-311", true).await;
-    let (new, _) = Client::connect_v311(addr, "twin-311", true).await;
+    let (mut old, _) = connect_v311(addr, "twin-311", true).await;
+    let (new, _) = connect_v311(addr, "twin-311", true).await;
     assert_eq!(old.recv_within(PROMPTLY).await, Ok(None));
     new.disconnect(None).await;
 
@@ -451,8 +384,7 @@ async fn a_reconnect_storm_shares_session_transactions() {
     let connects: Vec<_> = (0..DEVICES)
         .map(|n| {
             tokio::spawn(async move {
-                let (client, connack) =
-                    Client::connect_v5(addr, &format!("storm-{n}"), false, Some(600)).await;
+                let (client, connack) = connect_v5(addr, &format!("storm-{n}"), false, Some(600)).await;
                 assert_eq!(connack.reason, ReasonCode::Success);
                 client
             })
@@ -512,13 +444,13 @@ async fn stock_mosquitto_pub_v5_resumes_its_session_after_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_sessions_0_keeps_no_session() {
     let gw = TestGateway::start("[sessions]\nmax_sessions = 0\n").await;
-    let (client, connack) = Client::connect_v5(gw.mqtt_addr(), "nobody", false, Some(3600)).await;
+    let (client, connack) = connect_v5(gw.mqtt_addr(), "nobody", false, Some(3600)).await;
     assert_eq!(connack.properties.session_expiry_interval, Some(0), "told none is kept");
     client.disconnect(None).await;
-    let (client, connack) = Client::connect_v311(gw.mqtt_addr(), "nobody-311", false).await;
+    let (client, connack) = connect_v311(gw.mqtt_addr(), "nobody-311", false).await;
     assert_eq!(connack, ConnAck { session_present: false, code: ConnectReturnCode::Accepted });
     client.disconnect(None).await;
-    let (client, connack) = Client::connect_v5(gw.mqtt_addr(), "nobody", false, Some(3600)).await;
+    let (client, connack) = connect_v5(gw.mqtt_addr(), "nobody", false, Some(3600)).await;
     assert!(!connack.session_present);
     client.disconnect(None).await;
     assert!(!gw.dir.path().join("sessions.db").exists());
@@ -533,10 +465,10 @@ async fn a_store_too_slow_for_the_connect_deadline_is_told_server_unavailable() 
     .await;
     let addr = gw.mqtt_addr();
     let lock = WriteLock::take(&gw.dir.path().join("sessions.db"));
-    let (mut v5, connack) = Client::connect_v5(addr, "slow-5", false, Some(60)).await;
+    let (mut v5, connack) = connect_v5(addr, "slow-5", false, Some(60)).await;
     assert_eq!((connack.reason, connack.session_present), (ReasonCode::ServerUnavailable, false));
     assert_eq!(v5.recv_within(PROMPTLY).await, Ok(None));
-    let (mut v311, connack) = Client::connect_v311(addr, "slow-311", false).await;
+    let (mut v311, connack) = connect_v311(addr, "slow-311", false).await;
     assert_eq!(connack.code, ConnectReturnCode::ServerUnavailable);
     assert_eq!(v311.recv_within(PROMPTLY).await, Ok(None));
     lock.release();
@@ -552,7 +484,7 @@ async fn a_store_too_slow_for_the_connect_deadline_is_told_server_unavailable() 
         "SELECT count(*) FROM mqtt_sessions WHERE disconnected_ms IS NULL",
     );
     assert_eq!(connected, 0, "no session left looking connected");
-    let (client, connack) = Client::connect_v5(addr, "slow-5", false, Some(60)).await;
+    let (client, connack) = connect_v5(addr, "slow-5", false, Some(60)).await;
     assert_eq!(connack.reason, ReasonCode::Success);
     client.disconnect(None).await;
     gw.gateway.shutdown().await;

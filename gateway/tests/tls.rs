@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-use weir_protocols::mqtt::{decode, encode, Packet, QoS};
+use weir_protocols::mqtt::{decode, encode, Packet, ProtocolVersion, QoS};
 
 /// `[listeners.tls]` (or `[ops.tls]` with `table = "ops.tls"`) for `server`, plus `extra` lines.
 fn tls_table(table: &str, server: &Issued, extra: &str) -> String {
@@ -37,51 +37,33 @@ fn mtls(pki: &Pki, crl: Option<&Path>) -> String {
     extra
 }
 
-/// MQTT 3.1.1 over any stream (here: TLS), with weir's own codec.
-struct Mqtt<S> {
+/// MQTT 3.1.1 CONNECT over `stream` (here: TLS); `Err` with what happened instead of a
+/// successful CONNACK.
+async fn mqtt_connect<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
-    buf: BytesMut,
+    client_id: &str,
+) -> Result<RawClient<S>, String> {
+    let mut mqtt = RawClient::over(stream, ProtocolVersion::V311);
+    mqtt.try_send(&connect_packet(client_id)).await.map_err(|e| format!("write: {e}"))?;
+    match answer(&mut mqtt).await {
+        Some(Packet::ConnAck(ack)) if ack.code as u8 == 0 => Ok(mqtt),
+        other => Err(format!("no CONNACK: {other:?}")),
+    }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Mqtt<S> {
-    /// Sends CONNECT; `Err` with what happened instead of a successful CONNACK.
-    async fn connect(stream: S, client_id: &str) -> Result<Self, String> {
-        let mut mqtt = Self { stream, buf: BytesMut::new() };
-        mqtt.send(&connect_packet(client_id)).await.map_err(|e| format!("write: {e}"))?;
-        match mqtt.recv().await {
-            Some(Packet::ConnAck(ack)) if ack.code as u8 == 0 => Ok(mqtt),
-            other => Err(format!("no CONNACK: {other:?}")),
-        }
-    }
+/// The next packet, or `None` when the connection ends (or fails) first.
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mqtt: &mut RawClient<S>) -> Option<Packet> {
+    mqtt.recv_within(Duration::from_secs(10)).await.expect("no answer from weir within 10 s")
+}
 
-    async fn send(&mut self, packet: &Packet) -> std::io::Result<()> {
-        let mut out = BytesMut::new();
-        encode(packet, &mut out);
-        self.stream.write_all(&out).await?;
-        self.stream.flush().await
-    }
-
-    /// The next packet, or `None` when the connection ends (or fails) first.
-    async fn recv(&mut self) -> Option<Packet> {
-        let read = async {
-            loop {
-                if let Some(packet) = decode(&mut self.buf, 1 << 20).expect("weir sent a malformed packet") {
-                    return Some(packet);
-                }
-                match self.stream.read_buf(&mut self.buf).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(_) => {}
-                }
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), read).await.expect("no answer from weir within 10 s")
-    }
-
-    /// Publishes a QoS 1 message and waits for its PUBACK (sent after the commit).
-    async fn publish_acked(&mut self, pkid: u16, payload: String) {
-        self.send(&publish(QoS::AtLeastOnce, pkid, "devices/tls/telemetry", payload)).await.unwrap();
-        assert_eq!(self.recv().await, Some(Packet::PubAck(pkid)));
-    }
+/// Publishes a QoS 1 message and waits for its PUBACK (sent after the commit).
+async fn publish_acked<S: AsyncRead + AsyncWrite + Unpin>(
+    mqtt: &mut RawClient<S>,
+    pkid: u16,
+    payload: String,
+) {
+    mqtt.send(&publish(QoS::AtLeastOnce, pkid, "devices/tls/telemetry", payload)).await;
+    assert_eq!(answer(mqtt).await, Some(Packet::PubAck(pkid)));
 }
 
 /// The handshake-failure count of `reason`.
@@ -120,12 +102,12 @@ async fn mqtt_over_tls_with_a_rustls_client_and_mosquitto_pub() {
     let addr = gw.mqtt_addr();
 
     let client = Client::trusting(&pki.ca_der(), None);
-    let mut mqtt = Mqtt::connect(client.connect(addr).await.unwrap(), "tls-dev").await.unwrap();
+    let mut mqtt = mqtt_connect(client.connect(addr).await.unwrap(), "tls-dev").await.unwrap();
     for seq in 1..=3 {
-        mqtt.publish_acked(seq as u16, reading("tls-dev", seq)).await;
+        publish_acked(&mut mqtt, seq as u16, reading("tls-dev", seq)).await;
     }
     // Without client certificates, records name their device (or the client id does).
-    mqtt.publish_acked(4, r#"{"seq":4,"temp":1}"#.into()).await;
+    publish_acked(&mut mqtt, 4, r#"{"seq":4,"temp":1}"#.into()).await;
 
     let ca = pki.ca_file();
     let out = tokio::task::spawn_blocking(move || {
@@ -166,11 +148,11 @@ async fn large_and_pipelined_messages_cross_tls_record_boundaries() {
         TestGateway::start(&format!("{}{}", listener("mqtt", ""), tls_table("listeners.tls", &server, "")))
             .await;
     let client = Client::trusting(&pki.ca_der(), None);
-    let mut mqtt = Mqtt::connect(client.connect(gw.mqtt_addr()).await.unwrap(), "bulk").await.unwrap();
+    let mut mqtt = mqtt_connect(client.connect(gw.mqtt_addr()).await.unwrap(), "bulk").await.unwrap();
     // One message of ~300 KB spans many TLS records.
     let big =
         format!(r#"{{"device_id":"bulk","seq":0,"tags":{{"blob":"{}"}},"temp":1}}"#, "x".repeat(300_000));
-    mqtt.publish_acked(1, big).await;
+    publish_acked(&mut mqtt, 1, big).await;
     // 500 messages in one write: many packets per record, packets split across records.
     let mut out = BytesMut::new();
     for seq in 1..=500u16 {
@@ -179,7 +161,7 @@ async fn large_and_pipelined_messages_cross_tls_record_boundaries() {
     mqtt.stream.write_all(&out).await.unwrap();
     mqtt.stream.flush().await.unwrap();
     for seq in 1..=500u16 {
-        assert_eq!(mqtt.recv().await, Some(Packet::PubAck(seq + 1)));
+        assert_eq!(answer(&mut mqtt).await, Some(Packet::PubAck(seq + 1)));
     }
     assert_eq!(rows(&gw.db_path()).len(), 501);
     gw.gateway.shutdown().await;
@@ -209,9 +191,9 @@ async fn mtls_identity_is_the_device_id_and_bad_client_certificates_are_refused(
 
     // The good certificate connects; its CN is the device of records that name none.
     let client = Client::trusting(&ca, Some(&good));
-    let mut mqtt = Mqtt::connect(client.connect(addr).await.unwrap(), "any-client-id").await.unwrap();
-    mqtt.publish_acked(1, r#"{"seq":1,"temp":20.5}"#.into()).await;
-    mqtt.publish_acked(2, r#"{"seq":2,"temp":20.6}"#.into()).await;
+    let mut mqtt = mqtt_connect(client.connect(addr).await.unwrap(), "any-client-id").await.unwrap();
+    publish_acked(&mut mqtt, 1, r#"{"seq":1,"temp":20.5}"#.into()).await;
+    publish_acked(&mut mqtt, 2, r#"{"seq":2,"temp":20.6}"#.into()).await;
     let db = gw.db_path();
     assert_eq!(rows(&db), [("sensor-7".to_string(), 1), ("sensor-7".to_string(), 2)]);
 
@@ -228,7 +210,7 @@ async fn mtls_identity_is_the_device_id_and_bad_client_certificates_are_refused(
             let before = handshake_failures(&gw, reason);
             let client = Client::new(&ca, issued, versions);
             if let Ok(stream) = client.connect(addr).await {
-                let refused = Mqtt::connect(stream, "intruder").await;
+                let refused = mqtt_connect(stream, "intruder").await;
                 assert!(refused.is_err(), "{reason}: the client was let in");
             }
             let counted =
@@ -237,7 +219,7 @@ async fn mtls_identity_is_the_device_id_and_bad_client_certificates_are_refused(
         }
     }
     // The good device's connection was not disturbed.
-    mqtt.publish_acked(3, r#"{"seq":3,"temp":20.7}"#.into()).await;
+    publish_acked(&mut mqtt, 3, r#"{"seq":3,"temp":20.7}"#.into()).await;
     assert_eq!(rows(&db).len(), 3);
     assert_eq!(device_ids(&db), ["sensor-7"]);
 
@@ -271,11 +253,11 @@ async fn optional_client_auth_lets_devices_without_a_certificate_in() {
     .await;
     let addr = gw.mqtt_addr();
     let anonymous = Client::trusting(&pki.ca_der(), None);
-    let mut mqtt = Mqtt::connect(anonymous.connect(addr).await.unwrap(), "anon-7").await.unwrap();
-    mqtt.publish_acked(1, r#"{"seq":1,"t":1}"#.into()).await;
+    let mut mqtt = mqtt_connect(anonymous.connect(addr).await.unwrap(), "anon-7").await.unwrap();
+    publish_acked(&mut mqtt, 1, r#"{"seq":1,"t":1}"#.into()).await;
     let certified = Client::trusting(&pki.ca_der(), Some(&good));
-    let mut mqtt = Mqtt::connect(certified.connect(addr).await.unwrap(), "anon-8").await.unwrap();
-    mqtt.publish_acked(1, r#"{"seq":1,"t":1}"#.into()).await;
+    let mut mqtt = mqtt_connect(certified.connect(addr).await.unwrap(), "anon-8").await.unwrap();
+    publish_acked(&mut mqtt, 1, r#"{"seq":1,"t":1}"#.into()).await;
     assert_eq!(device_ids(&gw.db_path()), ["anon-7", "meter-1"]);
     gw.gateway.shutdown().await;
 }
@@ -321,10 +303,10 @@ async fn tls_1_0_and_1_1_are_refused_and_min_version_1_3_refuses_1_2() {
     assert!(eventually(Duration::from_secs(5), || handshake_failures(&gw, "incompatible") == 2).await);
 
     let tls12 = Client::new(&pki.ca_der(), None, &[&rustls::version::TLS12]);
-    Mqtt::connect(tls12.connect(default).await.unwrap(), "tls12").await.unwrap();
+    mqtt_connect(tls12.connect(default).await.unwrap(), "tls12").await.unwrap();
     assert!(tls12.connect(strict).await.is_err(), "TLS 1.2 was accepted under min_version = 1.3");
     let tls13 = Client::new(&pki.ca_der(), None, &[&rustls::version::TLS13]);
-    Mqtt::connect(tls13.connect(strict).await.unwrap(), "tls13").await.unwrap();
+    mqtt_connect(tls13.connect(strict).await.unwrap(), "tls13").await.unwrap();
     assert!(eventually(Duration::from_secs(5), || handshake_failures(&gw, "incompatible") == 3).await);
     gw.gateway.shutdown().await;
 }
@@ -349,8 +331,8 @@ async fn a_stalled_handshake_is_closed_at_the_deadline_without_blocking_accepts(
 
     // Meanwhile other devices connect and publish.
     let client = Client::trusting(&pki.ca_der(), None);
-    let mut mqtt = Mqtt::connect(client.connect(addr).await.unwrap(), "prompt").await.unwrap();
-    mqtt.publish_acked(1, reading("prompt", 1)).await;
+    let mut mqtt = mqtt_connect(client.connect(addr).await.unwrap(), "prompt").await.unwrap();
+    publish_acked(&mut mqtt, 1, reading("prompt", 1)).await;
     assert!(started.elapsed() < Duration::from_millis(1500), "accepts waited for the stalled handshakes");
 
     for stalled in [&mut silent, &mut halfway] {
@@ -382,8 +364,8 @@ async fn reload_swaps_the_certificate_for_new_connections_and_keeps_open_ones() 
 
     let stream = client.connect(addr).await.unwrap();
     assert_eq!(served_cert(&stream), first.der());
-    let mut open = Mqtt::connect(stream, "long-lived").await.unwrap();
-    open.publish_acked(1, reading("long-lived", 1)).await;
+    let mut open = mqtt_connect(stream, "long-lived").await.unwrap();
+    publish_acked(&mut open, 1, reading("long-lived", 1)).await;
 
     // A new certificate and key replace the files (as a renewal would), then the reload.
     let first_der = first.der();
@@ -393,17 +375,18 @@ async fn reload_swaps_the_certificate_for_new_connections_and_keeps_open_ones() 
     let stream = client.connect(addr).await.unwrap();
     assert_eq!(served_cert(&stream), second.der());
     assert_ne!(second.der(), first_der);
-    Mqtt::connect(stream, "after-reload").await.unwrap().publish_acked(1, reading("after-reload", 1)).await;
+    publish_acked(&mut mqtt_connect(stream, "after-reload").await.unwrap(), 1, reading("after-reload", 1))
+        .await;
     // The connection from before the reload goes on.
-    open.publish_acked(2, reading("long-lived", 2)).await;
+    publish_acked(&mut open, 2, reading("long-lived", 2)).await;
 
     // A broken key file: the reload fails, is counted, and the last good certificate stays.
     std::fs::write(&second.key, "-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n").unwrap();
     assert_eq!(gw.gateway.reload_tls(), weir::TlsReload { reloaded: 0, failed: 1 });
     let stream = client.connect(addr).await.unwrap();
     assert_eq!(served_cert(&stream), second.der());
-    Mqtt::connect(stream, "after-failed-reload").await.unwrap();
-    open.publish_acked(3, reading("long-lived", 3)).await;
+    mqtt_connect(stream, "after-failed-reload").await.unwrap();
+    publish_acked(&mut open, 3, reading("long-lived", 3)).await;
     // So does a missing certificate file.
     std::fs::remove_file(&second.cert).unwrap();
     assert_eq!(gw.gateway.reload_tls(), weir::TlsReload { reloaded: 0, failed: 1 });

@@ -1,6 +1,6 @@
 //! Shared helpers for the integration tests: a whole gateway on port 0 with a temporary data
-//! directory, a raw MQTT client built on weir's own codec, and SQLite read-back; real `weir`
-//! processes in [`process`].
+//! directory, SQLite read-back, and packet builders for the raw MQTT client in [`raw_mqtt`];
+//! real `weir` processes in [`process`].
 
 #![allow(dead_code)]
 
@@ -8,16 +8,18 @@ pub mod kafka;
 pub mod pki;
 pub mod postgres;
 pub mod process;
+pub mod raw_mqtt;
+
+// Re-exported for `use common::*`; test binaries without a raw client would warn.
+#[allow(unused_imports)]
+pub use raw_mqtt::RawClient;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use weir::config::Config;
 use weir::Gateway;
-use weir_protocols::mqtt::{decode, encode, Connect, Packet, Publish, QoS};
+use weir_protocols::mqtt::{Connect, Packet, Publish, QoS};
 
 pub struct TestGateway {
     pub gateway: Gateway,
@@ -91,64 +93,6 @@ pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bo
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A deliberately simple MQTT client over weir's codec, for exact control of the bytes sent.
-pub struct RawClient {
-    pub stream: TcpStream,
-    buf: BytesMut,
-}
-
-impl RawClient {
-    pub async fn open(addr: std::net::SocketAddr) -> Self {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        Self { stream, buf: BytesMut::new() }
-    }
-
-    /// Opens a connection and completes CONNECT/CONNACK.
-    pub async fn connect(addr: std::net::SocketAddr, client_id: &str) -> Self {
-        let mut client = Self::open(addr).await;
-        client.send(&connect_packet(client_id)).await;
-        match client.recv().await {
-            Some(Packet::ConnAck(ack)) => assert_eq!(ack.code as u8, 0, "CONNACK refused"),
-            other => panic!("expected CONNACK, got {other:?}"),
-        }
-        client
-    }
-
-    pub async fn send(&mut self, packet: &Packet) {
-        let mut out = BytesMut::new();
-        encode(packet, &mut out);
-        self.stream.write_all(&out).await.unwrap();
-    }
-
-    pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.stream.write_all(bytes).await
-    }
-
-    /// The next packet from weir, or None when weir closed the connection.
-    pub async fn recv(&mut self) -> Option<Packet> {
-        loop {
-            if let Some(packet) = decode(&mut self.buf, 1 << 20).expect("weir sent a malformed packet") {
-                return Some(packet);
-            }
-            match self.stream.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
-        }
-    }
-
-    /// The next packet within `wait`, `Err(())` on timeout.
-    pub async fn recv_within(&mut self, wait: Duration) -> Result<Option<Packet>, ()> {
-        tokio::time::timeout(wait, self.recv()).await.map_err(|_| ())
-    }
-
-    /// True when weir closes the connection (EOF or reset) within `wait`, discarding packets.
-    pub async fn closed_within(&mut self, wait: Duration) -> bool {
-        tokio::time::timeout(wait, async { while self.recv().await.is_some() {} }).await.is_ok()
     }
 }
 
