@@ -374,7 +374,10 @@ impl<'a> Device<'a> {
         if resent > 0 {
             stats.count(group, |c| &c.resent, resent);
         }
-        let mut next_due = now;
+        // Each device at its own point of the period, so a paced fleet that connected together
+        // sends a steady stream rather than one burst per period.
+        let phase = crate::device::pacing_phase(self.global);
+        let mut next_due = self.group.interval().map_or(now, |interval| now + interval.mul_f64(phase));
         let mut last_write = now;
         let mut stopping = *stop.borrow();
         loop {
