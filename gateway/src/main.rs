@@ -74,6 +74,15 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
+    // No transparent huge pages for weir's memory. mimalloc gives each thread's pages their own
+    // stretch of its arena, so with THP every thread that allocates at all pins a whole 2 MiB
+    // page: idle RSS was 19.1-19.6 MiB (8 MiB of it huge pages, for ~1 MiB of heap), 11.9-12.6
+    // MiB without (`load-tests/footprint.sh`), at no measurable cost in CPU per message
+    // (`load-tests/bench.sh`). mimalloc's `no_thp` feature stops it asking for huge pages (hosts
+    // with THP = madvise); this covers THP = always, where the kernel would use them unasked,
+    // for everything allocated from here on (deploy/ also sets MIMALLOC_ALLOW_THP=0, which
+    // covers the allocations before main too). Best effort: failing, weir only uses more memory.
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
     let cli = Cli::parse();
     // Bare `weir` is `weir run`: WEIR_CONFIG names its file there too.
     let bare = || Command::Run { config: std::env::var_os("WEIR_CONFIG").map(PathBuf::from) };

@@ -307,6 +307,16 @@ struct Waiting {
     tracked: bool,
 }
 
+/// What a packet leaves the connection task to await once the packet itself is handled.
+enum Deferred {
+    /// A valid CONNECT, to decide.
+    Decide(Box<ConnectRequest>),
+    /// A violation: announced (as the protocol version allows), then the connection closes.
+    Close(Violation),
+    /// A message whose records wait for room in the fabric (it is full).
+    Wait(Waiting),
+}
+
 /// What one packet asks of the connection task.
 enum Step {
     /// No whole packet buffered.
@@ -438,7 +448,7 @@ impl<S: ByteStream> Connection<S> {
                 && self.session.can_read()
                 && !self.throttle.is_paused()
             {
-                let waiting = match self.step(&mut buf) {
+                let deferred = match self.step(&mut buf) {
                     Step::NeedMore => break,
                     Step::Continue => None,
                     Step::Publish { topic, payload, ack, format } => {
@@ -447,7 +457,7 @@ impl<S: ByteStream> Connection<S> {
                             throttle::count_pause(&self.ctx.metrics, self.ctx.label, pause, now);
                         }
                         match self.publish(topic, payload, ack, format) {
-                            Ok(waiting) => waiting,
+                            Ok(waiting) => waiting.map(Deferred::Wait),
                             Err(Stop::Closed(closed)) => return closed,
                             Err(Stop::Violation(violation)) => {
                                 // Closed after the flush below sends what the session queued
@@ -457,29 +467,20 @@ impl<S: ByteStream> Connection<S> {
                             }
                         }
                     }
-                    Step::Connect(request) => {
-                        // Nothing is read until the CONNECT is decided (boxed: once per
-                        // connection, not carried while it idles).
-                        if let Err(closed) = Box::pin(self.decide_connect(request)).await {
-                            return closed;
-                        }
-                        None
-                    }
+                    Step::Connect(request) => Some(Deferred::Decide(request)),
                     Step::Disconnect { session_expiry_secs } => {
                         self.session_end.expiry_secs = session_expiry_secs;
                         stopped = Some(CloseReason::Disconnect);
                         None
                     }
-                    Step::Violation(violation) => return Box::pin(self.close_for(violation)).await,
+                    Step::Violation(violation) => Some(Deferred::Close(violation)),
                 };
-                if let Some(waiting) = waiting {
-                    // The fabric is full: wait for room (boxed, so that every connection's task
-                    // does not carry this rarely used future inline while it idles).
-                    if let Err(closed) = Box::pin(self.publish_waiting(waiting)).await {
+                // Awaited after the match, not in its arms: there the packet's `Step` (80 bytes)
+                // would be kept across the awaits, and so in every idle connection's task.
+                if let Some(deferred) = deferred {
+                    if let Err(closed) = self.settle(deferred).await {
                         return closed;
                     }
-                    // Waiting for room in the fabric is weir's delay, not the device's silence.
-                    self.session.note_activity(Instant::now().into_std());
                 }
             }
             if let Err(closed) = self.flush().await {
@@ -619,6 +620,22 @@ impl<S: ByteStream> Connection<S> {
     /// Decides a CONNECT with the session store (the record is durable before the CONNACK is
     /// queued), within the connect deadline, then takes the client id over from any live
     /// connection holding it.
+    /// Awaits what a packet left to wait for. Each is boxed: rare, and inline they would make
+    /// every connection's task larger while it idles.
+    async fn settle(&mut self, deferred: Deferred) -> Result<(), CloseReason> {
+        match deferred {
+            // Nothing is read until the CONNECT is decided.
+            Deferred::Decide(request) => Box::pin(self.decide_connect(request)).await,
+            Deferred::Close(violation) => Err(Box::pin(self.close_for(violation)).await),
+            Deferred::Wait(waiting) => {
+                Box::pin(self.publish_waiting(waiting)).await?;
+                // Waiting for room in the fabric is weir's delay, not the device's silence.
+                self.session.note_activity(Instant::now().into_std());
+                Ok(())
+            }
+        }
+    }
+
     async fn decide_connect(&mut self, request: Box<ConnectRequest>) -> Result<(), CloseReason> {
         if let Err(refusal) = Box::pin(self.authenticate(&request)).await {
             self.client_id = request.client_id;

@@ -13,7 +13,7 @@
 //! dead-lettered payload, 0x97 for a message dropped under `drop_newest`, 0x87 for a refused
 //! one), and every violation is announced with a DISCONNECT reason code before the close.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -338,6 +338,51 @@ enum Phase {
     Refused,
 }
 
+/// A set of packet ids, kept as a sorted vector: 24 bytes in every connection's session (a
+/// `HashSet<u16>` is 48), 2 bytes per id, and no hasher. It holds at most the in-flight window
+/// (`max_inflight`), so an insert's shift is short, and ids usually arrive in order (appended).
+#[derive(Debug, Default)]
+struct PacketIds(Vec<u16>);
+
+impl PacketIds {
+    /// Adds `id`; false if it was there already.
+    fn insert(&mut self, id: u16) -> bool {
+        match self.0.binary_search(&id) {
+            Ok(_) => false,
+            Err(at) => {
+                self.0.insert(at, id);
+                true
+            }
+        }
+    }
+
+    /// Removes `id`; false if it was not there.
+    fn remove(&mut self, id: u16) -> bool {
+        match self.0.binary_search(&id) {
+            Ok(at) => {
+                self.0.remove(at);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn contains(&self, id: u16) -> bool {
+        self.0.binary_search(&id).is_ok()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Frees the vector once it is empty (an idle connection holds none).
+    fn release_idle_memory(&mut self) {
+        if self.0.is_empty() && self.0.capacity() > 0 {
+            self.0 = Vec::new();
+        }
+    }
+}
+
 /// What a CONNECT leaves for its CONNACK while the gateway decides.
 #[derive(Debug)]
 struct PendingConnect {
@@ -365,7 +410,7 @@ pub struct Session {
     next_id: u64,
     /// QoS 2 packet ids whose PUBREC was sent and whose PUBREL has not arrived. A PUBLISH
     /// reusing one is a resend of a stored message: answered, not stored again.
-    awaiting_rel: HashSet<u16>,
+    awaiting_rel: PacketIds,
     out: BytesMut,
     /// 1.5 × the keepalive in force; `None` when there is none (3.1.1 keepalive 0).
     keepalive: Option<Duration>,
@@ -373,8 +418,10 @@ pub struct Session {
     last_activity: Instant,
     /// When the connection times out unless the device sends something.
     deadline: Option<Instant>,
-    /// MQTT 5: the largest packet the device accepts.
-    client_max_packet_size: usize,
+    /// MQTT 5: the largest packet the device accepts (a u32 as on the wire: a usize would
+    /// make every connection's task 8 bytes larger, see gateway/src/listener/mod.rs's size
+    /// guard).
+    client_max_packet_size: u32,
     /// MQTT 5: whether the device wants Reason Strings and User Properties on acks.
     problem_information: bool,
     /// MQTT 5: the Session Expiry Interval of the CONNECT (a DISCONNECT may not raise it from 0).
@@ -400,12 +447,12 @@ impl Session {
             resumed: false,
             inflight: VecDeque::new(),
             next_id: 0,
-            awaiting_rel: HashSet::new(),
+            awaiting_rel: PacketIds::default(),
             out: BytesMut::new(),
             keepalive: None,
             last_activity: now,
             deadline: Some(now + limits.connect_timeout),
-            client_max_packet_size: usize::MAX,
+            client_max_packet_size: u32::MAX,
             problem_information: true,
             session_expiry_requested: 0,
             topic_aliases: Vec::new(),
@@ -634,9 +681,7 @@ impl Session {
         if self.inflight.is_empty() && self.inflight.capacity() > 0 {
             self.inflight = VecDeque::new();
         }
-        if self.awaiting_rel.is_empty() && self.awaiting_rel.capacity() > 0 {
-            self.awaiting_rel = HashSet::new();
-        }
+        self.awaiting_rel.release_idle_memory();
     }
 
     /// The gateway is shutting down at `now`. A CONNECT from now on is answered server busy
@@ -708,7 +753,7 @@ impl Session {
                 // Known or not (an id of the session's previous connection, before a restart or
                 // a takeover), it is completed: weir sends PUBREC only after the commit, so the
                 // message is stored.
-                self.awaiting_rel.remove(&pkid);
+                self.awaiting_rel.remove(pkid);
                 self.write(Packet::PubComp(pkid));
                 Ok(Event::None)
             }
@@ -716,7 +761,7 @@ impl Session {
                 // A resumed session may release ids of its previous connection (before a
                 // restart or a takeover), which this one never saw. weir sent their PUBREC only
                 // after the commit, so those messages are stored: complete them.
-                let reason = if self.awaiting_rel.remove(&rel.pkid) || self.resumed {
+                let reason = if self.awaiting_rel.remove(rel.pkid) || self.resumed {
                     ReasonCode::Success
                 } else {
                     ReasonCode::PacketIdentifierNotFound
@@ -919,7 +964,7 @@ impl Session {
         let ConnectV5 { connect, properties, .. } = connect;
         // The device's limits apply to everything weir sends it, a refusing CONNACK included.
         if let Some(max) = properties.maximum_packet_size {
-            self.client_max_packet_size = usize::try_from(max).unwrap_or(usize::MAX);
+            self.client_max_packet_size = max;
         }
         self.problem_information = properties.request_problem_information != Some(0);
         if self.shutting_down {
@@ -1060,7 +1105,7 @@ impl Session {
         let Publish { qos, pkid, topic, payload, .. } = publish;
         self.check_topic(&topic)?;
         if qos == QoS::ExactlyOnce {
-            if self.awaiting_rel.contains(&pkid) {
+            if self.awaiting_rel.contains(pkid) {
                 // Already stored and PUBREC sent; the device missed it. Answer again, store once.
                 let rec = if self.version.is_v5() {
                     Packet::PubRecV5(AckV5::success(pkid))
@@ -1125,11 +1170,12 @@ impl Session {
                     properties.strip_diagnostics();
                 }
             }
-            if encoded_len(&packet) > self.client_max_packet_size {
+            let client_max = usize::try_from(self.client_max_packet_size).unwrap_or(usize::MAX);
+            if encoded_len(&packet) > client_max {
                 if let Some(properties) = packet.properties_mut() {
                     properties.strip_diagnostics();
                 }
-                if encoded_len(&packet) > self.client_max_packet_size {
+                if encoded_len(&packet) > client_max {
                     self.unsendable += 1;
                     return;
                 }
@@ -1165,6 +1211,25 @@ pub fn payload_format(properties: &Properties) -> Option<PayloadFormat> {
 mod tests {
     use super::*;
     use crate::mqtt::{Subscribe, SubscribeV5, SubscriptionOptions, Unsubscribe, UnsubscribeV5};
+
+    proptest::proptest! {
+        /// The sorted vector behaves as a set of ids, whatever the order of operations.
+        #[test]
+        fn packet_ids_behave_as_a_set(ops in proptest::collection::vec((0u8..3, 0u16..64), 0..200)) {
+            let mut ids = PacketIds::default();
+            let mut model = std::collections::BTreeSet::new();
+            for (op, id) in ops {
+                match op {
+                    0 => proptest::prop_assert_eq!(ids.insert(id), model.insert(id)),
+                    1 => proptest::prop_assert_eq!(ids.remove(id), model.remove(&id)),
+                    _ => proptest::prop_assert_eq!(ids.contains(id), model.contains(&id)),
+                }
+                proptest::prop_assert_eq!(ids.len(), model.len());
+            }
+            ids.release_idle_memory();
+            proptest::prop_assert_eq!(ids.0.capacity() == 0, model.is_empty());
+        }
+    }
 
     fn connect(client_id: &str, clean_session: bool) -> Packet {
         Packet::Connect(Connect {
