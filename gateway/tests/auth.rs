@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use weir::auth::jwt::unix_now;
 use weir_protocols::mqtt::{
-    Connect, ConnectReturnCode, ConnectV5, Packet, Properties, ProtocolVersion, PublishV5, QoS, ReasonCode,
+    Connect, ConnectReturnCode, Packet, Properties, ProtocolVersion, PublishV5, QoS, ReasonCode,
 };
 
 const PROMPTLY: Duration = Duration::from_secs(5);
@@ -41,15 +41,7 @@ async fn login(
         username: username.map(str::to_owned),
         password: password.map(|p| p.as_bytes().to_vec().into()),
     };
-    let packet = if v5 {
-        Packet::ConnectV5(Box::new(ConnectV5 {
-            connect,
-            properties: Properties::default(),
-            will_properties: Properties::default(),
-        }))
-    } else {
-        Packet::Connect(connect)
-    };
+    let packet = Packet::connect(connect);
     client.send(&packet).await;
     match client.recv_within(PROMPTLY).await.expect("an answer in time") {
         Some(Packet::ConnAck(ack)) => ack.code as u8,

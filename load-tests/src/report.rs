@@ -143,7 +143,13 @@ pub fn comparison_line(scenario: &str, baseline: &FloodReport, candidate: &Flood
         cp = p99(candidate),
         bp = p99(baseline),
     );
-    for report in [candidate, baseline] {
+    push_run_warnings(&mut line, [candidate, baseline]);
+    line
+}
+
+/// Appends a WARNING for each run that had errors or, at QoS 1, left publishes unacked.
+fn push_run_warnings<'a>(line: &mut String, reports: impl IntoIterator<Item = &'a FloodReport>) {
+    for report in reports {
         if report.errors > 0 {
             line.push_str(&format!("; WARNING {} had {} errors", report.label, report.errors));
         }
@@ -155,7 +161,6 @@ pub fn comparison_line(scenario: &str, baseline: &FloodReport, candidate: &Flood
             ));
         }
     }
-    line
 }
 
 /// What [`comparison_line`] appends for a throughput target: `; target {candidate}/{baseline}
@@ -307,18 +312,7 @@ pub fn cpu_line(
             completed(high)
         ));
     }
-    for report in [candidate, baseline] {
-        if report.errors > 0 {
-            line.push_str(&format!("; WARNING {} had {} errors", report.label, report.errors));
-        }
-        if report.scenario.qos == 1 && report.acked < report.sent {
-            line.push_str(&format!(
-                "; WARNING {} left {} publishes unacked",
-                report.label,
-                report.sent - report.acked
-            ));
-        }
-    }
+    push_run_warnings(&mut line, [candidate, baseline]);
     line
 }
 

@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use weir_protocols::mqtt::session::{ConnectDecision, Event, Outcome, Session, SessionLimits};
 use weir_protocols::mqtt::{
-    encode, AckV5, Connect, ConnectV5, Decoder, Packet, Properties, ProtocolVersion, Publish, PublishV5, QoS,
+    encode, AckV5, Connect, Decoder, Packet, Properties, ProtocolVersion, Publish, PublishV5, QoS,
 };
 
 #[global_allocator]
@@ -79,15 +79,7 @@ fn connected_session(version: ProtocolVersion) -> Session {
         username: None,
         password: None,
     };
-    let packet = if version.is_v5() {
-        Packet::ConnectV5(Box::new(ConnectV5 {
-            connect,
-            properties: Properties::default(),
-            will_properties: Properties::default(),
-        }))
-    } else {
-        Packet::Connect(connect)
-    };
+    let packet = Packet::connect(connect);
     let mut buf = BytesMut::new();
     encode(&packet, &mut buf);
     let packet = session.decoder().decode(&mut buf).expect("CONNECT decodes").expect("whole CONNECT");

@@ -9,7 +9,7 @@ use prost::Message as _;
 use weir_proto::v1::{device_payload, Hello};
 use weir_proto::{Ack, AckStatus, DevicePayload, MetricValue, Reading};
 use weir_protocols::framing::{encode_frame, Framing};
-use weir_protocols::mqtt::{self, ConnectV5, Packet, Properties, ProtocolVersion, ReasonCode};
+use weir_protocols::mqtt::{self, Packet, Properties, ProtocolVersion, ReasonCode};
 
 use super::{PayloadFormat, Protocol};
 use crate::payload::{TelemetryPayload, HUM, TEMP};
@@ -114,15 +114,7 @@ pub fn write_connect(version: ProtocolVersion, client_id: &str, keepalive_s: u16
         username: None,
         password: None,
     };
-    let packet = if version.is_v5() {
-        Packet::ConnectV5(Box::new(ConnectV5 {
-            connect,
-            properties: Properties::default(),
-            will_properties: Properties::default(),
-        }))
-    } else {
-        Packet::Connect(connect)
-    };
+    let packet = Packet::connect(connect);
     mqtt::encode(&packet, out);
 }
 

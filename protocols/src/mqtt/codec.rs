@@ -212,6 +212,20 @@ pub enum Packet {
 }
 
 impl Packet {
+    /// A client's CONNECT as the packet of its version: MQTT 5 (protocol level 5, no CONNECT or
+    /// will properties) or 3.1/3.1.1.
+    pub fn connect(connect: Connect) -> Packet {
+        if connect.protocol_level == 5 {
+            Packet::ConnectV5(Box::new(ConnectV5 {
+                connect,
+                properties: super::Properties::default(),
+                will_properties: super::Properties::default(),
+            }))
+        } else {
+            Packet::Connect(connect)
+        }
+    }
+
     /// The property list of an MQTT 5 packet the server sends with diagnostics (CONNACK, acks,
     /// SUBACK, UNSUBACK, DISCONNECT, AUTH); `None` for the others.
     pub fn properties_mut(&mut self) -> Option<&mut super::Properties> {
@@ -478,6 +492,28 @@ mod tests {
     use super::testing::*;
     use super::*;
     use crate::mqtt::QoS;
+
+    #[test]
+    fn a_connect_becomes_the_packet_of_its_protocol_level() {
+        let connect = |protocol_level| Connect {
+            protocol_level,
+            clean_session: true,
+            keep_alive_secs: 60,
+            client_id: "d".into(),
+            will: None,
+            username: None,
+            password: None,
+        };
+        match Packet::connect(connect(5)) {
+            Packet::ConnectV5(v5) => {
+                assert_eq!(v5.connect, connect(5));
+                assert!(v5.properties.is_empty() && v5.will_properties.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(Packet::connect(connect(4)), Packet::Connect(connect(4)));
+        assert_eq!(Packet::connect(connect(3)), Packet::Connect(connect(3)));
+    }
 
     #[test]
     fn header_only_packets() {
